@@ -1,0 +1,554 @@
+//! Configuration with documented defaults, from environment variables and/or a TOML file.
+//!
+//! Every setting has a file key and an environment variable; the environment wins over the
+//! file, the file over the default. Durations are written like `50ms`, `1s`, `5m`.
+//!
+//! | file key | environment | default | meaning |
+//! |---|---|---|---|
+//! | `database_url` | `DATABASE_URL` | none | `postgres://...` (or `sqlite://...` where supported) |
+//! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
+//! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
+//! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
+//! | `batch_size` | `OUTBOX_BATCH_SIZE` | `500` | events claimed and published per round |
+//! | `poll_min` | `OUTBOX_POLL_MIN` | `50ms` | first poll interval after the outbox ran empty |
+//! | `poll_max` | `OUTBOX_POLL_MAX` | `1s` | longest poll interval (it doubles while idle) |
+//! | `lease` | `OUTBOX_LEASE` | `30s` | partition lease; a crashed relay's work moves after it |
+//! | `retry_base` | `OUTBOX_RETRY_BASE` | `1s` | delay after the first rejected attempt |
+//! | `retry_cap` | `OUTBOX_RETRY_CAP` | `5m` | longest delay between attempts |
+//! | `max_attempts` | `OUTBOX_MAX_ATTEMPTS` | `5` | attempts before an event is dead |
+//! | `outage_backoff_min` | `OUTBOX_OUTAGE_BACKOFF_MIN` | `100ms` | first probe delay in an outage |
+//! | `outage_backoff_max` | `OUTBOX_OUTAGE_BACKOFF_MAX` | `10s` | longest probe delay in an outage |
+//! | `retention` | `OUTBOX_RETENTION` | `0s` | keep published events this long (`0s`: delete at once) |
+//! | `retention_sweep_interval` | `OUTBOX_RETENTION_SWEEP_INTERVAL` | `1m` | how often old published rows are deleted |
+//! | `retention_sweep_batch` | `OUTBOX_RETENTION_SWEEP_BATCH` | `1000` | rows deleted per statement |
+//! | `stats_interval` | `OUTBOX_STATS_INTERVAL` | `5s` | how often the relay refreshes table gauges |
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::retry::RetryPolicy;
+
+/// A setting that could not be used. The message names the key and what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key} = {value:?} is invalid: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config file {path}: unknown key {key:?}; known keys: {known}")]
+    UnknownKey {
+        path: String,
+        key: String,
+        known: String,
+    },
+    #[error("{key} is not set: {hint}")]
+    Missing { key: String, hint: String },
+}
+
+/// How the relay behaves. See the module docs for each setting's meaning and default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RelayConfig {
+    pub service: String,
+    pub batch_size: usize,
+    pub poll_min: Duration,
+    pub poll_max: Duration,
+    pub lease: Duration,
+    pub retry: RetryPolicy,
+    pub outage_backoff_min: Duration,
+    pub outage_backoff_max: Duration,
+    pub retention: Duration,
+    pub retention_sweep_interval: Duration,
+    pub retention_sweep_batch: usize,
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            service: "outbox".into(),
+            batch_size: 500,
+            poll_min: Duration::from_millis(50),
+            poll_max: Duration::from_secs(1),
+            lease: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            outage_backoff_min: Duration::from_millis(100),
+            outage_backoff_max: Duration::from_secs(10),
+            retention: Duration::ZERO,
+            retention_sweep_interval: Duration::from_secs(60),
+            retention_sweep_batch: 1000,
+            stats_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a service or the relay binary reads at start.
+#[derive(Clone, PartialEq)]
+pub struct Settings {
+    pub database_url: Option<String>,
+    pub schema: String,
+    pub metrics_addr: SocketAddr,
+    pub relay: RelayConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            schema: "public".into(),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("schema", &self.schema)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// One setting: its file key and environment variable.
+struct Key {
+    file: &'static str,
+    env: &'static str,
+}
+
+const KEYS: &[Key] = &[
+    key("database_url", "DATABASE_URL"),
+    key("schema", "OUTBOX_SCHEMA"),
+    key("service", "OUTBOX_SERVICE"),
+    key("metrics_addr", "OUTBOX_METRICS_ADDR"),
+    key("batch_size", "OUTBOX_BATCH_SIZE"),
+    key("poll_min", "OUTBOX_POLL_MIN"),
+    key("poll_max", "OUTBOX_POLL_MAX"),
+    key("lease", "OUTBOX_LEASE"),
+    key("retry_base", "OUTBOX_RETRY_BASE"),
+    key("retry_cap", "OUTBOX_RETRY_CAP"),
+    key("max_attempts", "OUTBOX_MAX_ATTEMPTS"),
+    key("outage_backoff_min", "OUTBOX_OUTAGE_BACKOFF_MIN"),
+    key("outage_backoff_max", "OUTBOX_OUTAGE_BACKOFF_MAX"),
+    key("retention", "OUTBOX_RETENTION"),
+    key(
+        "retention_sweep_interval",
+        "OUTBOX_RETENTION_SWEEP_INTERVAL",
+    ),
+    key("retention_sweep_batch", "OUTBOX_RETENTION_SWEEP_BATCH"),
+    key("stats_interval", "OUTBOX_STATS_INTERVAL"),
+];
+
+const fn key(file: &'static str, env: &'static str) -> Key {
+    Key { file, env }
+}
+
+/// A raw value and the name to blame when it is wrong.
+struct Raw {
+    value: String,
+    origin: String,
+}
+
+impl Settings {
+    /// Defaults, overridden by environment variables.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::load(None::<&Path>, |k| std::env::var(k).ok())
+    }
+
+    /// Defaults, overridden by the TOML file (if given), overridden by the environment as
+    /// read by `env` (pass `|k| std::env::var(k).ok()` for the process environment).
+    pub fn load(
+        file: Option<impl AsRef<Path>>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+        if let Some(path) = file {
+            let path = path.as_ref();
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            for (k, v) in parse_file(&text, &path.display().to_string())? {
+                raw.insert(k, v);
+            }
+        }
+        for k in KEYS {
+            if let Some(value) = env(k.env) {
+                raw.insert(
+                    k.file,
+                    Raw {
+                        value,
+                        origin: k.env.to_owned(),
+                    },
+                );
+            }
+        }
+        Self::from_raw(raw)
+    }
+
+    /// Parses settings from TOML text (as a config file would hold them).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::from_raw(parse_file(text, "<inline>")?.into_iter().collect())
+    }
+
+    /// The database URL, or an error that says how to provide one.
+    pub fn require_database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url.as_deref().ok_or_else(|| ConfigError::Missing {
+            key: "DATABASE_URL".into(),
+            hint: "set it (e.g. postgres://user@127.0.0.1:5432/db) or `database_url` in the config file".into(),
+        })
+    }
+
+    fn from_raw(mut raw: BTreeMap<&'static str, Raw>) -> Result<Self, ConfigError> {
+        let mut s = Settings::default();
+        let r = &mut s.relay;
+        let mut take = |k: &str| raw.remove(k);
+        if let Some(v) = take("database_url") {
+            s.database_url = Some(v.value);
+        }
+        if let Some(v) = take("schema") {
+            s.schema = parse_identifier(&v)?;
+        }
+        if let Some(v) = take("service") {
+            r.service = parse_label(&v)?;
+        }
+        if let Some(v) = take("metrics_addr") {
+            s.metrics_addr = parse_with(&v, "an address like 127.0.0.1:9464", |x| x.parse().ok())?;
+        }
+        if let Some(v) = take("batch_size") {
+            r.batch_size = parse_count(&v, 1, 10_000)?;
+        }
+        if let Some(v) = take("poll_min") {
+            r.poll_min = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("poll_max") {
+            r.poll_max = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("lease") {
+            r.lease = parse_duration(&v, Duration::from_secs(1))?;
+        }
+        if let Some(v) = take("retry_base") {
+            r.retry.base = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("retry_cap") {
+            r.retry.cap = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("max_attempts") {
+            r.retry.max_attempts = parse_count(&v, 1, 1000)? as u32;
+        }
+        if let Some(v) = take("outage_backoff_min") {
+            r.outage_backoff_min = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("outage_backoff_max") {
+            r.outage_backoff_max = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("retention") {
+            r.retention = parse_duration(&v, Duration::ZERO)?;
+        }
+        if let Some(v) = take("retention_sweep_interval") {
+            r.retention_sweep_interval = parse_duration(&v, Duration::from_millis(10))?;
+        }
+        if let Some(v) = take("retention_sweep_batch") {
+            r.retention_sweep_batch = parse_count(&v, 1, 100_000)?;
+        }
+        if let Some(v) = take("stats_interval") {
+            r.stats_interval = parse_duration(&v, Duration::from_millis(10))?;
+        }
+        s.relay.validate()?;
+        Ok(s)
+    }
+}
+
+impl RelayConfig {
+    /// Checks the relations between settings (each one alone was checked when parsed).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        if self.poll_min > self.poll_max {
+            return Err(invalid(
+                "poll_min",
+                fmt_duration(self.poll_min),
+                "must not exceed poll_max",
+            ));
+        }
+        if self.retry.base > self.retry.cap {
+            return Err(invalid(
+                "retry_base",
+                fmt_duration(self.retry.base),
+                "must not exceed retry_cap",
+            ));
+        }
+        if self.outage_backoff_min > self.outage_backoff_max {
+            return Err(invalid(
+                "outage_backoff_min",
+                fmt_duration(self.outage_backoff_min),
+                "must not exceed outage_backoff_max",
+            ));
+        }
+        if self.batch_size == 0 || self.retry.max_attempts == 0 {
+            return Err(invalid(
+                "batch_size/max_attempts",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn parse_file(text: &str, path: &str) -> Result<Vec<(&'static str, Raw)>, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.into(),
+        message: e.message().to_owned(),
+    })?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let Some(known) = KEYS.iter().find(|key| key.file == k) else {
+            return Err(ConfigError::UnknownKey {
+                path: path.into(),
+                key: k,
+                known: KEYS.iter().map(|k| k.file).collect::<Vec<_>>().join(", "),
+            });
+        };
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: format!("{k} (in {path})"),
+                    value: other.to_string(),
+                    reason: "expected a string or an integer".into(),
+                })
+            }
+        };
+        out.push((
+            known.file,
+            Raw {
+                value,
+                origin: format!("{k} (in {path})"),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn parse_with<T>(
+    raw: &Raw,
+    expected: &str,
+    f: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ConfigError> {
+    f(raw.value.trim()).ok_or_else(|| ConfigError::Invalid {
+        key: raw.origin.clone(),
+        value: raw.value.clone(),
+        reason: format!("expected {expected}"),
+    })
+}
+
+fn parse_count(raw: &Raw, min: usize, max: usize) -> Result<usize, ConfigError> {
+    parse_with(raw, &format!("a whole number from {min} to {max}"), |s| {
+        s.parse::<usize>().ok().filter(|n| (min..=max).contains(n))
+    })
+}
+
+fn parse_duration(raw: &Raw, min: Duration) -> Result<Duration, ConfigError> {
+    parse_with(
+        raw,
+        &format!(
+            "a duration like 50ms, 2s or 5m, at least {}",
+            fmt_duration(min)
+        ),
+        |s| humantime::parse_duration(s).ok().filter(|d| *d >= min),
+    )
+}
+
+/// Schema names go into SQL text, so only plain lower-case identifiers pass.
+fn parse_identifier(raw: &Raw) -> Result<String, ConfigError> {
+    parse_with(
+        raw,
+        "a lower-case SQL identifier: a letter or _, then letters, digits or _, at most 63 bytes",
+        |s| is_identifier(s).then(|| s.to_owned()),
+    )
+}
+
+fn parse_label(raw: &Raw) -> Result<String, ConfigError> {
+    parse_with(raw, "1 to 64 characters from [A-Za-z0-9_.-]", |s| {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        ok.then(|| s.to_owned())
+    })
+}
+
+/// Whether `s` is a plain lower-case SQL identifier (`[a-z_][a-z0-9_]{0,62}`).
+pub fn is_identifier(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && s.len() <= 63
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let s = Settings::load(None::<&Path>, env_of(&[])).unwrap();
+        assert_eq!(s.relay, RelayConfig::default());
+        assert_eq!(s.relay.batch_size, 500);
+        assert_eq!(s.relay.retry.max_attempts, 5);
+        assert_eq!(s.relay.lease, Duration::from_secs(30));
+        assert_eq!(s.schema, "public");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("outbox-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("outbox.toml");
+        std::fs::write(
+            &path,
+            "batch_size = 100\npoll_max = \"2s\"\nschema = \"files\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), env_of(&[("OUTBOX_BATCH_SIZE", "42")])).unwrap();
+        assert_eq!(s.relay.batch_size, 42);
+        assert_eq!(s.relay.poll_max, Duration::from_secs(2));
+        assert_eq!(s.schema, "files");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = Settings::load(None::<&Path>, env_of(&[("OUTBOX_BATCH_SIZE", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("OUTBOX_BATCH_SIZE") && err.contains("whole number"),
+            "{err}"
+        );
+
+        let err = Settings::from_toml_str("lease = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lease (in <inline>)") && err.contains("duration"),
+            "{err}"
+        );
+
+        let err = Settings::from_toml_str("poll_min = \"2s\"\npoll_max = \"1s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("poll_min") && err.contains("poll_max"),
+            "{err}"
+        );
+
+        let err = Settings::from_toml_str("bach_size = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown key \"bach_size\"") && err.contains("batch_size"),
+            "{err}"
+        );
+
+        let err = Settings::from_toml_str("batch_size = [")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn schema_names_are_validated_against_injection() {
+        for bad in [
+            "Public",
+            "x; DROP TABLE t",
+            "a\"b",
+            "1abc",
+            "",
+            &"a".repeat(64),
+        ] {
+            let err = Settings::load(None::<&Path>, env_of(&[("OUTBOX_SCHEMA", bad)]));
+            assert!(err.is_err(), "{bad:?} accepted");
+        }
+        assert!(is_identifier("essay_lifecycle"));
+        assert!(is_identifier("_x9"));
+    }
+
+    #[test]
+    fn database_url_is_redacted_in_debug_output() {
+        let s = Settings::load(
+            None::<&Path>,
+            env_of(&[(
+                "DATABASE_URL",
+                "postgres://app:s3cret@db:5432/x?sslmode=require",
+            )]),
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db:5432/x"), "{shown}");
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(redact_url("sqlite://file.db"), "sqlite://file.db");
+        let missing = Settings::default()
+            .require_database_url()
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("DATABASE_URL"), "{missing}");
+    }
+}

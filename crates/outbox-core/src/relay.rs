@@ -1,0 +1,660 @@
+//! The relay: moves committed events from a store to a publisher.
+//!
+//! # Guarantees
+//! - **At least once.** An event leaves the pending state only after the publisher reported it
+//!   delivered (or after its last rejected attempt, as dead). A crash between delivery and
+//!   completion re-sends it later, with the same bytes and `event_id`.
+//! - **Order per aggregate.** An event is published only after every earlier event of its
+//!   aggregate was published or is dead. A rejected event blocks its own aggregate until its
+//!   retry; other aggregates keep flowing.
+//! - **Several relays.** Aggregates are hashed into [`crate::PARTITIONS`] partitions; each
+//!   relay takes a fair share of partition leases (database clock) and works only on those.
+//!   A crashed relay's leases expire and are taken over. Every change a relay makes to an
+//!   event is fenced by its lease, so a relay frozen past its lease changes nothing when it
+//!   wakes up.
+//! - **Outage is not failure.** A publisher that reports the broker unavailable pauses the
+//!   relay, which probes again with growing backoff; no attempt is counted.
+//!
+//! # Limits
+//! - Delivery is at least once: a consumer sees duplicates after crashes, lease take-overs or
+//!   a rejected message in the middle of an aggregate's batch (later events of that aggregate
+//!   that the broker already accepted are sent again after the rejected one). Deduplicate by
+//!   `event_id` (see the inbox).
+//! - Order is the order of the table's sequence within one aggregate. Stores make that equal
+//!   to commit order (the PostgreSQL store serialises writers of one aggregate).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use crate::config::RelayConfig;
+use crate::event::{AggregateRef, OutboxMessage};
+use crate::metrics::{FailureReason, TableMetrics};
+use crate::partition::{PartitionNo, PARTITIONS};
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::retry::{Backoff, RetryPolicy};
+use crate::store::{AfterFailure, FailedAttempt, Fenced, PartitionLease, RelayId, RelayStore};
+
+/// Wakes a relay at once, e.g. right after a transaction with events committed.
+///
+/// Cloneable and cheap; a wake-up given while the relay is busy is remembered, so none is lost.
+#[derive(Clone, Default, Debug)]
+pub struct WakeSignal(Arc<Notify>);
+
+impl WakeSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// What a relay did before it stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    pub published: u64,
+    pub rejected_attempts: u64,
+    pub dead_lettered: u64,
+    pub outage_pauses: u64,
+}
+
+/// A relay over one outbox table. Build it, then [`Relay::run`] it until shutdown.
+pub struct Relay<S, P> {
+    store: Arc<S>,
+    publisher: Arc<P>,
+    config: RelayConfig,
+    metrics: Option<TableMetrics>,
+    wake: WakeSignal,
+    id: RelayId,
+}
+
+impl<S: RelayStore, P: Publisher> Relay<S, P> {
+    pub fn new(store: S, publisher: P, config: RelayConfig) -> Self {
+        Self::from_shared(Arc::new(store), Arc::new(publisher), config)
+    }
+
+    /// Like [`Relay::new`] for a store and publisher the caller keeps using too.
+    pub fn from_shared(store: Arc<S>, publisher: Arc<P>, config: RelayConfig) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+            metrics: None,
+            wake: WakeSignal::new(),
+            id: RelayId::new(),
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: TableMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Use a wake signal shared with the writers of this process.
+    pub fn with_wake_signal(mut self, wake: WakeSignal) -> Self {
+        self.wake = wake;
+        self
+    }
+
+    pub fn wake_signal(&self) -> WakeSignal {
+        self.wake.clone()
+    }
+
+    pub fn id(&self) -> RelayId {
+        self.id
+    }
+
+    /// Runs until `shutdown` completes, then finishes the batch in flight, gives its partitions
+    /// back and returns. Database and broker errors are logged and retried, never fatal.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RelayReport {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            started: Instant::now(),
+            loop_alive_ms: AtomicU64::new(0),
+            live_relays: AtomicUsize::new(1),
+        });
+        // Everything runs inside this one future, so dropping or aborting it (a crash, as far
+        // as the database can tell) stops the lease keeper too and the leases lapse.
+        let keeper = keep_leases(
+            self.store.clone(),
+            self.id,
+            self.config.clone(),
+            self.metrics.clone(),
+            shared.clone(),
+        );
+        let stop_on_shutdown = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+            std::future::pending::<()>().await
+        };
+        let mut worker = Worker {
+            relay: &self,
+            shared,
+            stop: stop_rx,
+            held: Vec::new(),
+            report: RelayReport::default(),
+        };
+        tokio::select! {
+            _ = worker.run() => {}
+            _ = keeper => {}
+            _ = stop_on_shutdown => {}
+        }
+        let report = worker.report.clone();
+        let held: Vec<PartitionNo> = worker.held.iter().map(|l| l.partition).collect();
+        if let Err(e) = self.store.release_partitions(self.id, &held).await {
+            tracing::warn!(relay = %self.id, error = %e, "could not release partitions; they move after the lease expires");
+        }
+        if let Err(e) = self.store.deregister(self.id).await {
+            tracing::warn!(relay = %self.id, error = %e, "could not deregister relay");
+        }
+        if let Some(m) = &self.metrics {
+            m.set_paused(false);
+        }
+        tracing::info!(relay = %self.id, ?report, "relay stopped");
+        report
+    }
+}
+
+struct Shared {
+    started: Instant,
+    /// When the worker loop last made progress, in ms since `started`.
+    loop_alive_ms: AtomicU64,
+    live_relays: AtomicUsize,
+}
+
+impl Shared {
+    fn stamp(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.loop_alive_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn loop_silent_for(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.loop_alive_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Heartbeats, lease renewal and table gauges, beside the worker loop so that a long publish
+/// does not let leases lapse; but only while the loop shows progress, so that a wedged loop
+/// does lose its partitions.
+async fn keep_leases<S: RelayStore>(
+    store: Arc<S>,
+    relay: RelayId,
+    config: RelayConfig,
+    metrics: Option<TableMetrics>,
+    shared: Arc<Shared>,
+) {
+    let renew_every = config.lease / 3;
+    let tick = renew_every.min(config.stats_interval);
+    let mut last_renew = Instant::now();
+    let mut last_stats: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        if last_renew.elapsed() >= renew_every {
+            last_renew = Instant::now();
+            let silent = shared.loop_silent_for();
+            if silent >= config.lease {
+                tracing::warn!(%relay, ?silent, "relay loop made no progress; letting its leases lapse");
+            } else {
+                match store.heartbeat(relay, &config.service, config.lease).await {
+                    Ok(n) => shared.live_relays.store(n.max(1), Ordering::Relaxed),
+                    Err(e) => tracing::warn!(%relay, error = %e, "heartbeat failed"),
+                }
+                if let Err(e) = store.renew_leases(relay, config.lease).await {
+                    tracing::warn!(%relay, error = %e, "lease renewal failed");
+                }
+            }
+        }
+        if let Some(m) = &metrics {
+            if last_stats.is_none_or(|t| t.elapsed() >= config.stats_interval) {
+                last_stats = Some(Instant::now());
+                match store.stats().await {
+                    Ok(stats) => m.observe(&stats),
+                    Err(e) => tracing::warn!(%relay, error = %e, "reading outbox stats failed"),
+                }
+            }
+        }
+    }
+}
+
+struct Worker<'a, S, P> {
+    relay: &'a Relay<S, P>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    held: Vec<PartitionLease>,
+    report: RelayReport,
+}
+
+/// Why the worker is waiting.
+enum Pause {
+    Idle(Duration),
+    Outage(Duration),
+    StoreError(Duration),
+}
+
+impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn run(&mut self) {
+        let cfg = &self.relay.config;
+        let rebalance_every = cfg.lease / 3;
+        let mut last_rebalance: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        let mut idle = cfg.poll_min;
+        let mut outage = Backoff::new(cfg.outage_backoff_min, cfg.outage_backoff_max);
+        let mut store_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+        while !self.stopping() {
+            self.shared.stamp();
+            if last_rebalance.is_none_or(|t| t.elapsed() >= rebalance_every) {
+                match self.rebalance().await {
+                    Ok(()) => last_rebalance = Some(Instant::now()),
+                    Err(e) => {
+                        tracing::warn!(relay = %self.relay.id, error = %e, "rebalance failed");
+                        self.pause(Pause::StoreError(store_backoff.next_delay()))
+                            .await;
+                        continue;
+                    }
+                }
+            }
+            if cfg.retention > Duration::ZERO
+                && last_sweep.elapsed() >= cfg.retention_sweep_interval
+                && self.held.iter().any(|l| l.partition == 0)
+            {
+                last_sweep = Instant::now();
+                self.sweep_retained().await;
+            }
+            if self.held.is_empty() {
+                self.pause(Pause::Idle(cfg.poll_max.min(rebalance_every)))
+                    .await;
+                continue;
+            }
+
+            let claimed_at = Instant::now();
+            let batch = match self.relay.store.claim(&self.held, cfg.batch_size).await {
+                Ok(batch) => {
+                    store_backoff.reset();
+                    batch
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %self.relay.id, error = %e, "claim failed; retrying");
+                    self.pause(Pause::StoreError(store_backoff.next_delay()))
+                        .await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                self.pause(Pause::Idle(idle)).await;
+                idle = (idle * 2).min(cfg.poll_max);
+                continue;
+            }
+            idle = cfg.poll_min;
+
+            self.shared.stamp();
+            let outcomes = self.relay.publisher.publish(&batch).await;
+            self.shared.stamp();
+            let acked_after = claimed_at.elapsed();
+            let resolution = resolve(&batch, &outcomes, &cfg.retry);
+            self.settle(&batch, &resolution, acked_after).await;
+
+            match resolution.outage {
+                Some(reason) => {
+                    self.report.outage_pauses += 1;
+                    if let Some(m) = &self.relay.metrics {
+                        m.set_paused(true);
+                    }
+                    let delay = outage.next_delay();
+                    tracing::warn!(relay = %self.relay.id, %reason, ?delay, probes = outage.failures(), "broker unavailable; relay paused, no attempts counted");
+                    self.pause(Pause::Outage(delay)).await;
+                }
+                None if outage.failures() > 0 => {
+                    tracing::info!(relay = %self.relay.id, "broker reachable again; relay resumed");
+                    outage.reset();
+                    if let Some(m) = &self.relay.metrics {
+                        m.set_paused(false);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Writes the outcome of one batch back to the store, retrying store errors a few times
+    /// (an uncompleted delivery is only re-sent later, but a re-send is a duplicate).
+    async fn settle(&mut self, batch: &[OutboxMessage], r: &Resolution, acked_after: Duration) {
+        let fence_of = |i: usize| -> Fenced {
+            let m = &batch[i];
+            let lease = self
+                .held
+                .iter()
+                .find(|l| l.partition == m.partition)
+                .copied()
+                .unwrap_or(PartitionLease {
+                    partition: m.partition,
+                    fence: -1,
+                });
+            Fenced { seq: m.seq, lease }
+        };
+        let delivered: Vec<Fenced> = r.delivered.iter().map(|&i| fence_of(i)).collect();
+        let failures: Vec<FailedAttempt> = r
+            .rejected
+            .iter()
+            .map(|rej| FailedAttempt {
+                event: fence_of(rej.index),
+                attempts: rej.attempts,
+                error: rej.reason.clone(),
+                next: rej.next.clone(),
+            })
+            .collect();
+        let retain = self.relay.config.retention > Duration::ZERO;
+        let store = &self.relay.store;
+        let relay = self.relay.id;
+
+        if !delivered.is_empty() {
+            let mut tries = 0;
+            loop {
+                match store.complete(relay, &delivered, retain).await {
+                    Ok(n) => {
+                        self.report.published += n;
+                        if n < delivered.len() as u64 {
+                            tracing::info!(%relay, completed = n, delivered = delivered.len(), "some partitions changed hands; the new holder re-sends the rest");
+                        }
+                        if let Some(m) = &self.relay.metrics {
+                            m.published(n);
+                            for &i in &r.delivered {
+                                m.commit_to_ack(
+                                    (batch[i].age_at_claim + acked_after).as_secs_f64(),
+                                );
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        tracing::warn!(%relay, error = %e, "completing delivered events failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(%relay, error = %e, "could not complete delivered events; they will be sent again");
+                        break;
+                    }
+                }
+            }
+        }
+        if !failures.is_empty() {
+            let dead = failures
+                .iter()
+                .filter(|f| f.next == AfterFailure::Dead)
+                .count() as u64;
+            for f in &failures {
+                tracing::warn!(%relay, seq = f.event.seq, attempts = f.attempts, error = %f.error, dead = (f.next == AfterFailure::Dead), "publish rejected");
+            }
+            match store.record_failures(relay, &failures).await {
+                Ok(_) => {
+                    self.report.rejected_attempts += failures.len() as u64;
+                    self.report.dead_lettered += dead;
+                    if let Some(m) = &self.relay.metrics {
+                        m.failures(FailureReason::Rejected, failures.len() as u64);
+                        m.dead_lettered(dead);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%relay, error = %e, "recording rejected attempts failed; they will be retried without counting")
+                }
+            }
+        }
+        if r.unavailable > 0 {
+            if let Some(m) = &self.relay.metrics {
+                m.failures(FailureReason::Unavailable, r.unavailable as u64);
+            }
+        }
+    }
+
+    /// Takes this relay's fair share of partitions and gives back any excess.
+    async fn rebalance(&mut self) -> Result<(), crate::StoreError> {
+        let cfg = &self.relay.config;
+        let store = &self.relay.store;
+        let id = self.relay.id;
+        let live = store.heartbeat(id, &cfg.service, cfg.lease).await?.max(1);
+        self.shared.live_relays.store(live, Ordering::Relaxed);
+        let mut held = store.renew_leases(id, cfg.lease).await?;
+        let share = usize::from(PARTITIONS).div_ceil(live);
+        if held.len() > share {
+            held.sort_by_key(|l| l.partition);
+            let extra: Vec<PartitionNo> = held.drain(share..).map(|l| l.partition).collect();
+            store.release_partitions(id, &extra).await?;
+            tracing::debug!(relay = %id, released = extra.len(), share, "released partitions");
+        } else if held.len() < share {
+            let got = store
+                .acquire_partitions(id, share - held.len(), cfg.lease)
+                .await?;
+            if !got.is_empty() {
+                tracing::debug!(relay = %id, acquired = got.len(), share, "acquired partitions");
+            }
+            held.extend(got);
+        }
+        held.sort_by_key(|l| l.partition);
+        self.held = held;
+        Ok(())
+    }
+
+    async fn sweep_retained(&self) {
+        let cfg = &self.relay.config;
+        // A bounded number of small deletes per sweep keeps publishing responsive.
+        for _ in 0..10 {
+            match self
+                .relay
+                .store
+                .purge_published(cfg.retention, cfg.retention_sweep_batch)
+                .await
+            {
+                Ok(n) if n as usize >= cfg.retention_sweep_batch => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(relay = %self.relay.id, error = %e, "retention sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn pause(&mut self, why: Pause) {
+        let (delay, wakeable) = match why {
+            Pause::Idle(d) => (d, true),
+            Pause::Outage(d) | Pause::StoreError(d) => (d, false),
+        };
+        let wake = self.relay.wake.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wake.woken(), if wakeable => {}
+            _ = self.stop.changed() => {}
+        }
+    }
+}
+
+/// A rejected message and what to do with it.
+#[derive(Debug, PartialEq)]
+struct Rejection {
+    index: usize,
+    attempts: u32,
+    reason: String,
+    next: AfterFailure,
+}
+
+/// What a batch's outcomes mean for each message.
+#[derive(Debug, Default, PartialEq)]
+struct Resolution {
+    /// Indexes to complete.
+    delivered: Vec<usize>,
+    rejected: Vec<Rejection>,
+    /// Messages with no verdict this round (outage), left pending untouched.
+    unavailable: usize,
+    /// The reason of the first unavailable outcome, if any.
+    outage: Option<String>,
+}
+
+/// Applies the ordering rule: within an aggregate, nothing after the first message that was
+/// not delivered may be completed, because that would let it overtake an earlier event.
+fn resolve(
+    batch: &[OutboxMessage],
+    outcomes: &[PublishOutcome],
+    retry: &RetryPolicy,
+) -> Resolution {
+    let mut r = Resolution::default();
+    let mut blocked: HashSet<&AggregateRef> = HashSet::new();
+    for (i, msg) in batch.iter().enumerate() {
+        let outcome = outcomes.get(i).cloned().unwrap_or_else(|| {
+            PublishOutcome::unavailable(format!(
+                "publisher returned {} outcomes for {} messages",
+                outcomes.len(),
+                batch.len()
+            ))
+        });
+        if blocked.contains(&msg.aggregate) {
+            if let PublishOutcome::Unavailable { .. } = outcome {
+                r.unavailable += 1;
+            }
+            continue;
+        }
+        match outcome {
+            PublishOutcome::Delivered => r.delivered.push(i),
+            PublishOutcome::Rejected { reason } => {
+                let attempts = msg.attempts.saturating_add(1);
+                let next = if retry.exhausted(attempts) {
+                    AfterFailure::Dead
+                } else {
+                    AfterFailure::RetryIn(retry.delay(attempts))
+                };
+                r.rejected.push(Rejection {
+                    index: i,
+                    attempts,
+                    reason,
+                    next,
+                });
+                blocked.insert(&msg.aggregate);
+            }
+            PublishOutcome::Unavailable { reason } => {
+                r.unavailable += 1;
+                r.outage.get_or_insert(reason);
+                blocked.insert(&msg.aggregate);
+            }
+            PublishOutcome::Skipped => {
+                blocked.insert(&msg.aggregate);
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventId, Topic};
+
+    fn msg(seq: i64, agg: &str, attempts: u32) -> OutboxMessage {
+        let aggregate = AggregateRef::new("a", agg).unwrap();
+        OutboxMessage {
+            seq,
+            event_id: EventId::new(),
+            partition: aggregate.partition(),
+            aggregate,
+            event_type: "t".into(),
+            topic: Topic::new("t").unwrap(),
+            key: agg.into(),
+            headers: Default::default(),
+            payload: Default::default(),
+            attempts,
+            age_at_claim: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_rejection_blocks_later_events_of_its_aggregate_only() {
+        let batch = [
+            msg(1, "x", 0),
+            msg(2, "y", 0),
+            msg(3, "x", 0),
+            msg(4, "y", 0),
+        ];
+        let outcomes = [
+            PublishOutcome::rejected("too large"),
+            PublishOutcome::Delivered,
+            PublishOutcome::Delivered,
+            PublishOutcome::Delivered,
+        ];
+        let r = resolve(&batch, &outcomes, &RetryPolicy::default());
+        assert_eq!(r.delivered, vec![1, 3]);
+        assert_eq!(r.rejected.len(), 1);
+        assert_eq!(r.rejected[0].index, 0);
+        assert_eq!(r.rejected[0].attempts, 1);
+        assert!(matches!(r.rejected[0].next, AfterFailure::RetryIn(_)));
+        assert_eq!(r.outage, None);
+    }
+
+    #[test]
+    fn skipped_messages_are_untouched_and_block_their_aggregate() {
+        let batch = [msg(1, "x", 0), msg(2, "x", 0), msg(3, "x", 0)];
+        let outcomes = [
+            PublishOutcome::Delivered,
+            PublishOutcome::Skipped,
+            PublishOutcome::Delivered,
+        ];
+        let r = resolve(&batch, &outcomes, &RetryPolicy::default());
+        assert_eq!(r.delivered, vec![0]);
+        assert!(r.rejected.is_empty());
+        assert_eq!(r.unavailable, 0);
+        assert_eq!(r.outage, None);
+    }
+
+    #[test]
+    fn last_attempt_goes_dead() {
+        let batch = [msg(1, "x", 4)];
+        let r = resolve(
+            &batch,
+            &[PublishOutcome::rejected("no")],
+            &RetryPolicy::default(),
+        );
+        assert_eq!(r.rejected[0].next, AfterFailure::Dead);
+        assert_eq!(r.rejected[0].attempts, 5);
+    }
+
+    #[test]
+    fn unavailable_burns_nothing_and_blocks_its_aggregate() {
+        let batch = [msg(1, "x", 2), msg(2, "x", 0), msg(3, "y", 0)];
+        let outcomes = [
+            PublishOutcome::unavailable("broker down"),
+            PublishOutcome::Delivered,
+            PublishOutcome::Delivered,
+        ];
+        let r = resolve(&batch, &outcomes, &RetryPolicy::default());
+        assert_eq!(r.delivered, vec![2]);
+        assert!(r.rejected.is_empty());
+        assert_eq!(r.unavailable, 1);
+        assert_eq!(r.outage.as_deref(), Some("broker down"));
+    }
+
+    #[test]
+    fn missing_outcomes_count_as_unavailable() {
+        let batch = [msg(1, "x", 0), msg(2, "y", 0)];
+        let r = resolve(
+            &batch,
+            &[PublishOutcome::Delivered],
+            &RetryPolicy::default(),
+        );
+        assert_eq!(r.delivered, vec![0]);
+        assert_eq!(r.unavailable, 1);
+        assert!(r.outage.unwrap().contains("1 outcomes for 2"));
+    }
+}

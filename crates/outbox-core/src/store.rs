@@ -1,0 +1,184 @@
+//! The [`RelayStore`] trait: what the relay needs from a database.
+//!
+//! A store adapter (PostgreSQL, SQLite) implements these primitives; the relay engine in
+//! [`crate::relay`] owns the algorithm (fair share of partitions, ordering, retries), so every
+//! store behaves the same way.
+//!
+//! Every call that changes an event is *fenced*: it names the partition lease (partition and
+//! fence number) under which the event was claimed, and the store applies it only while that
+//! lease is still held by the calling relay. A relay that was frozen past its lease therefore
+//! cannot complete or fail events that another relay has taken over.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::event::OutboxMessage;
+use crate::partition::PartitionNo;
+
+/// An error from the database behind a store. The relay logs it, backs off and retries.
+#[derive(Debug, thiserror::Error)]
+#[error("outbox store: {context}: {source}")]
+pub struct StoreError {
+    context: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    pub fn new(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            context,
+            source: source.into(),
+        }
+    }
+
+    pub fn context(&self) -> &'static str {
+        self.context
+    }
+}
+
+/// The identity of one running relay (one per `Relay::run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelayId(pub Uuid);
+
+impl RelayId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for RelayId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RelayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A partition held by a relay. `fence` grows by one every time the partition changes hands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionLease {
+    pub partition: PartitionNo,
+    pub fence: i64,
+}
+
+/// An event a relay claimed, named with the lease it was claimed under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fenced {
+    pub seq: i64,
+    pub lease: PartitionLease,
+}
+
+/// What happens to an event after a rejected attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AfterFailure {
+    /// Try again no earlier than `delay` from now (database clock).
+    RetryIn(Duration),
+    /// Attempts are used up: park as dead until an operator requeues or purges it.
+    Dead,
+}
+
+/// A failed attempt to record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedAttempt {
+    pub event: Fenced,
+    /// Attempts after this one (the stored count becomes this).
+    pub attempts: u32,
+    pub error: String,
+    pub next: AfterFailure,
+}
+
+/// Counts read from the table itself (not from what the relay happened to see).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutboxStats {
+    pub pending: u64,
+    /// Pending events waiting for a retry after a rejected attempt.
+    pub retrying: u64,
+    pub dead: u64,
+    /// Published events kept for the retention window (0 when published rows are deleted).
+    pub published_retained: u64,
+    pub oldest_pending_age: Option<Duration>,
+    /// Relays that sent a heartbeat within their lease.
+    pub live_relays: u64,
+}
+
+/// What the relay engine needs from a store.
+#[async_trait]
+pub trait RelayStore: Send + Sync + 'static {
+    /// Records that `relay` is alive (until `lease` from now) and returns how many relays are
+    /// alive on this table, itself included. Also forgets relays long gone.
+    async fn heartbeat(
+        &self,
+        relay: RelayId,
+        name: &str,
+        lease: Duration,
+    ) -> Result<usize, StoreError>;
+
+    /// Extends every lease `relay` holds and returns them; a lease lost to another relay is
+    /// absent from the answer.
+    async fn renew_leases(
+        &self,
+        relay: RelayId,
+        lease: Duration,
+    ) -> Result<Vec<PartitionLease>, StoreError>;
+
+    /// Takes up to `max` partitions that nobody holds (or whose lease expired), raising their
+    /// fence.
+    async fn acquire_partitions(
+        &self,
+        relay: RelayId,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<PartitionLease>, StoreError>;
+
+    /// Gives partitions up so that other relays can take them at once.
+    async fn release_partitions(
+        &self,
+        relay: RelayId,
+        partitions: &[PartitionNo],
+    ) -> Result<(), StoreError>;
+
+    /// Removes the relay's heartbeat (on graceful shutdown).
+    async fn deregister(&self, relay: RelayId) -> Result<(), StoreError>;
+
+    /// Up to `limit` committed pending events of the given partitions, in sequence order,
+    /// leaving out every aggregate whose head event is waiting for a retry.
+    async fn claim(
+        &self,
+        partitions: &[PartitionLease],
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Marks delivered events published: deletes them, or with `retain` keeps them (status
+    /// `published`) for the retention window. Returns how many were changed; events whose
+    /// lease is no longer held are left alone.
+    async fn complete(
+        &self,
+        relay: RelayId,
+        events: &[Fenced],
+        retain: bool,
+    ) -> Result<u64, StoreError>;
+
+    /// Records rejected attempts (fenced like `complete`).
+    async fn record_failures(
+        &self,
+        relay: RelayId,
+        failures: &[FailedAttempt],
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes up to `limit` published events older than `retention`; returns how many.
+    async fn purge_published(&self, retention: Duration, limit: usize) -> Result<u64, StoreError>;
+
+    /// Counts from the table.
+    async fn stats(&self) -> Result<OutboxStats, StoreError>;
+}

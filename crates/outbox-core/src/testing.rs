@@ -1,0 +1,129 @@
+//! A scriptable in-memory [`Publisher`] for tests of stores and relays.
+//!
+//! It stands in for a broker where the test is about the outbox, not the transport: it records
+//! what was delivered, in order, and can refuse chosen events or play an outage. Transport
+//! tests use a real broker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::event::{EventId, OutboxMessage};
+use crate::publisher::{PublishOutcome, Publisher};
+
+#[derive(Default)]
+struct State {
+    delivered: Vec<OutboxMessage>,
+    calls: u64,
+    unavailable: bool,
+    reject_always: HashSet<EventId>,
+    reject_times: HashMap<EventId, u32>,
+    offered: HashMap<EventId, Vec<Instant>>,
+    delay: Duration,
+}
+
+/// Records deliveries; see the module docs. Clones share state.
+#[derive(Clone, Default)]
+pub struct TestPublisher {
+    state: Arc<Mutex<State>>,
+}
+
+impl TestPublisher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// Every message delivered so far, in delivery order (re-sends appear again).
+    pub fn delivered(&self) -> Vec<OutboxMessage> {
+        self.with(|s| s.delivered.clone())
+    }
+
+    pub fn delivered_count(&self) -> usize {
+        self.with(|s| s.delivered.len())
+    }
+
+    /// How many times `publish` was called.
+    pub fn calls(&self) -> u64 {
+        self.with(|s| s.calls)
+    }
+
+    /// How many times this event was offered to the publisher (any outcome).
+    pub fn offered(&self, id: EventId) -> u32 {
+        self.with(|s| s.offered.get(&id).map_or(0, |v| v.len() as u32))
+    }
+
+    /// When this event was offered to the publisher, once per attempt or probe.
+    pub fn offer_times(&self, id: EventId) -> Vec<Instant> {
+        self.with(|s| s.offered.get(&id).cloned().unwrap_or_default())
+    }
+
+    /// While set, every message is `Unavailable` (an outage).
+    pub fn set_unavailable(&self, down: bool) {
+        self.with(|s| s.unavailable = down);
+    }
+
+    /// Rejects this event on every attempt.
+    pub fn reject_always(&self, id: EventId) {
+        self.with(|s| s.reject_always.insert(id));
+    }
+
+    /// Rejects this event on its next `times` attempts, then delivers it.
+    pub fn reject_times(&self, id: EventId, times: u32) {
+        self.with(|s| s.reject_times.insert(id, times));
+    }
+
+    /// Makes every `publish` call take at least this long (a slow broker).
+    pub fn set_delay(&self, delay: Duration) {
+        self.with(|s| s.delay = delay);
+    }
+}
+
+#[async_trait]
+impl Publisher for TestPublisher {
+    async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
+        let delay = self.with(|s| s.delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.with(|s| {
+            s.calls += 1;
+            // Like a client-side rejection in a real producer: nothing after a rejected
+            // message of the same aggregate leaves the process.
+            let mut blocked = HashSet::new();
+            batch
+                .iter()
+                .map(|m| {
+                    if blocked.contains(&m.aggregate) {
+                        return PublishOutcome::Skipped;
+                    }
+                    s.offered
+                        .entry(m.event_id)
+                        .or_default()
+                        .push(Instant::now());
+                    if s.unavailable {
+                        return PublishOutcome::unavailable("test broker is down");
+                    }
+                    if s.reject_always.contains(&m.event_id) {
+                        blocked.insert(m.aggregate.clone());
+                        return PublishOutcome::rejected("test broker rejects this event");
+                    }
+                    if let Some(n) = s.reject_times.get_mut(&m.event_id) {
+                        if *n > 0 {
+                            *n -= 1;
+                            blocked.insert(m.aggregate.clone());
+                            return PublishOutcome::rejected("test broker rejects this attempt");
+                        }
+                    }
+                    s.delivered.push(m.clone());
+                    PublishOutcome::Delivered
+                })
+                .collect()
+        })
+    }
+}

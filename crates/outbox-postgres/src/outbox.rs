@@ -1,0 +1,284 @@
+//! The write path: events inserted in the caller's transaction.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use outbox_core::partition::aggregate_lock_key;
+use outbox_core::{EnqueueOutcome, EventId, NewEvent, TableMetrics, WakeSignal};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::OutboxError;
+use crate::Schema;
+
+/// Advisory lock class of per-aggregate writer locks (two-int key space, separate from the
+/// `bigint` one applications usually use).
+pub(crate) const AGGREGATE_LOCK_CLASS: i32 = 0x0b0c_0001;
+
+/// How sequence order is made to match commit order within an aggregate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteOrdering {
+    /// `enqueue` takes a transaction-scoped advisory lock on the aggregate before the row gets
+    /// its sequence number, so writers of one aggregate commit in sequence order.
+    #[default]
+    LockAggregate,
+    /// The application already serialises the writers of an aggregate (e.g. it locks the
+    /// aggregate's row first); no extra lock is taken.
+    CallerSerialises,
+}
+
+/// Enqueues events into `<schema>.event_outbox`. Cheap to clone.
+#[derive(Clone)]
+pub struct PgOutbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    schema: Schema,
+    ordering: WriteOrdering,
+    insert_one: String,
+    insert_many: String,
+    wake: Option<WakeSignal>,
+    metrics: Option<TableMetrics>,
+}
+
+impl PgOutbox {
+    pub fn new(schema: Schema) -> Self {
+        Self::build(schema, WriteOrdering::default(), None, None)
+    }
+
+    fn build(
+        schema: Schema,
+        ordering: WriteOrdering,
+        wake: Option<WakeSignal>,
+        metrics: Option<TableMetrics>,
+    ) -> Self {
+        let outbox = schema.table("event_outbox");
+        let idem = schema.table("event_outbox_idempotency");
+        let lock_one = match ordering {
+            WriteOrdering::LockAggregate => {
+                format!("SELECT pg_advisory_xact_lock({AGGREGATE_LOCK_CLASS}, $1)")
+            }
+            WriteOrdering::CallerSerialises => "SELECT $1::int4".to_owned(),
+        };
+        // The lock CTE is volatile, hence materialised before the INSERT draws its row and
+        // thereby its sequence number.
+        let insert_one = format!(
+            "WITH locked AS ({lock_one}),
+                  admitted AS (
+                      INSERT INTO {idem} (idempotency_key, event_id)
+                      SELECT $11, $2 WHERE $11::text IS NOT NULL
+                      ON CONFLICT DO NOTHING RETURNING 1)
+             INSERT INTO {outbox} (event_id, aggregate_type, aggregate_id, partition_no,
+                                   event_type, topic, message_key, headers, payload,
+                                   idempotency_key)
+             SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM locked
+             WHERE $11::text IS NULL OR EXISTS (SELECT 1 FROM admitted)
+             ON CONFLICT DO NOTHING
+             RETURNING seq"
+        );
+        let lock_many = match ordering {
+            WriteOrdering::LockAggregate => format!(
+                "SELECT count(*) AS n FROM (
+                     SELECT pg_advisory_xact_lock({AGGREGATE_LOCK_CLASS}, k)
+                     FROM (SELECT DISTINCT k FROM unnest($1::int4[]) AS k ORDER BY k) AS keys
+                 ) AS l"
+            ),
+            WriteOrdering::CallerSerialises => "SELECT cardinality($1::int4[]) AS n".to_owned(),
+        };
+        let insert_many = format!(
+            "WITH locked AS ({lock_many}),
+                  input AS (
+                      SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int2[],
+                                           $6::text[], $7::text[], $8::text[], $9::jsonb[],
+                                           $10::bytea[], $11::text[])
+                      WITH ORDINALITY AS t(event_id, aggregate_type, aggregate_id,
+                                           partition_no, event_type, topic, message_key,
+                                           headers, payload, idempotency_key, ord)),
+                  admitted AS (
+                      INSERT INTO {idem} (idempotency_key, event_id)
+                      SELECT idempotency_key, event_id FROM input
+                      WHERE idempotency_key IS NOT NULL
+                      ON CONFLICT DO NOTHING RETURNING idempotency_key)
+             INSERT INTO {outbox} (event_id, aggregate_type, aggregate_id, partition_no,
+                                   event_type, topic, message_key, headers, payload,
+                                   idempotency_key)
+             SELECT i.event_id, i.aggregate_type, i.aggregate_id, i.partition_no, i.event_type,
+                    i.topic, i.message_key, i.headers, i.payload, i.idempotency_key
+             FROM input i, locked
+             WHERE i.idempotency_key IS NULL
+                OR i.idempotency_key IN (SELECT idempotency_key FROM admitted)
+             ORDER BY i.ord
+             ON CONFLICT DO NOTHING
+             RETURNING event_id, seq"
+        );
+        Self {
+            inner: Arc::new(Inner {
+                schema,
+                ordering,
+                insert_one,
+                insert_many,
+                wake,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn with_ordering(self, ordering: WriteOrdering) -> Self {
+        let i = &self.inner;
+        Self::build(
+            i.schema.clone(),
+            ordering,
+            i.wake.clone(),
+            i.metrics.clone(),
+        )
+    }
+
+    /// Wake this relay when [`PgOutbox::commit`] commits (for relays in the same process).
+    pub fn with_wake_signal(self, wake: WakeSignal) -> Self {
+        let i = &self.inner;
+        Self::build(i.schema.clone(), i.ordering, Some(wake), i.metrics.clone())
+    }
+
+    pub fn with_metrics(self, metrics: TableMetrics) -> Self {
+        let i = &self.inner;
+        Self::build(i.schema.clone(), i.ordering, i.wake.clone(), Some(metrics))
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.inner.schema
+    }
+
+    /// Inserts `event` in the caller's transaction. It becomes visible to relays only when
+    /// that transaction commits, and vanishes if it rolls back.
+    pub async fn enqueue(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        event: &NewEvent,
+    ) -> Result<EnqueueOutcome, OutboxError> {
+        let agg = event.aggregate();
+        let headers = headers_json(event)?;
+        let seq: Option<i64> = sqlx::query_scalar(&self.inner.insert_one)
+            .bind(aggregate_lock_key(agg.kind(), agg.id()))
+            .bind(event.event_id().as_uuid())
+            .bind(agg.kind())
+            .bind(agg.id())
+            .bind(agg.partition() as i16)
+            .bind(event.event_type())
+            .bind(event.topic().as_str())
+            .bind(event.key())
+            .bind(headers)
+            .bind(event.payload().as_ref())
+            .bind(event.idempotency_key())
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(match seq {
+            Some(seq) => {
+                if let Some(m) = &self.inner.metrics {
+                    m.enqueued(1);
+                }
+                EnqueueOutcome::Inserted { seq }
+            }
+            None => EnqueueOutcome::Duplicate,
+        })
+    }
+
+    /// Inserts many events with one statement, in the given order. Returns one outcome per
+    /// event. Within the batch, a repeated `event_id` or idempotency key is a duplicate of its
+    /// first occurrence.
+    pub async fn enqueue_all(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[NewEvent],
+    ) -> Result<Vec<EnqueueOutcome>, OutboxError> {
+        let mut seen_ids = HashSet::new();
+        let mut seen_keys = HashSet::new();
+        let mut send = Vec::with_capacity(events.len());
+        for e in events {
+            let first_id = seen_ids.insert(e.event_id());
+            let first_key = e.idempotency_key().is_none_or(|k| seen_keys.insert(k));
+            if first_id && first_key {
+                send.push(e);
+            }
+        }
+        if send.is_empty() {
+            return Ok(vec![EnqueueOutcome::Duplicate; events.len()]);
+        }
+        let mut lock_keys = Vec::with_capacity(send.len());
+        let mut ids = Vec::with_capacity(send.len());
+        let mut kinds = Vec::with_capacity(send.len());
+        let mut agg_ids = Vec::with_capacity(send.len());
+        let mut partitions = Vec::with_capacity(send.len());
+        let mut types = Vec::with_capacity(send.len());
+        let mut topics = Vec::with_capacity(send.len());
+        let mut keys = Vec::with_capacity(send.len());
+        let mut headers = Vec::with_capacity(send.len());
+        let mut payloads: Vec<&[u8]> = Vec::with_capacity(send.len());
+        let mut idem = Vec::with_capacity(send.len());
+        for e in &send {
+            let agg = e.aggregate();
+            lock_keys.push(aggregate_lock_key(agg.kind(), agg.id()));
+            ids.push(*e.event_id().as_uuid());
+            kinds.push(agg.kind());
+            agg_ids.push(agg.id());
+            partitions.push(agg.partition() as i16);
+            types.push(e.event_type());
+            topics.push(e.topic().as_str());
+            keys.push(e.key());
+            headers.push(headers_json(e)?);
+            payloads.push(e.payload().as_ref());
+            idem.push(e.idempotency_key());
+        }
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(&self.inner.insert_many)
+            .bind(&lock_keys)
+            .bind(&ids)
+            .bind(&kinds)
+            .bind(&agg_ids)
+            .bind(&partitions)
+            .bind(&types)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&headers)
+            .bind(&payloads)
+            .bind(&idem)
+            .fetch_all(&mut **tx)
+            .await?;
+        if let Some(m) = &self.inner.metrics {
+            m.enqueued(rows.len() as u64);
+        }
+        let inserted: std::collections::HashMap<EventId, i64> = rows
+            .into_iter()
+            .map(|(id, seq)| (EventId::from_uuid(id), seq))
+            .collect();
+        let mut reported = HashSet::new();
+        Ok(events
+            .iter()
+            .map(|e| match inserted.get(&e.event_id()) {
+                // Only the first occurrence of an id in the batch is the inserted one.
+                Some(&seq) if reported.insert(e.event_id()) => EnqueueOutcome::Inserted { seq },
+                _ => EnqueueOutcome::Duplicate,
+            })
+            .collect())
+    }
+
+    /// Commits `tx`, then wakes the in-process relay (if one was attached).
+    pub async fn commit(&self, tx: Transaction<'_, Postgres>) -> Result<(), OutboxError> {
+        tx.commit().await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the in-process relay (after a commit made without [`PgOutbox::commit`]).
+    pub fn wake(&self) {
+        if let Some(w) = &self.inner.wake {
+            w.wake();
+        }
+    }
+}
+
+fn headers_json(event: &NewEvent) -> Result<serde_json::Value, OutboxError> {
+    serde_json::to_value(event.headers()).map_err(|e| OutboxError::InvalidEvent {
+        event_id: event.event_id().to_string(),
+        reason: format!("headers are not serialisable: {e}"),
+    })
+}

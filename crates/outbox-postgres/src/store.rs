@@ -1,0 +1,421 @@
+//! [`RelayStore`] on PostgreSQL.
+//!
+//! Claims need no row locks: a relay only reads partitions it holds a lease on, and each
+//! partition has one holder. Every change to an event joins the partition row and requires
+//! the caller's relay id and the fence it claimed under (see `outbox_core::store`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use outbox_core::{
+    AfterFailure, AggregateRef, EventId, FailedAttempt, Fenced, Headers, OutboxMessage,
+    OutboxStats, PartitionLease, PartitionNo, RelayId, RelayStore, StoreError, Topic,
+};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::Schema;
+
+/// The relay's view of `<schema>.event_outbox`. Cheap to clone.
+#[derive(Clone)]
+pub struct PgRelayStore {
+    pool: PgPool,
+    sql: Arc<Sql>,
+}
+
+struct Sql {
+    heartbeat: String,
+    renew: String,
+    acquire: String,
+    release: String,
+    deregister: String,
+    claim: String,
+    complete_delete: String,
+    complete_retain: String,
+    fail: String,
+    bury: String,
+    purge: String,
+    stats: String,
+}
+
+impl Sql {
+    fn new(schema: &Schema) -> Self {
+        let t = schema.table("event_outbox");
+        let p = schema.table("event_outbox_partition");
+        let r = schema.table("event_outbox_relay");
+        let ms = "* interval '1 millisecond'";
+        let fenced = format!(
+            "{p} p WHERE e.seq = f.seq AND e.partition_no = f.partition_no
+               AND p.partition_no = f.partition_no AND p.owner = $1 AND p.fence = f.fence
+               AND e.status = 'pending'"
+        );
+        Self {
+            heartbeat: format!(
+                "WITH beat AS (
+                     INSERT INTO {r} (relay_id, name, expires_at) VALUES ($1, $2, now() + $3 {ms})
+                     ON CONFLICT (relay_id) DO UPDATE
+                     SET expires_at = EXCLUDED.expires_at, name = EXCLUDED.name),
+                 gone AS (DELETE FROM {r} WHERE expires_at < now() - interval '1 hour')
+                 SELECT count(*) + 1 FROM {r} WHERE expires_at > now() AND relay_id <> $1"
+            ),
+            renew: format!(
+                "UPDATE {p} SET lease_until = now() + $2 {ms}
+                 WHERE owner = $1 RETURNING partition_no, fence"
+            ),
+            acquire: format!(
+                "UPDATE {p} AS p SET owner = $1, lease_until = now() + $3 {ms}, fence = p.fence + 1
+                 WHERE p.partition_no IN (
+                     SELECT partition_no FROM {p}
+                     WHERE owner IS NULL OR lease_until < now()
+                     ORDER BY partition_no LIMIT $2
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING p.partition_no, p.fence"
+            ),
+            release: format!(
+                "UPDATE {p} SET owner = NULL, lease_until = '-infinity'
+                 WHERE owner = $1 AND partition_no = ANY($2)"
+            ),
+            deregister: format!("DELETE FROM {r} WHERE relay_id = $1"),
+            claim: format!(
+                "SELECT e.seq, e.event_id, e.aggregate_type, e.aggregate_id, e.partition_no,
+                        e.event_type, e.topic, e.message_key, e.headers, e.payload, e.attempts,
+                        EXTRACT(EPOCH FROM clock_timestamp() - e.created_at)::float8 AS age
+                 FROM {t} e
+                 WHERE e.status = 'pending' AND e.partition_no = ANY($1)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM {t} b
+                       WHERE b.status = 'pending' AND b.retry_at IS NOT NULL
+                         AND b.aggregate_type = e.aggregate_type
+                         AND b.aggregate_id = e.aggregate_id
+                         AND b.seq <= e.seq AND b.retry_at > now())
+                 ORDER BY e.seq
+                 LIMIT $2"
+            ),
+            complete_delete: format!(
+                "DELETE FROM {t} e
+                 USING unnest($2::int8[], $3::int2[], $4::int8[]) AS f(seq, partition_no, fence),
+                 {fenced}"
+            ),
+            complete_retain: format!(
+                "UPDATE {t} e SET status = 'published', published_at = now(), retry_at = NULL
+                 FROM unnest($2::int8[], $3::int2[], $4::int8[]) AS f(seq, partition_no, fence),
+                 {fenced}"
+            ),
+            fail: format!(
+                "UPDATE {t} e SET
+                     attempts = f.attempts,
+                     last_error = f.error,
+                     status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
+                     retry_at = CASE WHEN f.dead THEN NULL ELSE now() + f.delay_ms {ms} END,
+                     dead_at = CASE WHEN f.dead THEN now() END
+                 FROM unnest($2::int8[], $3::int2[], $4::int8[], $5::int4[], $6::text[],
+                             $7::bool[], $8::int8[])
+                      AS f(seq, partition_no, fence, attempts, error, dead, delay_ms),
+                 {fenced}"
+            ),
+            bury: format!(
+                "UPDATE {t} SET status = 'dead', dead_at = now(), last_error = $2
+                 WHERE seq = $1 AND status = 'pending'"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE seq IN (
+                     SELECT seq FROM {t}
+                     WHERE status = 'published' AND published_at < now() - $1 {ms}
+                     ORDER BY published_at LIMIT $2)"
+            ),
+            stats: format!(
+                "SELECT count(*) FILTER (WHERE status = 'pending'),
+                        count(*) FILTER (WHERE status = 'pending' AND retry_at IS NOT NULL),
+                        count(*) FILTER (WHERE status = 'dead'),
+                        count(*) FILTER (WHERE status = 'published'),
+                        EXTRACT(EPOCH FROM clock_timestamp()
+                                - min(created_at) FILTER (WHERE status = 'pending'))::float8,
+                        (SELECT count(*) FROM {r} WHERE expires_at > now())
+                 FROM {t}"
+            ),
+        }
+    }
+}
+
+impl PgRelayStore {
+    pub fn new(pool: PgPool, schema: &Schema) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Sql::new(schema)),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn err(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::new(context, e)
+}
+
+fn leases(rows: Vec<(i16, i64)>) -> Vec<PartitionLease> {
+    rows.into_iter()
+        .map(|(partition, fence)| PartitionLease {
+            partition: partition as PartitionNo,
+            fence,
+        })
+        .collect()
+}
+
+/// Splits fenced events into the parallel arrays the statements unnest.
+fn fenced_arrays(events: impl Iterator<Item = Fenced>) -> (Vec<i64>, Vec<i16>, Vec<i64>) {
+    let mut seqs = Vec::new();
+    let mut parts = Vec::new();
+    let mut fences = Vec::new();
+    for e in events {
+        seqs.push(e.seq);
+        parts.push(e.lease.partition as i16);
+        fences.push(e.lease.fence);
+    }
+    (seqs, parts, fences)
+}
+
+#[async_trait]
+impl RelayStore for PgRelayStore {
+    async fn heartbeat(
+        &self,
+        relay: RelayId,
+        name: &str,
+        lease: Duration,
+    ) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar(&self.sql.heartbeat)
+            .bind(relay.0)
+            .bind(name)
+            .bind(millis(lease))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("heartbeat"))?;
+        Ok(n as usize)
+    }
+
+    async fn renew_leases(
+        &self,
+        relay: RelayId,
+        lease: Duration,
+    ) -> Result<Vec<PartitionLease>, StoreError> {
+        let rows = sqlx::query_as(&self.sql.renew)
+            .bind(relay.0)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("renew leases"))?;
+        Ok(leases(rows))
+    }
+
+    async fn acquire_partitions(
+        &self,
+        relay: RelayId,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<PartitionLease>, StoreError> {
+        let rows = sqlx::query_as(&self.sql.acquire)
+            .bind(relay.0)
+            .bind(max as i64)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("acquire partitions"))?;
+        Ok(leases(rows))
+    }
+
+    async fn release_partitions(
+        &self,
+        relay: RelayId,
+        partitions: &[PartitionNo],
+    ) -> Result<(), StoreError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let parts: Vec<i16> = partitions.iter().map(|&p| p as i16).collect();
+        sqlx::query(&self.sql.release)
+            .bind(relay.0)
+            .bind(parts)
+            .execute(&self.pool)
+            .await
+            .map_err(err("release partitions"))?;
+        Ok(())
+    }
+
+    async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.deregister)
+            .bind(relay.0)
+            .execute(&self.pool)
+            .await
+            .map_err(err("deregister relay"))?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        partitions: &[PartitionLease],
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let parts: Vec<i16> = partitions.iter().map(|l| l.partition as i16).collect();
+        let rows = sqlx::query(&self.sql.claim)
+            .bind(parts)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("claim"))?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            match decode_message(&row) {
+                Ok(m) => batch.push(m),
+                // A row written by hand that breaks the invariants would otherwise stall its
+                // partition forever: park it as dead with the reason, for an operator.
+                Err(e) => {
+                    let seq: i64 = row.try_get("seq").map_err(err("claim: decode row"))?;
+                    tracing::error!(seq, error = %e, "malformed outbox row; marking it dead");
+                    sqlx::query(&self.sql.bury)
+                        .bind(seq)
+                        .bind(e.to_string())
+                        .execute(&self.pool)
+                        .await
+                        .map_err(err("claim: park malformed row"))?;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn complete(
+        &self,
+        relay: RelayId,
+        events: &[Fenced],
+        retain: bool,
+    ) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let (seqs, parts, fences) = fenced_arrays(events.iter().copied());
+        let sql = if retain {
+            &self.sql.complete_retain
+        } else {
+            &self.sql.complete_delete
+        };
+        let done = sqlx::query(sql)
+            .bind(relay.0)
+            .bind(seqs)
+            .bind(parts)
+            .bind(fences)
+            .execute(&self.pool)
+            .await
+            .map_err(err("complete"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_failures(
+        &self,
+        relay: RelayId,
+        failures: &[FailedAttempt],
+    ) -> Result<u64, StoreError> {
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        let (seqs, parts, fences) = fenced_arrays(failures.iter().map(|f| f.event));
+        let attempts: Vec<i32> = failures.iter().map(|f| f.attempts as i32).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let dead: Vec<bool> = failures
+            .iter()
+            .map(|f| f.next == AfterFailure::Dead)
+            .collect();
+        let delays: Vec<i64> = failures
+            .iter()
+            .map(|f| match f.next {
+                AfterFailure::RetryIn(d) => millis(d),
+                AfterFailure::Dead => 0,
+            })
+            .collect();
+        let done = sqlx::query(&self.sql.fail)
+            .bind(relay.0)
+            .bind(seqs)
+            .bind(parts)
+            .bind(fences)
+            .bind(attempts)
+            .bind(errors)
+            .bind(dead)
+            .bind(delays)
+            .execute(&self.pool)
+            .await
+            .map_err(err("record failures"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_published(&self, retention: Duration, limit: usize) -> Result<u64, StoreError> {
+        let done = sqlx::query(&self.sql.purge)
+            .bind(millis(retention))
+            .bind(limit as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(err("purge published"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let row = sqlx::query(&self.sql.stats)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("stats"))?;
+        let count = |i: usize| -> Result<u64, StoreError> {
+            Ok(row.try_get::<i64, _>(i).map_err(err("stats"))?.max(0) as u64)
+        };
+        let age: Option<f64> = row.try_get(4).map_err(err("stats"))?;
+        Ok(OutboxStats {
+            pending: count(0)?,
+            retrying: count(1)?,
+            dead: count(2)?,
+            published_retained: count(3)?,
+            oldest_pending_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            live_relays: count(5)?,
+        })
+    }
+}
+
+fn decode_message(row: &sqlx::postgres::PgRow) -> Result<OutboxMessage, StoreError> {
+    let bad = |what: String| StoreError::new("claim: stored event is malformed", what);
+    let get_err = err("claim: decode row");
+    let seq: i64 = row.try_get("seq").map_err(get_err)?;
+    let try_get = |name: &str| -> Result<String, StoreError> {
+        row.try_get::<String, _>(name)
+            .map_err(err("claim: decode row"))
+    };
+    let event_id: Uuid = row.try_get("event_id").map_err(err("claim: decode row"))?;
+    let aggregate = AggregateRef::new(try_get("aggregate_type")?, try_get("aggregate_id")?)
+        .map_err(|e| bad(format!("seq {seq}: {e}")))?;
+    let topic = Topic::new(try_get("topic")?).map_err(|e| bad(format!("seq {seq}: {e}")))?;
+    let headers_json: serde_json::Value =
+        row.try_get("headers").map_err(err("claim: decode row"))?;
+    let headers: Headers = serde_json::from_value(headers_json)
+        .map_err(|e| bad(format!("seq {seq}: headers are not a string map: {e}")))?;
+    let payload: Vec<u8> = row.try_get("payload").map_err(err("claim: decode row"))?;
+    let attempts: i32 = row.try_get("attempts").map_err(err("claim: decode row"))?;
+    let partition: i16 = row
+        .try_get("partition_no")
+        .map_err(err("claim: decode row"))?;
+    let age: f64 = row.try_get("age").map_err(err("claim: decode row"))?;
+    Ok(OutboxMessage {
+        seq,
+        event_id: EventId::from_uuid(event_id),
+        aggregate,
+        event_type: try_get("event_type")?,
+        topic,
+        key: try_get("message_key")?,
+        headers,
+        payload: Bytes::from(payload),
+        attempts: attempts.max(0) as u32,
+        partition: partition as PartitionNo,
+        age_at_claim: Duration::from_secs_f64(age.max(0.0)),
+    })
+}
