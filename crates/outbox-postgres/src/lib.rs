@@ -44,6 +44,8 @@ mod error;
 mod migrate;
 mod outbox;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use check::{check_schema, SchemaMismatch};
 pub use error::OutboxError;

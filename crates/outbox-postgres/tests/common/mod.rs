@@ -6,17 +6,16 @@ use std::time::{Duration, Instant};
 
 use outbox_core::testing::TestPublisher;
 use outbox_core::{AggregateRef, NewEvent, Relay, RelayConfig, RelayReport, RetryPolicy, Topic};
-use outbox_postgres::{migrate, PgOutbox, PgRelayStore, Schema};
-use sqlx::postgres::PgPoolOptions;
+use outbox_postgres::testing::TestSchema;
+use outbox_postgres::{PgOutbox, PgRelayStore, Schema};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
 pub struct TestDb {
     pub pool: PgPool,
     pub schema: Schema,
+    inner: TestSchema,
 }
 
 impl TestDb {
@@ -27,25 +26,19 @@ impl TestDb {
             )
             .with_test_writer()
             .try_init();
-        let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot reach PostgreSQL at DATABASE_URL={url}: {e}; start it (see .ci/run)")
-            });
-        let schema = Schema::new(format!("t_{}", uuid::Uuid::new_v4().simple())).unwrap();
-        migrate(&pool, &schema).await.expect("migrate");
+        let inner = TestSchema::create().await;
         sqlx::raw_sql(&format!(
-            "CREATE TABLE \"{}\".orders (id TEXT PRIMARY KEY, note TEXT)",
-            schema.name()
+            "CREATE TABLE {} (id TEXT PRIMARY KEY, note TEXT)",
+            inner.table("orders")
         ))
-        .execute(&pool)
+        .execute(&inner.pool)
         .await
         .unwrap();
-        Self { pool, schema }
+        Self {
+            pool: inner.pool.clone(),
+            schema: inner.schema.clone(),
+            inner,
+        }
     }
 
     pub fn outbox(&self) -> PgOutbox {
@@ -57,7 +50,7 @@ impl TestDb {
     }
 
     pub fn table(&self, name: &str) -> String {
-        format!("\"{}\".{}", self.schema.name(), name)
+        self.inner.table(name)
     }
 
     pub async fn count(&self, where_clause: &str) -> i64 {
@@ -89,11 +82,7 @@ impl TestDb {
     }
 
     pub async fn drop(self) {
-        sqlx::raw_sql(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema.name()))
-            .execute(&self.pool)
-            .await
-            .unwrap();
-        self.pool.close().await;
+        self.inner.drop().await;
     }
 }
 
