@@ -31,3 +31,43 @@ fresh_database() {
     -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
   echo "postgres://postgres@127.0.0.1:5432/$db"
 }
+
+NISSHI_VERSION=0.8.1
+NISSHI_BIN="$CACHE_DIR/nisshi-$NISSHI_VERSION/bin/nisshi"
+
+# Builds the Kafka-protocol broker (nisshi, from crates.io) once per machine; it needs a
+# newer rustc than the project, hence the nightly toolchain. ~20 minutes cold on 2 cores.
+ensure_broker_binary() {
+  if [ -x "$NISSHI_BIN" ]; then return 0; fi
+  echo "building nisshi $NISSHI_VERSION (first run on this machine; cached afterwards)"
+  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "the nightly toolchain is missing; nisshi needs rustc >= 1.96" >&2
+    return 1
+  fi
+  env -u CARGO_TARGET_DIR cargo +nightly install --locked "nisshi@$NISSHI_VERSION" \
+    --no-default-features --features dynostore --root "$CACHE_DIR/nisshi-$NISSHI_VERSION"
+}
+
+# Starts a broker on 127.0.0.1:$1 unless one answers there; stops it when the script exits.
+start_broker() {
+  local port="$1"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "a broker already listens on 127.0.0.1:$port"
+    return 0
+  fi
+  "$NISSHI_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://nisshi/ --group-initial-rebalance-delay 0s \
+    >"$CACHE_DIR/broker.log" 2>&1 &
+  BROKER_PID=$!
+  trap 'kill -CONT "$BROKER_PID" 2>/dev/null; kill "$BROKER_PID" 2>/dev/null' EXIT
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "broker up on 127.0.0.1:$port (pid $BROKER_PID)"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "the broker did not start; see $CACHE_DIR/broker.log" >&2
+  return 1
+}

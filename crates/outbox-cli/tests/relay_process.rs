@@ -1,0 +1,133 @@
+//! The relay as a real process (`outbox relay`), killed with SIGKILL mid-drain and restarted.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_core::{AggregateRef, NewEvent, Topic};
+use outbox_kafka::testing::{free_port, read_topics, shared_bootstrap};
+use outbox_postgres::testing::TestSchema;
+use outbox_postgres::PgOutbox;
+
+const EVENTS: usize = 20_000;
+const BATCH: usize = 500;
+
+fn spawn_relay(db_url: &str, schema: &str, bootstrap: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("relay")
+        .env("DATABASE_URL", db_url)
+        .env("OUTBOX_SCHEMA", schema)
+        .env("OUTBOX_BATCH_SIZE", BATCH.to_string())
+        .env("OUTBOX_LEASE", "2s")
+        .env("OUTBOX_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start outbox relay")
+}
+
+async fn pending(db: &TestSchema) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE status = 'pending'",
+        db.table("event_outbox")
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sigkill_mid_batch_loses_nothing_and_duplicates_only_the_batch_in_flight() {
+    let bootstrap = shared_bootstrap();
+    let db = TestSchema::create().await;
+    let db_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| outbox_postgres::testing::DEFAULT_TEST_URL.into());
+    let topic = Topic::new(format!("test.kill.{}", uuid::Uuid::new_v4().simple())).unwrap();
+
+    let outbox = PgOutbox::new(db.schema.clone());
+    let events: Vec<NewEvent> = (0..EVENTS)
+        .map(|i| {
+            NewEvent::new(
+                topic.clone(),
+                AggregateRef::new("essay", format!("e{}", i % 100)).unwrap(),
+                format!("{{\"n\":{i}}}"),
+            )
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    for chunk in events.chunks(1000) {
+        outbox.enqueue_all(&mut tx, chunk).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut first = spawn_relay(&db_url, db.schema.name(), &bootstrap);
+    let start = Instant::now();
+    while pending(&db).await > (EVENTS / 2) as i64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "first relay made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let left = pending(&db).await;
+    assert!(left > 0, "killed before the end of the drain");
+
+    let mut second = spawn_relay(&db_url, db.schema.name(), &bootstrap);
+    let start = Instant::now();
+    while pending(&db).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "second relay did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SIGTERM: graceful stop.
+    Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(second.wait().unwrap().success());
+
+    let received = read_topics(
+        &bootstrap,
+        &[topic.as_str()],
+        EVENTS,
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut copies: HashMap<String, Vec<&[u8]>> = HashMap::new();
+    for m in &received {
+        copies
+            .entry(m.headers["event_id"].clone())
+            .or_default()
+            .push(&m.payload);
+    }
+    assert_eq!(copies.len(), EVENTS, "no event lost");
+    let duplicated = copies.values().filter(|c| c.len() > 1).count();
+    assert!(
+        duplicated <= BATCH,
+        "only the batch in flight may be re-sent, {duplicated} events were"
+    );
+    for c in copies.values() {
+        assert!(
+            c.windows(2).all(|w| w[0] == w[1]),
+            "a re-send carries the same bytes"
+        );
+    }
+    let expected: HashMap<String, &NewEvent> = events
+        .iter()
+        .map(|e| (e.event_id().to_string(), e))
+        .collect();
+    for (id, c) in &copies {
+        assert_eq!(
+            c[0],
+            &expected[id].payload()[..],
+            "same event_id, same payload"
+        );
+    }
+    db.drop().await;
+}

@@ -1,0 +1,20 @@
+//! # outbox-kafka
+//!
+//! Kafka for the outbox framework, on librdkafka (`rdkafka`):
+//! - [`KafkaPublisher`]: the relay's [`outbox_core::Publisher`] with an idempotent producer,
+//!   pipelined batches, and error classification (outage versus message failure, see
+//!   [`classify`]).
+//! - [`create_topics`]: explicit topic creation with a partition count.
+//! - [`KafkaConfig`]: bootstrap servers, client id, delivery timeout, and any librdkafka
+//!   property passed through (TLS, SASL).
+
+mod admin;
+pub mod classify;
+mod config;
+mod publisher;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use admin::create_topics;
+pub use config::{KafkaConfig, KafkaConfigError};
+pub use publisher::KafkaPublisher;

@@ -1,0 +1,239 @@
+//! [`KafkaPublisher`]: the relay's publisher on an idempotent Kafka producer.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use outbox_core::{AggregateRef, OutboxMessage, PublishOutcome, Publisher};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::classify::{classify, ErrorClass};
+use crate::config::KafkaConfig;
+
+/// Batches in a row whose every message timed out before the publisher checks whether the
+/// broker answers at all; if it does, the producer is stuck (e.g. its producer id was lost in
+/// a broker restart) and is rebuilt.
+const STALLED_BATCHES_BEFORE_CHECK: u32 = 2;
+
+/// Publishes outbox messages with an idempotent producer (`enable.idempotence=true`,
+/// `acks=all`): the stored payload as value, the message key as key, and the stored headers
+/// plus `event_id` and `event_type` (added when absent) as headers.
+///
+/// A batch is sent pipelined: every message is handed to librdkafka first, then the delivery
+/// reports are awaited together. Once a message of an aggregate is refused before sending,
+/// later messages of that aggregate in the batch are [`PublishOutcome::Skipped`].
+pub struct KafkaPublisher {
+    config: KafkaConfig,
+    producer: RwLock<Arc<FutureProducer>>,
+    stalled_batches: AtomicU32,
+    rebuilds: AtomicU32,
+}
+
+impl KafkaPublisher {
+    pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
+        let producer = build_producer(&config)?;
+        Ok(Self {
+            config,
+            producer: RwLock::new(Arc::new(producer)),
+            stalled_batches: AtomicU32::new(0),
+            rebuilds: AtomicU32::new(0),
+        })
+    }
+
+    /// How many times the producer was rebuilt after it stopped making progress.
+    pub fn rebuilds(&self) -> u32 {
+        self.rebuilds.load(Ordering::Relaxed)
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().unwrap().clone()
+    }
+
+    /// Whether the cluster answers a metadata request (used to tell a dead broker from a
+    /// stuck producer).
+    async fn broker_answers(&self) -> bool {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(3))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    async fn note_stall(&self, all_timed_out: bool) {
+        if !all_timed_out {
+            self.stalled_batches.store(0, Ordering::Relaxed);
+            return;
+        }
+        let stalled = self.stalled_batches.fetch_add(1, Ordering::Relaxed) + 1;
+        if stalled < STALLED_BATCHES_BEFORE_CHECK || !self.broker_answers().await {
+            return;
+        }
+        self.rebuild("the broker answers but deliveries keep timing out");
+    }
+
+    /// Replaces the producer; messages in flight on the old one have already been reported.
+    fn rebuild(&self, why: &str) {
+        match build_producer(&self.config) {
+            Ok(fresh) => {
+                *self.producer.write().unwrap() = Arc::new(fresh);
+                self.stalled_batches.store(0, Ordering::Relaxed);
+                self.rebuilds.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = why, "rebuilt the Kafka producer");
+            }
+            Err(e) => tracing::error!(error = %e, "rebuilding the Kafka producer failed"),
+        }
+    }
+}
+
+fn build_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    let timeout = config.delivery_timeout.as_millis().max(1000);
+    let request_timeout = (timeout / 2).clamp(1000, 30_000);
+    let mut cc = config.client_config();
+    cc.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", timeout.to_string())
+        .set("request.timeout.ms", request_timeout.to_string())
+        .set("queue.buffering.max.messages", "1000000")
+        .set("linger.ms", "2");
+    // Explicit properties win over the defaults above.
+    for (k, v) in &config.properties {
+        cc.set(k, v);
+    }
+    cc.create()
+}
+
+fn headers_of(m: &OutboxMessage) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(m.headers.len() + 2);
+    for (k, v) in &m.headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let event_id = m.event_id.to_string();
+    if !m.headers.contains_key("event_id") {
+        h = h.insert(Header {
+            key: "event_id",
+            value: Some(event_id.as_bytes()),
+        });
+    }
+    if !m.headers.contains_key("event_type") {
+        h = h.insert(Header {
+            key: "event_type",
+            value: Some(m.event_type.as_bytes()),
+        });
+    }
+    h
+}
+
+/// An outcome still to be decided by what the rest of the batch did.
+enum Verdict {
+    Known(PublishOutcome),
+    Unknown(String),
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
+        let producer = self.producer();
+        let mut verdicts: Vec<Option<Verdict>> = (0..batch.len()).map(|_| None).collect();
+        let mut in_flight = Vec::with_capacity(batch.len());
+        let mut blocked: HashSet<&AggregateRef> = HashSet::new();
+        let give_up_at = Instant::now() + self.config.delivery_timeout;
+
+        for (i, m) in batch.iter().enumerate() {
+            if blocked.contains(&m.aggregate) {
+                verdicts[i] = Some(Verdict::Known(PublishOutcome::Skipped));
+                continue;
+            }
+            let mut record = FutureRecord::to(m.topic.as_str())
+                .key(m.key.as_bytes())
+                .payload(&m.payload[..])
+                .headers(headers_of(m));
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        in_flight.push((i, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if Instant::now() < give_up_at =>
+                    {
+                        // Local back-pressure: let librdkafka drain, then offer it again.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        let outcome = match classify(&e) {
+                            ErrorClass::Outage => PublishOutcome::unavailable(e.to_string()),
+                            _ => PublishOutcome::rejected(e.to_string()),
+                        };
+                        verdicts[i] = Some(Verdict::Known(outcome));
+                        blocked.insert(&m.aggregate);
+                        break;
+                    }
+                }
+            }
+        }
+
+        let sent = in_flight.len();
+        let (indexes, deliveries): (Vec<usize>, Vec<_>) = in_flight.into_iter().unzip();
+        let reports = futures::future::join_all(deliveries).await;
+        let mut delivered = 0usize;
+        let mut timed_out = 0usize;
+        for (i, report) in indexes.into_iter().zip(reports) {
+            verdicts[i] = Some(match report {
+                Ok(Ok(_)) => {
+                    delivered += 1;
+                    Verdict::Known(PublishOutcome::Delivered)
+                }
+                Ok(Err((e, _))) => {
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                        timed_out += 1;
+                    }
+                    match classify(&e) {
+                        ErrorClass::Outage => {
+                            Verdict::Known(PublishOutcome::unavailable(e.to_string()))
+                        }
+                        ErrorClass::Message => {
+                            Verdict::Known(PublishOutcome::rejected(e.to_string()))
+                        }
+                        ErrorClass::Unknown => Verdict::Unknown(e.to_string()),
+                    }
+                }
+                Err(_canceled) => Verdict::Known(PublishOutcome::unavailable(
+                    "delivery report lost: the producer was closed",
+                )),
+            });
+        }
+        // A fatal producer (idempotence state lost, e.g. after a broker restart without its
+        // data) never recovers by itself: its messages count as an outage and it is replaced.
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            self.rebuild(&format!("producer fatal error {code:?}: {reason}"));
+        } else {
+            self.note_stall(sent > 0 && timed_out == sent).await;
+        }
+
+        verdicts
+            .into_iter()
+            .map(|v| match v {
+                Some(Verdict::Known(o)) => o,
+                // An unexplained error that spared others is the message's; one that hit
+                // everything is the broker's.
+                Some(Verdict::Unknown(reason)) if delivered > 0 => {
+                    PublishOutcome::Rejected { reason }
+                }
+                Some(Verdict::Unknown(reason)) => PublishOutcome::Unavailable { reason },
+                None => PublishOutcome::unavailable("no delivery report"),
+            })
+            .collect()
+    }
+}
