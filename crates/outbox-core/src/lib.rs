@@ -15,6 +15,7 @@
 //! The guarantees and their limits are described in [`relay`] and in `docs/guarantees.md`.
 
 pub mod config;
+pub mod consume;
 pub mod event;
 pub mod metrics;
 pub mod partition;
@@ -26,10 +27,11 @@ pub mod store;
 pub mod testing;
 
 pub use config::{ConfigError, RelayConfig, Settings};
+pub use consume::{Handled, HandlerError, IncomingMessage, MessageHandler, Poison};
 pub use event::{
     AggregateRef, EnqueueOutcome, EventId, Headers, InvalidName, NewEvent, OutboxMessage, Topic,
 };
-pub use metrics::{OutboxMetrics, TableMetrics};
+pub use metrics::{ConsumerMetrics, InboxMetrics, OutboxMetrics, TableMetrics};
 pub use partition::{PartitionNo, PARTITIONS};
 pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayReport, WakeSignal};

@@ -232,6 +232,90 @@ fn saturate(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    consumer: String,
+}
+
+struct InboxFamilies {
+    processed: Family<ConsumerLabels, Counter>,
+    duplicates: Family<ConsumerLabels, Counter>,
+    failures: Family<ConsumerLabels, Counter>,
+    parked: Family<ConsumerLabels, Counter>,
+}
+
+/// The inbox metric families of one registry.
+#[derive(Clone)]
+pub struct InboxMetrics {
+    families: Arc<InboxFamilies>,
+}
+
+impl InboxMetrics {
+    /// Registers the inbox families in `registry`. Call once per registry.
+    pub fn register(registry: &mut Registry) -> Self {
+        let f = InboxFamilies {
+            processed: Family::default(),
+            duplicates: Family::default(),
+            failures: Family::default(),
+            parked: Family::default(),
+        };
+        registry.register(
+            "inbox_processed",
+            "Messages whose effects committed",
+            f.processed.clone(),
+        );
+        registry.register(
+            "inbox_duplicates",
+            "Messages skipped because their event was already processed",
+            f.duplicates.clone(),
+        );
+        registry.register(
+            "inbox_handler_failures",
+            "Handler runs that failed and rolled back",
+            f.failures.clone(),
+        );
+        registry.register(
+            "inbox_parked",
+            "Messages parked on a dead-letter topic (poison or out of attempts)",
+            f.parked.clone(),
+        );
+        Self {
+            families: Arc::new(f),
+        }
+    }
+
+    pub fn consumer(&self, name: &str) -> ConsumerMetrics {
+        ConsumerMetrics {
+            families: self.families.clone(),
+            labels: ConsumerLabels {
+                consumer: name.to_owned(),
+            },
+        }
+    }
+}
+
+/// Metrics of one consumer.
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    families: Arc<InboxFamilies>,
+    labels: ConsumerLabels,
+}
+
+impl ConsumerMetrics {
+    pub fn processed(&self) {
+        self.families.processed.get_or_create(&self.labels).inc();
+    }
+    pub fn duplicate(&self) {
+        self.families.duplicates.get_or_create(&self.labels).inc();
+    }
+    pub fn handler_failure(&self) {
+        self.families.failures.get_or_create(&self.labels).inc();
+    }
+    pub fn parked(&self) {
+        self.families.parked.get_or_create(&self.labels).inc();
+    }
+}
+
 /// Renders a registry in the Prometheus text format.
 pub fn encode_text(registry: &Registry) -> String {
     let mut out = String::new();

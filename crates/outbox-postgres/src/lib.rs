@@ -8,6 +8,8 @@
 //! - [`PgRelayStore`] implements [`outbox_core::RelayStore`] for the relay.
 //! - [`migrate`] applies the embedded migrations (plain SQL in `migrations/`);
 //!   [`check_schema`] verifies at start-up that tables, columns and indexes are as expected.
+//! - [`PgInboxHandler`] makes a consumer's effects happen once per event: the inbox row and
+//!   the handler's changes (and any events it enqueues) commit in one transaction.
 //!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -41,6 +43,7 @@
 
 mod check;
 mod error;
+mod inbox;
 mod migrate;
 mod outbox;
 mod store;
@@ -49,6 +52,7 @@ pub mod testing;
 
 pub use check::{check_schema, SchemaMismatch};
 pub use error::OutboxError;
+pub use inbox::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use outbox::{PgOutbox, WriteOrdering};
 pub use store::PgRelayStore;

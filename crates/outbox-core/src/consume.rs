@@ -1,0 +1,163 @@
+//! The consuming side: messages as a transport delivers them, and the handler contract that
+//! consumer runners (Kafka, the in-process bus) drive.
+//!
+//! A runner hands each message to a [`MessageHandler`] and moves its offset on only after the
+//! handler returned `Ok`. The inbox handlers of the store crates (e.g.
+//! `outbox_postgres::PgInboxHandler`) make the effect happen once: they record
+//! `(consumer, event_id)` in the same transaction as the handler's changes.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::event::{EventId, Headers};
+
+/// A message as received from a transport.
+#[derive(Clone, Debug)]
+pub struct IncomingMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Bytes,
+    pub headers: Headers,
+}
+
+/// Why a message cannot be processed at all (retrying will not help).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("poison message: {0}")]
+pub struct Poison(pub String);
+
+impl IncomingMessage {
+    /// The event's id: the `event_id` header when present, else the `event_id` field of the
+    /// JSON envelope. A message with neither is poison.
+    pub fn event_id(&self) -> Result<EventId, Poison> {
+        if let Some(h) = self.headers.get("event_id") {
+            return h
+                .parse()
+                .map_err(|_| Poison(format!("event_id header {h:?} is not a UUID")));
+        }
+        #[derive(serde::Deserialize)]
+        struct Envelope {
+            event_id: Option<String>,
+        }
+        let envelope: Envelope = serde_json::from_slice(&self.payload).map_err(|e| {
+            Poison(format!(
+                "no event_id header and the payload is not a JSON envelope: {e}"
+            ))
+        })?;
+        let id = envelope
+            .event_id
+            .ok_or_else(|| Poison("no event_id header and no event_id in the envelope".into()))?;
+        id.parse()
+            .map_err(|_| Poison(format!("envelope event_id {id:?} is not a UUID")))
+    }
+
+    /// The event type: the `event_type` header, else the topic.
+    pub fn event_type(&self) -> &str {
+        self.headers
+            .get("event_type")
+            .map(String::as_str)
+            .unwrap_or(&self.topic)
+    }
+}
+
+/// A handler's failure.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// The message can never be processed (undecodable, invalid): park it at once.
+    Poison(Poison),
+    /// Something went wrong this time (database down, a dependency failed): retry with
+    /// backoff, park after the runner's maximum attempts.
+    Retry(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl HandlerError {
+    pub fn poison(reason: impl Into<String>) -> Self {
+        Self::Poison(Poison(reason.into()))
+    }
+
+    pub fn retry(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Retry(error.into())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Poison(p) => p.fmt(f),
+            Self::Retry(e) => write!(f, "handler failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<Poison> for HandlerError {
+    fn from(p: Poison) -> Self {
+        Self::Poison(p)
+    }
+}
+
+/// What became of a message the handler accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Its effects committed now.
+    Processed,
+    /// Its effects had committed before (a re-send or a redelivery): nothing was done.
+    Duplicate,
+}
+
+/// Processes one message. A runner calls it once per delivery and commits the message's
+/// offset only after `Ok`.
+#[async_trait]
+pub trait MessageHandler: Send + Sync + 'static {
+    async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(headers: &[(&str, &str)], payload: &str) -> IncomingMessage {
+        IncomingMessage {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Bytes::from(payload.to_owned()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn event_id_from_header_then_envelope() {
+        let id = EventId::new();
+        let s = id.to_string();
+        assert_eq!(msg(&[("event_id", &s)], "not json").event_id(), Ok(id));
+        let body = format!(r#"{{"event_id":"{s}","data":{{}}}}"#);
+        assert_eq!(msg(&[], &body).event_id(), Ok(id));
+    }
+
+    #[test]
+    fn messages_without_an_id_are_poison_with_a_reason() {
+        let e = msg(&[], "garbage").event_id().unwrap_err();
+        assert!(e.0.contains("not a JSON envelope"), "{e}");
+        let e = msg(&[], r#"{"data":1}"#).event_id().unwrap_err();
+        assert!(e.0.contains("no event_id"), "{e}");
+        let e = msg(&[("event_id", "nope")], "{}").event_id().unwrap_err();
+        assert!(e.0.contains("not a UUID"), "{e}");
+        let e = msg(&[], r#"{"event_id":"x"}"#).event_id().unwrap_err();
+        assert!(e.0.contains("not a UUID"), "{e}");
+    }
+
+    #[test]
+    fn event_type_falls_back_to_topic() {
+        assert_eq!(msg(&[], "").event_type(), "t");
+        assert_eq!(msg(&[("event_type", "x.v1")], "").event_type(), "x.v1");
+    }
+}

@@ -1,0 +1,336 @@
+//! [`KafkaConsumer`]: runs a [`MessageHandler`] over a consumer group, committing each
+//! message's offset only after the handler succeeded.
+//!
+//! - A handler error is retried in place with exponential backoff (the partition waits, so
+//!   order is kept); after `max_attempts` the message is parked.
+//! - Poison (no usable `event_id`, a handler's `HandlerError::Poison`) is parked at once.
+//! - Parking sends the message verbatim to `<topic>.DLQ` with the reason in headers
+//!   (`dlq_reason`, `dlq_original_topic`, `dlq_original_partition`, `dlq_original_offset`,
+//!   `dlq_consumer_group`); only after the DLQ acknowledged it does the offset move on.
+//! - Shutdown finishes the message in hand (or abandons its retries uncommitted), commits the
+//!   processed offsets synchronously and leaves the group.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use outbox_core::retry::Backoff;
+use outbox_core::{ConsumerMetrics, Handled, HandlerError, IncomingMessage, MessageHandler};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::KafkaConfig;
+
+/// How a consumer group is run.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Handler runs per message before it is parked.
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(group_id: impl Into<String>, topics: &[&str]) -> Self {
+        Self {
+            group_id: group_id.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            max_attempts: 5,
+            retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Called by the runner at points tests (and instrumentation) care about.
+#[async_trait]
+pub trait ConsumerHooks: Send + Sync + 'static {
+    /// After a message was processed, found duplicate or parked, before its offset is
+    /// committed.
+    async fn before_offset_commit(&self, _message: &IncomingMessage) {}
+}
+
+#[async_trait]
+impl<T: ConsumerHooks> ConsumerHooks for Arc<T> {
+    async fn before_offset_commit(&self, message: &IncomingMessage) {
+        (**self).before_offset_commit(message).await
+    }
+}
+
+/// What a runner did before it stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    pub processed: u64,
+    pub duplicates: u64,
+    pub handler_failures: u64,
+    pub parked: u64,
+}
+
+/// A consumer group member driving one handler.
+pub struct KafkaConsumer {
+    kafka: KafkaConfig,
+    config: ConsumerConfig,
+    metrics: Option<ConsumerMetrics>,
+    hooks: Option<Arc<dyn ConsumerHooks>>,
+}
+
+impl KafkaConsumer {
+    pub fn new(kafka: KafkaConfig, config: ConsumerConfig) -> Self {
+        Self {
+            kafka,
+            config,
+            metrics: None,
+            hooks: None,
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn with_hooks(mut self, hooks: impl ConsumerHooks) -> Self {
+        self.hooks = Some(Arc::new(hooks));
+        self
+    }
+
+    /// Consumes until `shutdown` completes. Errors only if the client cannot be created or
+    /// subscribed; broker trouble while running is retried.
+    pub async fn run<H: MessageHandler>(
+        self,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<ConsumerReport, KafkaError> {
+        let consumer: StreamConsumer = self
+            .kafka
+            .client_config()
+            .set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()?;
+        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let dlq: FutureProducer = self
+            .kafka
+            .client_config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .create()?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut run = Run {
+            runner: &self,
+            consumer: &consumer,
+            dlq: &dlq,
+            stop: stop_rx,
+            done: HashMap::new(),
+            report: ConsumerReport::default(),
+        };
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = run.consume(&handler) => {}
+            _ = signal => {}
+        }
+        let report = run.report.clone();
+        let done = std::mem::take(&mut run.done);
+        if !done.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), offset) in done {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1));
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final offset commit failed; the inbox absorbs the redelivery");
+            }
+        }
+        consumer.unsubscribe();
+        tracing::info!(group = %self.config.group_id, ?report, "consumer stopped");
+        Ok(report)
+    }
+}
+
+struct Run<'a> {
+    runner: &'a KafkaConsumer,
+    consumer: &'a StreamConsumer,
+    dlq: &'a FutureProducer,
+    stop: watch::Receiver<bool>,
+    /// Last processed offset per (topic, partition).
+    done: HashMap<(String, i32), i64>,
+    report: ConsumerReport,
+}
+
+impl Run<'_> {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn consume<H: MessageHandler>(&mut self, handler: &H) {
+        let mut stop = self.stop.clone();
+        while !self.stopping() {
+            let received = tokio::select! {
+                r = self.consumer.recv() => r,
+                _ = stop.changed() => break,
+            };
+            let message = match received {
+                Ok(m) => to_incoming(&m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            if self.process(handler, &message).await {
+                if let Some(h) = &self.runner.hooks {
+                    h.before_offset_commit(&message).await;
+                }
+                self.commit(&message);
+            }
+        }
+    }
+
+    /// Runs the handler (retrying) or parks the message. Returns whether the offset may move.
+    async fn process<H: MessageHandler>(&mut self, handler: &H, message: &IncomingMessage) -> bool {
+        let cfg = &self.runner.config;
+        let mut backoff = Backoff::new(cfg.retry_base, cfg.retry_cap);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match handler.handle(message).await {
+                Ok(Handled::Processed) => {
+                    self.report.processed += 1;
+                    break;
+                }
+                Ok(Handled::Duplicate) => {
+                    self.report.duplicates += 1;
+                    tracing::debug!(topic = %message.topic, offset = message.offset, "duplicate skipped");
+                    break;
+                }
+                Err(HandlerError::Poison(p)) => {
+                    tracing::warn!(topic = %message.topic, offset = message.offset, reason = %p.0, "poison message");
+                    return self.park(message, &p.0).await;
+                }
+                Err(HandlerError::Retry(e)) => {
+                    self.report.handler_failures += 1;
+                    if attempts >= cfg.max_attempts {
+                        let reason = format!("handler failed {attempts} times; last error: {e}");
+                        return self.park(message, &reason).await;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(topic = %message.topic, offset = message.offset, attempts, error = %e, ?delay, "handler failed; retrying");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => return false,
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends the message to `<topic>.DLQ`, retrying until the DLQ acknowledges (or shutdown).
+    async fn park(&mut self, message: &IncomingMessage, reason: &str) -> bool {
+        let dlq_topic = format!("{}.DLQ", message.topic);
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 5);
+        for (k, v) in &message.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let partition = message.partition.to_string();
+        let offset = message.offset.to_string();
+        for (k, v) in [
+            ("dlq_reason", reason),
+            ("dlq_original_topic", message.topic.as_str()),
+            ("dlq_original_partition", partition.as_str()),
+            ("dlq_original_offset", offset.as_str()),
+            ("dlq_consumer_group", self.runner.config.group_id.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let mut record = FutureRecord::to(&dlq_topic)
+                .payload(&message.payload[..])
+                .headers(headers.clone());
+            if let Some(k) = &message.key {
+                record = record.key(k.as_bytes());
+            }
+            match self.dlq.send(record, Duration::from_secs(10)).await {
+                Ok(_) => {
+                    self.report.parked += 1;
+                    if let Some(m) = &self.runner.metrics {
+                        m.parked();
+                    }
+                    tracing::warn!(topic = %message.topic, offset = message.offset, %dlq_topic, %reason, "message parked");
+                    return true;
+                }
+                Err((e, _)) => {
+                    tracing::error!(error = %e, %dlq_topic, "parking failed; retrying (the offset stays put)");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = stop.changed() => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, message: &IncomingMessage) {
+        self.done
+            .insert((message.topic.clone(), message.partition), message.offset);
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(
+            &message.topic,
+            message.partition,
+            Offset::Offset(message.offset + 1),
+        );
+        // Asynchronous: a commit lost in a crash means a redelivery, which the inbox absorbs.
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed; the inbox absorbs the redelivery");
+        }
+    }
+}
+
+fn to_incoming<M: Message>(m: &M) -> IncomingMessage {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    IncomingMessage {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
+    }
+}
