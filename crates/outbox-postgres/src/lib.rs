@@ -54,7 +54,7 @@ pub use check::{check_schema, SchemaMismatch};
 pub use error::OutboxError;
 pub use inbox::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
 pub use migrate::{migrate, Migration, MIGRATIONS};
-pub use outbox::{PgOutbox, WriteOrdering};
+pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteOrdering};
 pub use store::PgRelayStore;
 
 /// A validated schema name; the only configurable identifier that reaches SQL text.

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use outbox_core::partition::aggregate_lock_key;
 use outbox_core::{EnqueueOutcome, EventId, NewEvent, TableMetrics, WakeSignal};
-use sqlx::{Postgres, Transaction};
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::error::OutboxError;
@@ -34,25 +35,51 @@ pub struct PgOutbox {
 }
 
 struct Inner {
-    schema: Schema,
-    ordering: WriteOrdering,
+    options: Options,
     insert_one: String,
     insert_many: String,
+}
+
+#[derive(Clone)]
+struct Options {
+    schema: Schema,
+    ordering: WriteOrdering,
+    notify: bool,
     wake: Option<WakeSignal>,
     metrics: Option<TableMetrics>,
 }
 
+/// The LISTEN/NOTIFY channel of a schema's outbox.
+pub fn notify_channel(schema: &Schema) -> String {
+    format!("outbox_{}", schema.name())
+}
+
 impl PgOutbox {
     pub fn new(schema: Schema) -> Self {
-        Self::build(schema, WriteOrdering::default(), None, None)
+        Self::build(Options {
+            schema,
+            ordering: WriteOrdering::default(),
+            notify: false,
+            wake: None,
+            metrics: None,
+        })
     }
 
-    fn build(
-        schema: Schema,
-        ordering: WriteOrdering,
-        wake: Option<WakeSignal>,
-        metrics: Option<TableMetrics>,
-    ) -> Self {
+    fn build(options: Options) -> Self {
+        let Options {
+            schema, ordering, ..
+        } = &options;
+        let ordering = *ordering;
+        // Opt-in: NOTIFY takes a global lock at commit, which caps write throughput with
+        // many writers (see BENCHMARKS.md). The channel name is a validated identifier.
+        let notified = if options.notify {
+            format!(
+                ", (SELECT pg_notify('{}', '')) AS notified",
+                notify_channel(schema)
+            )
+        } else {
+            String::new()
+        };
         let outbox = schema.table("event_outbox");
         let idem = schema.table("event_outbox_idempotency");
         let lock_one = match ordering {
@@ -72,7 +99,7 @@ impl PgOutbox {
              INSERT INTO {outbox} (event_id, aggregate_type, aggregate_id, partition_no,
                                    event_type, topic, message_key, headers, payload,
                                    idempotency_key)
-             SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM locked
+             SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM locked{notified}
              WHERE $11::text IS NULL OR EXISTS (SELECT 1 FROM admitted)
              ON CONFLICT DO NOTHING
              RETURNING seq"
@@ -105,7 +132,7 @@ impl PgOutbox {
                                    idempotency_key)
              SELECT i.event_id, i.aggregate_type, i.aggregate_id, i.partition_no, i.event_type,
                     i.topic, i.message_key, i.headers, i.payload, i.idempotency_key
-             FROM input i, locked
+             FROM input i, locked{notified}
              WHERE i.idempotency_key IS NULL
                 OR i.idempotency_key IN (SELECT idempotency_key FROM admitted)
              ORDER BY i.ord
@@ -114,39 +141,41 @@ impl PgOutbox {
         );
         Self {
             inner: Arc::new(Inner {
-                schema,
-                ordering,
+                options,
                 insert_one,
                 insert_many,
-                wake,
-                metrics,
             }),
         }
     }
 
+    fn with(&self, change: impl FnOnce(&mut Options)) -> Self {
+        let mut options = self.inner.options.clone();
+        change(&mut options);
+        Self::build(options)
+    }
+
     pub fn with_ordering(self, ordering: WriteOrdering) -> Self {
-        let i = &self.inner;
-        Self::build(
-            i.schema.clone(),
-            ordering,
-            i.wake.clone(),
-            i.metrics.clone(),
-        )
+        self.with(|o| o.ordering = ordering)
     }
 
     /// Wake this relay when [`PgOutbox::commit`] commits (for relays in the same process).
     pub fn with_wake_signal(self, wake: WakeSignal) -> Self {
-        let i = &self.inner;
-        Self::build(i.schema.clone(), i.ordering, Some(wake), i.metrics.clone())
+        self.with(|o| o.wake = Some(wake))
     }
 
     pub fn with_metrics(self, metrics: TableMetrics) -> Self {
-        let i = &self.inner;
-        Self::build(i.schema.clone(), i.ordering, i.wake.clone(), Some(metrics))
+        self.with(|o| o.metrics = Some(metrics))
+    }
+
+    /// Opt-in: every enqueue also sends `NOTIFY outbox_<schema>` (delivered at commit), for
+    /// relays in other processes that run [`crate::listen_for_commits`]. It costs write
+    /// throughput under many concurrent writers: measure before enabling.
+    pub fn with_notify(self, notify: bool) -> Self {
+        self.with(|o| o.notify = notify)
     }
 
     pub fn schema(&self) -> &Schema {
-        &self.inner.schema
+        &self.inner.options.schema
     }
 
     /// Inserts `event` in the caller's transaction. It becomes visible to relays only when
@@ -174,7 +203,7 @@ impl PgOutbox {
             .await?;
         Ok(match seq {
             Some(seq) => {
-                if let Some(m) = &self.inner.metrics {
+                if let Some(m) = &self.inner.options.metrics {
                     m.enqueued(1);
                 }
                 EnqueueOutcome::Inserted { seq }
@@ -243,7 +272,7 @@ impl PgOutbox {
             .bind(&idem)
             .fetch_all(&mut **tx)
             .await?;
-        if let Some(m) = &self.inner.metrics {
+        if let Some(m) = &self.inner.options.metrics {
             m.enqueued(rows.len() as u64);
         }
         let inserted: std::collections::HashMap<EventId, i64> = rows
@@ -270,7 +299,7 @@ impl PgOutbox {
 
     /// Wakes the in-process relay (after a commit made without [`PgOutbox::commit`]).
     pub fn wake(&self) {
-        if let Some(w) = &self.inner.wake {
+        if let Some(w) = &self.inner.options.wake {
             w.wake();
         }
     }
@@ -281,4 +310,42 @@ fn headers_json(event: &NewEvent) -> Result<serde_json::Value, OutboxError> {
         event_id: event.event_id().to_string(),
         reason: format!("headers are not serialisable: {e}"),
     })
+}
+
+/// Wakes `wake` whenever a transaction that enqueued with [`PgOutbox::with_notify`] commits.
+/// Runs until the task is dropped; reconnects by itself (notifications sent while it was
+/// disconnected are missed, which the relay's poll covers).
+pub async fn listen_for_commits(pool: PgPool, schema: Schema, wake: WakeSignal) {
+    let channel = notify_channel(&schema);
+    let mut backoff = outbox_core::retry::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            tracing::warn!(error = %e, %channel, "LISTEN failed; retrying");
+            tokio::time::sleep(backoff.next_delay()).await;
+            continue;
+        }
+        backoff.reset();
+        // A wake-up right after (re)connecting covers anything missed meanwhile.
+        wake.wake();
+        loop {
+            match listener.recv().await {
+                Ok(_) => wake.wake(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
 }

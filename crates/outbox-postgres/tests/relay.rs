@@ -544,3 +544,49 @@ async fn a_malformed_row_is_parked_dead_instead_of_stalling_its_partition() {
     assert!(err.contains("topic"), "{err}");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling() {
+    let db = TestDb::new().await;
+    let publisher = TestPublisher::new();
+    // Polling so slow that only a notification can explain a prompt delivery.
+    let config = RelayConfig {
+        poll_min: Duration::from_secs(20),
+        poll_max: Duration::from_secs(20),
+        ..fast_config()
+    };
+    let wake = outbox_core::WakeSignal::new();
+    let relay = outbox_core::Relay::new(db.store(), publisher.clone(), config)
+        .with_wake_signal(wake.clone());
+    let running = spawn(relay);
+    let listener = tokio::spawn(outbox_postgres::listen_for_commits(
+        db.pool.clone(),
+        db.schema.clone(),
+        wake,
+    ));
+    // Let the relay go idle on its 20 s poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A writer elsewhere: no shared wake signal, only NOTIFY.
+    let writer = db.outbox().with_notify(true);
+    for round in 0..3u32 {
+        let e = event("n", round);
+        let mut tx = db.pool.begin().await.unwrap();
+        writer.enqueue(&mut tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        wait_until(
+            Duration::from_secs(5),
+            "a notified relay publishes promptly",
+            || async { publisher.offered(e.event_id()) == 1 },
+        )
+        .await;
+    }
+    // Without NOTIFY the same write waits for the poll.
+    let silent = event("n", 99);
+    db.write("o-silent", std::slice::from_ref(&silent)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(publisher.offered(silent.event_id()), 0);
+    listener.abort();
+    running.stop().await;
+    db.drop().await;
+}
