@@ -21,12 +21,13 @@ use outbox_core::retry::Backoff;
 use outbox_core::{ConsumerMetrics, Handled, HandlerError, IncomingMessage, MessageHandler};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::config::KafkaConfig;
+use crate::publisher::kafka_headers;
 
 /// How a consumer group is run.
 #[derive(Clone, Debug)]
@@ -245,27 +246,19 @@ impl Run<'_> {
     /// Sends the message to `<topic>.DLQ`, retrying until the DLQ acknowledges (or shutdown).
     async fn park(&mut self, message: &IncomingMessage, reason: &str) -> bool {
         let dlq_topic = format!("{}.DLQ", message.topic);
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 5);
-        for (k, v) in &message.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
         let partition = message.partition.to_string();
         let offset = message.offset.to_string();
-        for (k, v) in [
+        let stored = message
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let headers = kafka_headers(stored.chain([
             ("dlq_reason", reason),
             ("dlq_original_topic", message.topic.as_str()),
             ("dlq_original_partition", partition.as_str()),
             ("dlq_original_offset", offset.as_str()),
             ("dlq_consumer_group", self.runner.config.group_id.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        ]));
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let mut record = FutureRecord::to(&dlq_topic)

@@ -110,28 +110,31 @@ fn build_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     cc.create()
 }
 
+/// Kafka headers from `(name, value)` pairs, in order.
+pub(crate) fn kafka_headers<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> OwnedHeaders {
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        })
+}
+
+/// The stored headers, plus `event_id` and `event_type` from the row when absent.
 fn headers_of(m: &OutboxMessage) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(m.headers.len() + 2);
-    for (k, v) in &m.headers {
-        h = h.insert(Header {
-            key: k,
-            value: Some(v.as_bytes()),
-        });
-    }
     let event_id = m.event_id.to_string();
-    if !m.headers.contains_key("event_id") {
-        h = h.insert(Header {
-            key: "event_id",
-            value: Some(event_id.as_bytes()),
-        });
-    }
-    if !m.headers.contains_key("event_type") {
-        h = h.insert(Header {
-            key: "event_type",
-            value: Some(m.event_type.as_bytes()),
-        });
-    }
-    h
+    let stored = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let missing = [
+        ("event_id", event_id.as_str()),
+        ("event_type", m.event_type.as_str()),
+    ]
+    .into_iter()
+    .filter(|(k, _)| !m.headers.contains_key(*k));
+    kafka_headers(stored.chain(missing))
 }
 
 /// An outcome still to be decided by what the rest of the batch did.
