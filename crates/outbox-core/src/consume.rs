@@ -7,11 +7,14 @@
 //! `(consumer, event_id)` in the same transaction as the handler's changes.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use crate::event::{EventId, Headers};
+use crate::retry::Backoff;
 
 /// A message as received from a transport.
 #[derive(Clone, Debug)]
@@ -114,6 +117,126 @@ pub enum Handled {
 #[async_trait]
 pub trait MessageHandler: Send + Sync + 'static {
     async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError>;
+}
+
+#[async_trait]
+impl<H: MessageHandler + ?Sized> MessageHandler for Box<H> {
+    async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
+        (**self).handle(message).await
+    }
+}
+
+#[async_trait]
+impl<H: MessageHandler + ?Sized> MessageHandler for std::sync::Arc<H> {
+    async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
+        (**self).handle(message).await
+    }
+}
+
+/// How a consumer group is run, whatever the transport.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Handler runs per message before it is parked.
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(group_id: impl Into<String>, topics: &[&str]) -> Self {
+        Self {
+            group_id: group_id.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            max_attempts: 5,
+            retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The dead-letter topic of `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.DLQ")
+}
+
+/// What a consumer runner did before it stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    pub processed: u64,
+    pub duplicates: u64,
+    pub handler_failures: u64,
+    pub parked: u64,
+}
+
+/// What to do with a message after [`run_handler`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Handled (processed or duplicate): commit its offset.
+    Done(Handled),
+    /// Poison or out of attempts: park it with this reason, then commit its offset.
+    Park(String),
+    /// Shutdown came during a retry wait: leave the offset where it is.
+    Abandoned,
+}
+
+/// Runs `handler` on `message`, retrying failures in place with backoff (the partition
+/// waits, which keeps order) up to `config.max_attempts`. Shared by every consumer runner so
+/// that all transports treat failures alike.
+pub async fn run_handler<H: MessageHandler + ?Sized>(
+    handler: &H,
+    message: &IncomingMessage,
+    config: &ConsumerConfig,
+    stop: &mut watch::Receiver<bool>,
+    report: &mut ConsumerReport,
+) -> Disposition {
+    let mut backoff = Backoff::new(config.retry_base, config.retry_cap);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match handler.handle(message).await {
+            Ok(handled) => {
+                match handled {
+                    Handled::Processed => report.processed += 1,
+                    Handled::Duplicate => report.duplicates += 1,
+                }
+                return Disposition::Done(handled);
+            }
+            Err(HandlerError::Poison(p)) => {
+                tracing::warn!(topic = %message.topic, offset = message.offset, reason = %p.0, "poison message");
+                return Disposition::Park(p.0);
+            }
+            Err(HandlerError::Retry(e)) => {
+                report.handler_failures += 1;
+                if attempts >= config.max_attempts {
+                    return Disposition::Park(format!(
+                        "handler failed {attempts} times; last error: {e}"
+                    ));
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(topic = %message.topic, offset = message.offset, attempts, error = %e, ?delay, "handler failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Disposition::Abandoned,
+                }
+            }
+        }
+    }
+}
+
+/// Headers for a parked copy of `message`: its own plus the reason and origin.
+pub fn dead_letter_headers(message: &IncomingMessage, reason: &str, group: &str) -> Headers {
+    let mut h = message.headers.clone();
+    h.insert("dlq_reason".into(), reason.into());
+    h.insert("dlq_original_topic".into(), message.topic.clone());
+    h.insert(
+        "dlq_original_partition".into(),
+        message.partition.to_string(),
+    );
+    h.insert("dlq_original_offset".into(), message.offset.to_string());
+    h.insert("dlq_consumer_group".into(), group.into());
+    h
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ pub mod store;
 pub mod testing;
 
 pub use config::{ConfigError, RelayConfig, Settings};
-pub use consume::{Handled, HandlerError, IncomingMessage, MessageHandler, Poison};
+pub use consume::{
+    ConsumerConfig, ConsumerReport, Disposition, Handled, HandlerError, IncomingMessage,
+    MessageHandler, Poison,
+};
 pub use event::{
     AggregateRef, EnqueueOutcome, EventId, Headers, InvalidName, NewEvent, OutboxMessage, Topic,
 };

@@ -182,3 +182,44 @@ pub trait RelayStore: Send + Sync + 'static {
     /// Counts from the table.
     async fn stats(&self) -> Result<OutboxStats, StoreError>;
 }
+
+macro_rules! forward_relay_store {
+    ($($ptr:ident),*) => {$(
+        #[async_trait]
+        impl<S: RelayStore + ?Sized> RelayStore for std::sync::$ptr<S> {
+            async fn heartbeat(&self, relay: RelayId, name: &str, lease: Duration) -> Result<usize, StoreError> {
+                (**self).heartbeat(relay, name, lease).await
+            }
+            async fn renew_leases(&self, relay: RelayId, lease: Duration) -> Result<Vec<PartitionLease>, StoreError> {
+                (**self).renew_leases(relay, lease).await
+            }
+            async fn acquire_partitions(&self, relay: RelayId, max: usize, lease: Duration) -> Result<Vec<PartitionLease>, StoreError> {
+                (**self).acquire_partitions(relay, max, lease).await
+            }
+            async fn release_partitions(&self, relay: RelayId, partitions: &[PartitionNo]) -> Result<(), StoreError> {
+                (**self).release_partitions(relay, partitions).await
+            }
+            async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
+                (**self).deregister(relay).await
+            }
+            async fn claim(&self, partitions: &[PartitionLease], limit: usize) -> Result<Vec<OutboxMessage>, StoreError> {
+                (**self).claim(partitions, limit).await
+            }
+            async fn complete(&self, relay: RelayId, events: &[Fenced], retain: bool) -> Result<u64, StoreError> {
+                (**self).complete(relay, events, retain).await
+            }
+            async fn record_failures(&self, relay: RelayId, failures: &[FailedAttempt]) -> Result<u64, StoreError> {
+                (**self).record_failures(relay, failures).await
+            }
+            async fn purge_published(&self, retention: Duration, limit: usize) -> Result<u64, StoreError> {
+                (**self).purge_published(retention, limit).await
+            }
+            async fn stats(&self) -> Result<OutboxStats, StoreError> {
+                (**self).stats().await
+            }
+        }
+    )*};
+}
+
+// A shared store (e.g. `Arc<dyn RelayStore>` chosen by configuration) is a store too.
+forward_relay_store!(Arc);

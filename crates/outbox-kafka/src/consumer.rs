@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use outbox_core::consume::{dead_letter_headers, dead_letter_topic, run_handler};
 use outbox_core::retry::Backoff;
-use outbox_core::{ConsumerMetrics, Handled, HandlerError, IncomingMessage, MessageHandler};
+use outbox_core::{
+    ConsumerConfig, ConsumerMetrics, ConsumerReport, Disposition, IncomingMessage, MessageHandler,
+};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
@@ -28,29 +31,6 @@ use tokio::sync::watch;
 
 use crate::config::KafkaConfig;
 use crate::publisher::kafka_headers;
-
-/// How a consumer group is run.
-#[derive(Clone, Debug)]
-pub struct ConsumerConfig {
-    pub group_id: String,
-    pub topics: Vec<String>,
-    /// Handler runs per message before it is parked.
-    pub max_attempts: u32,
-    pub retry_base: Duration,
-    pub retry_cap: Duration,
-}
-
-impl ConsumerConfig {
-    pub fn new(group_id: impl Into<String>, topics: &[&str]) -> Self {
-        Self {
-            group_id: group_id.into(),
-            topics: topics.iter().map(|t| t.to_string()).collect(),
-            max_attempts: 5,
-            retry_base: Duration::from_millis(200),
-            retry_cap: Duration::from_secs(10),
-        }
-    }
-}
 
 /// Called by the runner at points tests (and instrumentation) care about.
 #[async_trait]
@@ -65,15 +45,6 @@ impl<T: ConsumerHooks> ConsumerHooks for Arc<T> {
     async fn before_offset_commit(&self, message: &IncomingMessage) {
         (**self).before_offset_commit(message).await
     }
-}
-
-/// What a runner did before it stopped.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConsumerReport {
-    pub processed: u64,
-    pub duplicates: u64,
-    pub handler_failures: u64,
-    pub parked: u64,
 }
 
 /// A consumer group member driving one handler.
@@ -205,60 +176,27 @@ impl Run<'_> {
 
     /// Runs the handler (retrying) or parks the message. Returns whether the offset may move.
     async fn process<H: MessageHandler>(&mut self, handler: &H, message: &IncomingMessage) -> bool {
-        let cfg = &self.runner.config;
-        let mut backoff = Backoff::new(cfg.retry_base, cfg.retry_cap);
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            match handler.handle(message).await {
-                Ok(Handled::Processed) => {
-                    self.report.processed += 1;
-                    break;
-                }
-                Ok(Handled::Duplicate) => {
-                    self.report.duplicates += 1;
-                    tracing::debug!(topic = %message.topic, offset = message.offset, "duplicate skipped");
-                    break;
-                }
-                Err(HandlerError::Poison(p)) => {
-                    tracing::warn!(topic = %message.topic, offset = message.offset, reason = %p.0, "poison message");
-                    return self.park(message, &p.0).await;
-                }
-                Err(HandlerError::Retry(e)) => {
-                    self.report.handler_failures += 1;
-                    if attempts >= cfg.max_attempts {
-                        let reason = format!("handler failed {attempts} times; last error: {e}");
-                        return self.park(message, &reason).await;
-                    }
-                    let delay = backoff.next_delay();
-                    tracing::warn!(topic = %message.topic, offset = message.offset, attempts, error = %e, ?delay, "handler failed; retrying");
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => return false,
-                    }
-                }
-            }
+        let mut stop = self.stop.clone();
+        match run_handler(
+            handler,
+            message,
+            &self.runner.config,
+            &mut stop,
+            &mut self.report,
+        )
+        .await
+        {
+            Disposition::Done(_) => true,
+            Disposition::Park(reason) => self.park(message, &reason).await,
+            Disposition::Abandoned => false,
         }
-        true
     }
 
     /// Sends the message to `<topic>.DLQ`, retrying until the DLQ acknowledges (or shutdown).
     async fn park(&mut self, message: &IncomingMessage, reason: &str) -> bool {
-        let dlq_topic = format!("{}.DLQ", message.topic);
-        let partition = message.partition.to_string();
-        let offset = message.offset.to_string();
-        let stored = message
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
-        let headers = kafka_headers(stored.chain([
-            ("dlq_reason", reason),
-            ("dlq_original_topic", message.topic.as_str()),
-            ("dlq_original_partition", partition.as_str()),
-            ("dlq_original_offset", offset.as_str()),
-            ("dlq_consumer_group", self.runner.config.group_id.as_str()),
-        ]));
+        let dlq_topic = dead_letter_topic(&message.topic);
+        let dlq_headers = dead_letter_headers(message, reason, &self.runner.config.group_id);
+        let headers = kafka_headers(dlq_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let mut record = FutureRecord::to(&dlq_topic)

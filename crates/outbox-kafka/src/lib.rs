@@ -21,5 +21,6 @@ pub mod testing;
 
 pub use admin::create_topics;
 pub use config::{KafkaConfig, KafkaConfigError};
-pub use consumer::{ConsumerConfig, ConsumerHooks, ConsumerReport, KafkaConsumer};
+pub use consumer::{ConsumerHooks, KafkaConsumer};
+pub use outbox_core::{ConsumerConfig, ConsumerReport};
 pub use publisher::KafkaPublisher;

@@ -1,0 +1,284 @@
+//! The conformance cases. Each takes a store and a transport and asserts on counts and order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use outbox_core::{
+    AggregateRef, ConsumerConfig, EventId, Headers, IncomingMessage, NewEvent, Relay, RelayConfig,
+    RelayReport, RetryPolicy, Topic,
+};
+use tokio::sync::oneshot;
+
+use crate::{wait_for, Store, Transport};
+
+pub type Case = for<'a> fn(&'a dyn Store, &'a dyn Transport) -> BoxFuture<'a, ()>;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn topic(name: &str) -> Topic {
+    Topic::new(format!(
+        "conformance.{name}.{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+    .unwrap()
+}
+
+fn event(topic: &Topic, aggregate: &str, n: usize) -> NewEvent {
+    NewEvent::new(
+        topic.clone(),
+        AggregateRef::new("agg", aggregate).unwrap(),
+        format!("{{\"n\":{n}}}"),
+    )
+}
+
+fn config() -> RelayConfig {
+    RelayConfig {
+        service: "conformance".into(),
+        batch_size: 50,
+        poll_min: Duration::from_millis(5),
+        poll_max: Duration::from_millis(50),
+        lease: Duration::from_secs(2),
+        retry: RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(400),
+            max_attempts: 3,
+        },
+        outage_backoff_min: Duration::from_millis(50),
+        outage_backoff_max: Duration::from_millis(500),
+        ..RelayConfig::default()
+    }
+}
+
+struct RunningRelay {
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<RelayReport>,
+}
+
+impl RunningRelay {
+    async fn stop(self) -> RelayReport {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap()
+    }
+}
+
+fn relay(store: &dyn Store, transport: &dyn Transport) -> RunningRelay {
+    let relay = Relay::new(store.relay_store(), transport.publisher(), config());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    RunningRelay { stop, handle }
+}
+
+async fn pending(store: &dyn Store) -> u64 {
+    store.relay_store().stats().await.unwrap().pending
+}
+
+/// Every expected event arrived, and per key the first deliveries follow `expected` order.
+fn assert_delivered_in_order(received: &[IncomingMessage], expected: &[NewEvent]) {
+    let mut order: HashMap<String, Vec<String>> = HashMap::new();
+    for e in expected {
+        order
+            .entry(e.key().to_owned())
+            .or_default()
+            .push(e.event_id().to_string());
+    }
+    let mut seen = HashSet::new();
+    let mut next: HashMap<String, usize> = HashMap::new();
+    for m in received {
+        let id = m.headers.get("event_id").expect("event_id header").clone();
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let key = m.key.clone().expect("key");
+        let i = next.entry(key.clone()).or_default();
+        assert_eq!(
+            order[&key].get(*i),
+            Some(&id),
+            "key {key}: event #{i} out of order"
+        );
+        *i += 1;
+    }
+    for (key, ids) in &order {
+        assert_eq!(
+            next.get(key).copied().unwrap_or(0),
+            ids.len(),
+            "key {key}: events lost"
+        );
+    }
+}
+
+/// Rolled-back events never leave; committed ones all do.
+pub fn atomicity<'a>(store: &'a dyn Store, transport: &'a dyn Transport) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("atomicity");
+        let kept: Vec<_> = (0..10).map(|i| event(&t, "a", i)).collect();
+        let dropped: Vec<_> = (0..10).map(|i| event(&t, "b", i)).collect();
+        store.rollback(&dropped).await;
+        store.commit(&kept).await;
+        let r = relay(store, transport);
+        wait_for(LIMIT, "committed events published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        r.stop().await;
+        let received = transport.received(t.as_str(), 10, LIMIT).await;
+        assert_delivered_in_order(&received, &kept);
+        let dropped: HashSet<String> = dropped.iter().map(|e| e.event_id().to_string()).collect();
+        assert!(received
+            .iter()
+            .all(|m| !dropped.contains(&m.headers["event_id"])));
+        for e in &kept {
+            let m = received
+                .iter()
+                .find(|m| m.headers["event_id"] == e.event_id().to_string())
+                .unwrap();
+            assert_eq!(&m.payload[..], &e.payload()[..], "payload verbatim");
+        }
+    })
+}
+
+/// Interleaved writers and two racing relays keep per-aggregate order and lose nothing.
+pub fn order_per_aggregate<'a>(
+    store: &'a dyn Store,
+    transport: &'a dyn Transport,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("order");
+        let relays = [relay(store, transport), relay(store, transport)];
+        let mut expected = Vec::new();
+        for round in 0..30 {
+            let batch: Vec<_> = (0..6)
+                .map(|a| event(&t, &format!("agg-{a}"), round))
+                .collect();
+            store.commit(&batch).await;
+            expected.extend(batch);
+        }
+        wait_for(LIMIT, "all published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        let mut published = 0;
+        for r in relays {
+            published += r.stop().await.published;
+        }
+        assert_eq!(published as usize, expected.len(), "each completed once");
+        let received = transport.received(t.as_str(), expected.len(), LIMIT).await;
+        assert_delivered_in_order(&received, &expected);
+    })
+}
+
+/// A message the broker refuses is retried with backoff, then dead with its error; it holds
+/// back its successor meanwhile, and other aggregates flow.
+pub fn retry_then_dead_letter<'a>(
+    store: &'a dyn Store,
+    transport: &'a dyn Transport,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("dead");
+        let agg = |id: &str| AggregateRef::new("agg", id).unwrap();
+        let too_large = NewEvent::new(t.clone(), agg("big"), vec![b'x'; 1_500_000]);
+        let successor = NewEvent::new(t.clone(), agg("big"), "\"after\"");
+        let others: Vec<_> = (0..5).map(|i| event(&t, &format!("ok-{i}"), i)).collect();
+        let started = Instant::now();
+        store
+            .commit(&[vec![too_large.clone(), successor.clone()], others.clone()].concat())
+            .await;
+        let r = relay(store, transport);
+        wait_for(LIMIT, "oversized event dead", || async {
+            matches!(store.row(too_large.event_id()).await, Some((s, _, _)) if s == "dead")
+        })
+        .await;
+        // Three attempts with 100 ms and 200 ms nominal waits between them (at least half).
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        wait_for(LIMIT, "the rest published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        let report = r.stop().await;
+        assert_eq!((report.rejected_attempts, report.dead_lettered), (3, 1));
+        let (_, attempts, error) = store.row(too_large.event_id()).await.unwrap();
+        assert_eq!(attempts, 3);
+        let error = error.unwrap().to_lowercase();
+        assert!(error.contains("large"), "{error}");
+        let received = transport.received(t.as_str(), 6, LIMIT).await;
+        assert_delivered_in_order(&received, &[vec![successor], others].concat());
+    })
+}
+
+/// An outage pauses the relay without counting attempts; afterwards everything arrives.
+pub fn outage<'a>(store: &'a dyn Store, transport: &'a dyn Transport) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("outage");
+        let r = relay(store, transport);
+        let first: Vec<_> = (0..5)
+            .map(|i| event(&t, &format!("a{}", i % 3), i))
+            .collect();
+        store.commit(&first).await;
+        wait_for(LIMIT, "before the outage", || async {
+            pending(store).await == 0
+        })
+        .await;
+        transport.start_outage();
+        let during: Vec<_> = (5..45)
+            .map(|i| event(&t, &format!("a{}", i % 3), i))
+            .collect();
+        for chunk in during.chunks(5) {
+            store.commit(chunk).await;
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(pending(store).await, 40, "nothing leaves during the outage");
+        for e in &during {
+            let (status, attempts, _) = store.row(e.event_id()).await.unwrap();
+            assert_eq!(
+                (status.as_str(), attempts),
+                ("pending", 0),
+                "an outage burnt an attempt"
+            );
+        }
+        transport.end_outage();
+        wait_for(LIMIT, "drained after the outage", || async {
+            pending(store).await == 0
+        })
+        .await;
+        let report = r.stop().await;
+        assert_eq!((report.rejected_attempts, report.dead_lettered), (0, 0));
+        assert!(report.outage_pauses > 0);
+        let all = [first, during].concat();
+        let received = transport.received(t.as_str(), all.len(), LIMIT).await;
+        assert_delivered_in_order(&received, &all);
+    })
+}
+
+/// The same event delivered three times applies once through the store's inbox.
+pub fn inbox_dedupe<'a>(store: &'a dyn Store, transport: &'a dyn Transport) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("inbox");
+        let twice = EventId::new();
+        let once = EventId::new();
+        for id in [twice, twice, once, twice] {
+            let headers: Headers = [("event_id".to_string(), id.to_string())].into();
+            transport
+                .produce(t.as_str(), "k", Bytes::from_static(b"{}"), headers)
+                .await;
+        }
+        let consumer = transport.consume(
+            ConsumerConfig::new(
+                format!("g-{}", uuid::Uuid::new_v4().simple()),
+                &[t.as_str()],
+            ),
+            store.inbox_handler("conformance"),
+        );
+        wait_for(LIMIT, "both events applied", || async {
+            store.effects().await.len() == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let report = consumer.stop().await;
+        assert_eq!((report.processed, report.duplicates), (2, 2), "{report:?}");
+        let effects = store.effects().await;
+        assert!(effects.iter().all(|(_, n)| *n == 1), "{effects:?}");
+    })
+}

@@ -1,0 +1,93 @@
+//! # outbox-conformance
+//!
+//! One suite, every backend: each case in [`cases`] runs against each store (PostgreSQL,
+//! SQLite) with each transport (Kafka on a real broker, the in-process bus). A store or
+//! transport that fails a case is not done. The tests live in `tests/conformance.rs`.
+
+pub mod cases;
+pub mod stores;
+pub mod transports;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use outbox_core::{
+    ConsumerConfig, ConsumerReport, EventId, Headers, IncomingMessage, MessageHandler, NewEvent,
+    Publisher, RelayStore,
+};
+
+/// What a case needs from a store.
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn relay_store(&self) -> Arc<dyn RelayStore>;
+    /// Commits a business row and `events` in one transaction.
+    async fn commit(&self, events: &[NewEvent]);
+    /// Writes a business row and `events`, then rolls back.
+    async fn rollback(&self, events: &[NewEvent]);
+    /// `(status, attempts, last_error)` of an event still in the table.
+    async fn row(&self, id: EventId) -> Option<(String, i64, Option<String>)>;
+    /// A handler that applies one effect per event through this store's inbox.
+    fn inbox_handler(&self, consumer: &str) -> Box<dyn MessageHandler>;
+    /// How often each event's effect was applied.
+    async fn effects(&self) -> Vec<(String, i64)>;
+    async fn cleanup(self: Box<Self>);
+}
+
+/// What a case needs from a transport.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn publisher(&self) -> Arc<dyn Publisher>;
+    /// Messages of `topic` until `distinct` different event ids arrived or `limit` passed.
+    async fn received(&self, topic: &str, distinct: usize, limit: Duration)
+        -> Vec<IncomingMessage>;
+    /// Sends a message as is (for consumer tests).
+    async fn produce(&self, topic: &str, key: &str, payload: Bytes, headers: Headers);
+    /// Makes the broker unreachable / reachable again.
+    fn start_outage(&self);
+    fn end_outage(&self);
+    /// Runs a consumer group member until the returned handle is stopped.
+    fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer;
+}
+
+/// A consumer started by a transport.
+pub struct RunningConsumer {
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub handle: tokio::task::JoinHandle<ConsumerReport>,
+}
+
+impl RunningConsumer {
+    pub async fn stop(self) -> ConsumerReport {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("consumer stops")
+            .expect("consumer task")
+    }
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `f` until it holds, or panics naming `what`.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

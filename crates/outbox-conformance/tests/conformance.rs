@@ -1,0 +1,49 @@
+//! Every case against every store and transport: PostgreSQL and SQLite, Kafka (a real broker)
+//! and the in-process bus.
+
+use outbox_conformance::cases;
+use outbox_conformance::stores::{PgStore, SqliteStore};
+use outbox_conformance::transports::{BusTransport, KafkaTransport};
+use outbox_conformance::{init_logs, Store, Transport};
+
+async fn run(store: Box<dyn Store>, transport: Box<dyn Transport>, case: cases::Case) {
+    init_logs();
+    case(store.as_ref(), transport.as_ref()).await;
+    store.cleanup().await;
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[tokio::test]
+            async fn postgres_kafka() {
+                run(PgStore::new().await, KafkaTransport::new(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn postgres_bus() {
+                run(PgStore::new().await, BusTransport::new(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn sqlite_kafka() {
+                run(SqliteStore::new().await, KafkaTransport::new(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn sqlite_bus() {
+                run(SqliteStore::new().await, BusTransport::new(), cases::$case).await
+            }
+        }
+    )*};
+}
+
+conformance!(
+    atomicity,
+    order_per_aggregate,
+    retry_then_dead_letter,
+    outage,
+    inbox_dedupe
+);

@@ -1,0 +1,222 @@
+//! # outbox-sqlite
+//!
+//! The embedded default store of the outbox framework: one SQLite file per service, in WAL
+//! mode, with the same semantics as the PostgreSQL store (transactional enqueue, partition
+//! leases, fenced completions, retries, dead letters, retention, inbox, schema check).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_core::{AggregateRef, NewEvent, Topic};
+//! let pool = outbox_sqlite::connect("sqlite://file_service.db").await?;
+//! outbox_sqlite::migrate(&pool).await?;
+//! let outbox = outbox_sqlite::SqliteOutbox::new();
+//! let mut tx = outbox_sqlite::begin(&pool).await?; // BEGIN IMMEDIATE: take the write lock up front
+//! sqlx::query("INSERT INTO files (id) VALUES (?)").bind("f-1").execute(&mut *tx).await?;
+//! let event = NewEvent::new(Topic::new("file.added.v1")?, AggregateRef::new("file", "f-1")?, "{}");
+//! outbox.enqueue(&mut tx, &event).await?;
+//! outbox.commit(tx).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! SQLite has one writer at a time, so sequence order is commit order without extra locks.
+//! Times are the machine's clock in milliseconds; relays sharing a file share that clock.
+
+mod inbox;
+mod outbox;
+mod store;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+pub use inbox::{SqliteHandler, SqliteInbox, SqliteInboxEvent, SqliteInboxHandler};
+pub use outbox::SqliteOutbox;
+pub use store::SqliteRelayStore;
+
+/// Errors of the SQLite outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteOutboxError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("outbox migration error: {0}")]
+    Migration(String),
+    #[error("outbox tables in this SQLite database are not what this version expects:\n{}\nfix: call outbox_sqlite::migrate at start-up (or run `outbox migrate`)", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    SchemaMismatch(Vec<String>),
+    #[error("event {event_id}: {reason}")]
+    InvalidEvent { event_id: String, reason: String },
+}
+
+/// The current time in milliseconds, as SQL (the database clock of this store).
+pub(crate) const NOW_MS: &str =
+    "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)";
+
+/// Opens (creating if missing) a SQLite database in WAL mode with a busy timeout, suitable
+/// for writers and relays in one process.
+pub async fn connect(url: &str) -> Result<SqlitePool, SqliteOutboxError> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    Ok(SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await?)
+}
+
+/// Begins a write transaction that holds SQLite's write lock from the start
+/// (`BEGIN IMMEDIATE`), so it never fails later on a lock upgrade.
+pub async fn begin(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "event_outbox",
+        include_str!("../migrations/0001_event_outbox.sql"),
+    ),
+    (
+        2,
+        "event_inbox",
+        include_str!("../migrations/0002_event_inbox.sql"),
+    ),
+];
+
+/// Applies the embedded migrations not yet applied; returns the versions applied now.
+pub async fn migrate(pool: &SqlitePool) -> Result<Vec<i64>, SqliteOutboxError> {
+    let mut tx = begin(pool).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS outbox_migrations (
+             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let done: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_migrations")
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|e| {
+            SqliteOutboxError::Migration(format!("migration {version} ({name}) failed: {e}"))
+        })?;
+        sqlx::query("INSERT INTO outbox_migrations VALUES (?, ?, datetime('now'))")
+            .bind(version)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        applied.push(*version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Tables and columns the code uses.
+const TABLES: &[(&str, &[&str])] = &[
+    (
+        "event_outbox",
+        &[
+            "seq",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "partition_no",
+            "event_type",
+            "topic",
+            "message_key",
+            "headers",
+            "payload",
+            "idempotency_key",
+            "status",
+            "attempts",
+            "retry_at",
+            "last_error",
+            "created_at",
+            "published_at",
+            "dead_at",
+        ],
+    ),
+    (
+        "event_outbox_idempotency",
+        &["idempotency_key", "event_id", "created_at"],
+    ),
+    (
+        "event_outbox_partition",
+        &["partition_no", "owner", "lease_until", "fence"],
+    ),
+    (
+        "event_outbox_relay",
+        &["relay_id", "name", "started_at", "expires_at"],
+    ),
+    (
+        "event_inbox",
+        &[
+            "consumer",
+            "event_id",
+            "event_type",
+            "topic",
+            "partition_no",
+            "msg_offset",
+            "processed_at",
+        ],
+    ),
+];
+
+const INDEXES: &[&str] = &[
+    "event_outbox_event_id_key",
+    "event_outbox_pending_idx",
+    "event_outbox_retry_idx",
+    "event_outbox_dead_idx",
+    "event_outbox_published_idx",
+    "event_inbox_processed_idx",
+];
+
+/// Verifies tables, columns and indexes; reports every problem found.
+pub async fn check_schema(pool: &SqlitePool) -> Result<(), SqliteOutboxError> {
+    let mut problems = Vec::new();
+    for (table, columns) in TABLES {
+        let found: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+            .bind(table)
+            .fetch_all(pool)
+            .await?;
+        if found.is_empty() {
+            problems.push(format!("table {table} is missing"));
+            continue;
+        }
+        for c in *columns {
+            if !found.iter().any(|f| f == c) {
+                problems.push(format!("column {table}.{c} is missing"));
+            }
+        }
+    }
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'index'")
+            .fetch_all(pool)
+            .await?;
+    for i in INDEXES {
+        if !indexes.iter().any(|n| n == i) {
+            problems.push(format!("index {i} is missing"));
+        }
+    }
+    if problems.is_empty() {
+        let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox_partition")
+            .fetch_one(pool)
+            .await?;
+        if partitions != i64::from(outbox_core::PARTITIONS) {
+            problems.push(format!(
+                "event_outbox_partition has {partitions} rows, expected 64"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SqliteOutboxError::SchemaMismatch(problems))
+    }
+}
