@@ -17,7 +17,7 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    pub async fn new() -> Box<dyn Store> {
+    pub async fn boxed() -> Box<dyn Store> {
         let db = TestSchema::create().await;
         sqlx::raw_sql(&format!(
             "CREATE TABLE {} (id TEXT PRIMARY KEY);
@@ -139,7 +139,7 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn new() -> Box<dyn Store> {
+    pub async fn boxed() -> Box<dyn Store> {
         let path = std::env::temp_dir().join(format!(
             "outbox-conformance-{}.db",
             uuid::Uuid::new_v4().simple()

@@ -32,7 +32,7 @@ pub struct KafkaTransport {
 }
 
 impl KafkaTransport {
-    pub fn new() -> Box<dyn Transport> {
+    pub fn boxed() -> Box<dyn Transport> {
         let broker = TestBroker::start();
         let mut config = KafkaConfig::new(broker.bootstrap());
         config.delivery_timeout = Duration::from_secs(2);
@@ -123,7 +123,7 @@ pub struct BusTransport {
 }
 
 impl BusTransport {
-    pub fn new() -> Box<dyn Transport> {
+    pub fn boxed() -> Box<dyn Transport> {
         Box::new(Self {
             bus: Bus::default(),
         })

@@ -19,22 +19,22 @@ macro_rules! conformance {
 
             #[tokio::test]
             async fn postgres_kafka() {
-                run(PgStore::new().await, KafkaTransport::new(), cases::$case).await
+                run(PgStore::boxed().await, KafkaTransport::boxed(), cases::$case).await
             }
 
             #[tokio::test]
             async fn postgres_bus() {
-                run(PgStore::new().await, BusTransport::new(), cases::$case).await
+                run(PgStore::boxed().await, BusTransport::boxed(), cases::$case).await
             }
 
             #[tokio::test]
             async fn sqlite_kafka() {
-                run(SqliteStore::new().await, KafkaTransport::new(), cases::$case).await
+                run(SqliteStore::boxed().await, KafkaTransport::boxed(), cases::$case).await
             }
 
             #[tokio::test]
             async fn sqlite_bus() {
-                run(SqliteStore::new().await, BusTransport::new(), cases::$case).await
+                run(SqliteStore::boxed().await, BusTransport::boxed(), cases::$case).await
             }
         }
     )*};
