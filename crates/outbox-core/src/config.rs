@@ -7,6 +7,7 @@
 //! |---|---|---|---|
 //! | `database_url` | `DATABASE_URL` | none | `postgres://...` (or `sqlite://...` where supported) |
 //! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
+//! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus) or a Kafka bootstrap list `host:port[,host:port]` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
 //! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
 //! | `batch_size` | `OUTBOX_BATCH_SIZE` | `500` | events claimed and published per round |
@@ -94,11 +95,21 @@ impl Default for RelayConfig {
     }
 }
 
+/// Which transport carries events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerSetting {
+    /// The in-process bus (embedded default: one process, no broker).
+    Memory,
+    /// Kafka, with this bootstrap list.
+    Kafka(String),
+}
+
 /// Everything a service or the relay binary reads at start.
 #[derive(Clone, PartialEq)]
 pub struct Settings {
     pub database_url: Option<String>,
     pub schema: String,
+    pub broker: BrokerSetting,
     pub metrics_addr: SocketAddr,
     pub relay: RelayConfig,
 }
@@ -108,6 +119,7 @@ impl Default for Settings {
         Self {
             database_url: None,
             schema: "public".into(),
+            broker: BrokerSetting::Memory,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             relay: RelayConfig::default(),
         }
@@ -122,6 +134,7 @@ impl fmt::Debug for Settings {
                 &self.database_url.as_deref().map(redact_url),
             )
             .field("schema", &self.schema)
+            .field("broker", &self.broker)
             .field("metrics_addr", &self.metrics_addr)
             .field("relay", &self.relay)
             .finish()
@@ -158,6 +171,7 @@ struct Key {
 const KEYS: &[Key] = &[
     key("database_url", "DATABASE_URL"),
     key("schema", "OUTBOX_SCHEMA"),
+    key("broker", "OUTBOX_BROKER"),
     key("service", "OUTBOX_SERVICE"),
     key("metrics_addr", "OUTBOX_METRICS_ADDR"),
     key("batch_size", "OUTBOX_BATCH_SIZE"),
@@ -247,6 +261,25 @@ impl Settings {
         }
         if let Some(v) = take("schema") {
             s.schema = parse_identifier(&v)?;
+        }
+        if let Some(v) = take("broker") {
+            s.broker = parse_with(
+                &v,
+                "`memory` or a Kafka bootstrap list host:port[,host:port]",
+                |x| {
+                    if x == "memory" {
+                        Some(BrokerSetting::Memory)
+                    } else if x.split(',').all(|b| {
+                        b.trim()
+                            .rsplit_once(':')
+                            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    }) {
+                        Some(BrokerSetting::Kafka(x.to_owned()))
+                    } else {
+                        None
+                    }
+                },
+            )?;
         }
         if let Some(v) = take("service") {
             r.service = parse_label(&v)?;
@@ -511,6 +544,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn broker_is_memory_or_a_bootstrap_list() {
+        let s = Settings::load(None::<&Path>, env_of(&[])).unwrap();
+        assert_eq!(s.broker, BrokerSetting::Memory);
+        let s = Settings::load(
+            None::<&Path>,
+            env_of(&[("OUTBOX_BROKER", "b1:9092,b2:9093")]),
+        )
+        .unwrap();
+        assert_eq!(s.broker, BrokerSetting::Kafka("b1:9092,b2:9093".into()));
+        let err = Settings::load(None::<&Path>, env_of(&[("OUTBOX_BROKER", "kafka")])).unwrap_err();
+        assert!(err.to_string().contains("OUTBOX_BROKER"), "{err}");
     }
 
     #[test]

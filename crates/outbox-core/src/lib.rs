@@ -26,7 +26,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use config::{ConfigError, RelayConfig, Settings};
+pub use config::{BrokerSetting, ConfigError, RelayConfig, Settings};
 pub use consume::{
     ConsumerConfig, ConsumerReport, Disposition, Handled, HandlerError, IncomingMessage,
     MessageHandler, Poison,

@@ -24,3 +24,4 @@ pub use config::{KafkaConfig, KafkaConfigError};
 pub use consumer::{ConsumerHooks, KafkaConsumer};
 pub use outbox_core::{ConsumerConfig, ConsumerReport};
 pub use publisher::KafkaPublisher;
+pub use rdkafka::error::KafkaError;

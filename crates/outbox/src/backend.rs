@@ -1,0 +1,144 @@
+//! Backends chosen by configuration: the same code runs embedded (SQLite + in-process bus)
+//! or distributed (PostgreSQL + Kafka).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use outbox_bus::{Bus, BusConsumer, BusPublisher};
+use outbox_core::config::redact_url;
+use outbox_core::{
+    BrokerSetting, ConsumerConfig, ConsumerReport, MessageHandler, Publisher, RelayStore,
+};
+use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
+use outbox_postgres::{PgRelayStore, Schema};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, SqlitePool};
+
+/// Why a backend could not be set up; the message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Postgres(#[from] outbox_postgres::OutboxError),
+    #[error(transparent)]
+    Sqlite(#[from] outbox_sqlite::SqliteOutboxError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] outbox_kafka::KafkaError),
+    #[error(transparent)]
+    KafkaConfig(#[from] outbox_kafka::KafkaConfigError),
+}
+
+/// The service's database, with the outbox tables migrated and checked.
+#[derive(Clone)]
+pub enum Database {
+    Postgres { pool: PgPool, schema: Schema },
+    Sqlite { pool: SqlitePool },
+}
+
+impl Database {
+    /// Connects by URL scheme, applies the embedded migrations and verifies the schema.
+    /// `schema` applies to PostgreSQL (one schema per service); SQLite has one file per service.
+    pub async fn open(url: &str, schema: &str) -> Result<Self, BackendError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .connect(url)
+                .await
+                .map_err(|source| BackendError::Connect {
+                    url: redact_url(url),
+                    source,
+                })?;
+            let schema = Schema::new(schema)?;
+            outbox_postgres::migrate(&pool, &schema).await?;
+            outbox_postgres::check_schema(&pool, &schema).await?;
+            Ok(Self::Postgres { pool, schema })
+        } else if url.starts_with("sqlite:") {
+            let pool = outbox_sqlite::connect(url).await?;
+            outbox_sqlite::migrate(&pool).await?;
+            outbox_sqlite::check_schema(&pool).await?;
+            Ok(Self::Sqlite { pool })
+        } else {
+            Err(BackendError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// The relay's store over this database.
+    pub fn relay_store(&self) -> Arc<dyn RelayStore> {
+        match self {
+            Self::Postgres { pool, schema } => Arc::new(PgRelayStore::new(pool.clone(), schema)),
+            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone())),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres { .. } => "postgres",
+            Self::Sqlite { .. } => "sqlite",
+        }
+    }
+}
+
+/// The transport.
+#[derive(Clone)]
+pub enum Broker {
+    /// The in-process bus: every service in this process shares it.
+    Memory(Bus),
+    Kafka(KafkaConfig),
+}
+
+impl Broker {
+    /// From the `OUTBOX_BROKER` setting. Kafka takes its other settings (client id, delivery
+    /// timeout, `KAFKA_PROPERTY_*`) from the environment; `memory` uses `bus`.
+    pub fn from_setting(setting: &BrokerSetting, bus: Bus) -> Result<Self, BackendError> {
+        Ok(match setting {
+            BrokerSetting::Memory => Self::Memory(bus),
+            BrokerSetting::Kafka(bootstrap) => {
+                let mut config = KafkaConfig::from_env()?;
+                config.bootstrap_servers = bootstrap.clone();
+                Self::Kafka(config)
+            }
+        })
+    }
+
+    pub fn publisher(&self) -> Result<Arc<dyn Publisher>, BackendError> {
+        Ok(match self {
+            Self::Memory(bus) => Arc::new(BusPublisher::new(bus.clone())),
+            Self::Kafka(config) => Arc::new(KafkaPublisher::new(config.clone())?),
+        })
+    }
+
+    /// Runs a consumer group member until `shutdown`.
+    pub async fn consume<H: MessageHandler>(
+        &self,
+        config: ConsumerConfig,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<ConsumerReport, BackendError> {
+        Ok(match self {
+            Self::Memory(bus) => {
+                BusConsumer::new(bus.clone(), config)
+                    .run(handler, shutdown)
+                    .await
+            }
+            Self::Kafka(kafka) => {
+                KafkaConsumer::new(kafka.clone(), config)
+                    .run(handler, shutdown)
+                    .await?
+            }
+        })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "in-process bus",
+            Self::Kafka(_) => "kafka",
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! # outbox
+//!
+//! Reliable event publishing for Rust services: the transactional outbox. This crate is the
+//! one dependency an application needs; it re-exports the framework and chooses backends
+//! from configuration:
+//!
+//! | setting | value | backend |
+//! |---|---|---|
+//! | `DATABASE_URL` | `sqlite://file.db` (embedded default) | [`sqlite`] |
+//! | `DATABASE_URL` | `postgres://...` (production) | [`postgres`] |
+//! | `OUTBOX_BROKER` | `memory` (embedded default) | [`bus`], in process |
+//! | `OUTBOX_BROKER` | `host:port[,host:port]` (production) | [`kafka`] |
+//!
+//! See [`backend::Database`] and [`backend::Broker`], and the crate READMEs for the
+//! guarantees.
+
+pub mod backend;
+
+pub use outbox_bus as bus;
+pub use outbox_core::*;
+pub use outbox_http as http;
+pub use outbox_kafka as kafka;
+pub use outbox_postgres as postgres;
+pub use outbox_sqlite as sqlite;

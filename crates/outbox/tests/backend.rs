@@ -1,0 +1,101 @@
+//! Backends are chosen by configuration alone.
+
+use outbox::backend::{BackendError, Broker, Database};
+use outbox::bus::Bus;
+use outbox::{AggregateRef, BrokerSetting, NewEvent, Relay, RelayConfig, Topic};
+
+fn temp_db() -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!(
+        "outbox-backend-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    (format!("sqlite://{}", path.display()), path)
+}
+
+fn remove(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+#[tokio::test]
+async fn database_url_picks_the_store_and_prepares_it() {
+    let (sqlite_url, path) = temp_db();
+    let sqlite = Database::open(&sqlite_url, "ignored").await.unwrap();
+    assert_eq!(sqlite.kind(), "sqlite");
+    assert_eq!(sqlite.relay_store().stats().await.unwrap().pending, 0);
+
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| outbox::postgres::testing::DEFAULT_TEST_URL.into());
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let pg = Database::open(&url, &schema).await.unwrap();
+    assert_eq!(pg.kind(), "postgres");
+    assert_eq!(pg.relay_store().stats().await.unwrap().pending, 0);
+    if let Database::Postgres { pool, .. } = &pg {
+        sqlx::raw_sql(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    let err = Database::open("mysql://root@db/x", "s")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, BackendError::UnsupportedUrl(_)));
+    let text = err.to_string();
+    assert!(
+        text.contains("sqlite://") && text.contains("postgres://"),
+        "{text}"
+    );
+    let err = Database::open(&url, "Bad Schema").await.err().unwrap();
+    assert!(err.to_string().contains("schema name"), "{err}");
+    remove(&path);
+}
+
+#[tokio::test]
+async fn the_memory_broker_carries_relayed_events_to_the_shared_bus() {
+    let bus = Bus::default();
+    let broker = Broker::from_setting(&BrokerSetting::Memory, bus.clone()).unwrap();
+    assert_eq!(broker.kind(), "in-process bus");
+    let (url, path) = temp_db();
+    let db = Database::open(&url, "x").await.unwrap();
+    let Database::Sqlite { pool } = &db else {
+        panic!("sqlite expected")
+    };
+    let event = NewEvent::new(
+        Topic::new("t.v1").unwrap(),
+        AggregateRef::new("a", "1").unwrap(),
+        "{}",
+    );
+    let mut tx = outbox::sqlite::begin(pool).await.unwrap();
+    outbox::sqlite::SqliteOutbox::new()
+        .enqueue(&mut tx, &event)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(
+        db.relay_store(),
+        broker.publisher().unwrap(),
+        RelayConfig::default(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    for _ in 0..200 {
+        if !bus.messages("t.v1").is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    let got = bus.messages("t.v1");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].headers["event_id"], event.event_id().to_string());
+
+    let kafka = Broker::from_setting(&BrokerSetting::Kafka("127.0.0.1:1".into()), bus).unwrap();
+    assert_eq!(kafka.kind(), "kafka");
+    remove(&path);
+}
