@@ -10,7 +10,7 @@
 //! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus) or a Kafka bootstrap list `host:port[,host:port]` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
 //! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
-//! | `batch_size` | `OUTBOX_BATCH_SIZE` | `500` | events claimed and published per round |
+//! | `batch_size` | `OUTBOX_BATCH_SIZE` | `2000` | events claimed and published per round |
 //! | `poll_min` | `OUTBOX_POLL_MIN` | `50ms` | first poll interval after the outbox ran empty |
 //! | `poll_max` | `OUTBOX_POLL_MAX` | `1s` | longest poll interval (it doubles while idle) |
 //! | `lease` | `OUTBOX_LEASE` | `30s` | partition lease; a crashed relay's work moves after it |
@@ -80,7 +80,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             service: "outbox".into(),
-            batch_size: 500,
+            batch_size: 2000,
             poll_min: Duration::from_millis(50),
             poll_max: Duration::from_secs(1),
             lease: Duration::from_secs(30),
@@ -483,7 +483,7 @@ mod tests {
     fn defaults_are_documented_values() {
         let s = Settings::load(None::<&Path>, env_of(&[])).unwrap();
         assert_eq!(s.relay, RelayConfig::default());
-        assert_eq!(s.relay.batch_size, 500);
+        assert_eq!(s.relay.batch_size, 2000);
         assert_eq!(s.relay.retry.max_attempts, 5);
         assert_eq!(s.relay.lease, Duration::from_secs(30));
         assert_eq!(s.schema, "public");

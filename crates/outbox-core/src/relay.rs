@@ -66,6 +66,10 @@ pub struct RelayReport {
     pub rejected_attempts: u64,
     pub dead_lettered: u64,
     pub outage_pauses: u64,
+    /// Where the time went (a coarse profile): claiming, publishing, writing outcomes back.
+    pub time_claiming: Duration,
+    pub time_publishing: Duration,
+    pub time_settling: Duration,
 }
 
 /// A relay over one outbox table. Build it, then [`Relay::run`] it until shutdown.
@@ -286,6 +290,7 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             let batch = match self.relay.store.claim(&self.held, cfg.batch_size).await {
                 Ok(batch) => {
                     store_backoff.reset();
+                    self.report.time_claiming += claimed_at.elapsed();
                     batch
                 }
                 Err(e) => {
@@ -303,11 +308,15 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             idle = cfg.poll_min;
 
             self.shared.stamp();
+            let publishing = Instant::now();
             let outcomes = self.relay.publisher.publish(&batch).await;
+            self.report.time_publishing += publishing.elapsed();
             self.shared.stamp();
             let acked_after = claimed_at.elapsed();
             let resolution = resolve(&batch, &outcomes, &cfg.retry);
+            let settling = Instant::now();
             self.settle(&batch, &resolution, acked_after).await;
+            self.report.time_settling += settling.elapsed();
 
             match resolution.outage {
                 Some(reason) => {

@@ -1,0 +1,99 @@
+//! `outbox-bench`: every figure is a ratio against a baseline measured in the same run,
+//! interleaved, as the median of several rounds (a shared 2-core machine is noisy).
+//!
+//! ```text
+//! cargo run --release -p outbox-bench -- all --quick          # seconds; what CI runs
+//! cargo run --release -p outbox-bench -- all --json bench.json # the full run of BENCHMARKS.md
+//! ```
+//! Needs PostgreSQL at `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
+//! the Kafka figures need `KAFKA_BOOTSTRAP_SERVERS`, the outage drain `OUTBOX_TEST_BROKER_BIN`.
+
+mod db;
+mod latency;
+mod outage;
+mod relay;
+mod stats;
+mod write;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "outbox-bench")]
+struct Cli {
+    /// Small sizes and short runs (seconds), to keep the benchmark from rotting.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Command {
+    /// Business transaction alone, with a hand-written outbox INSERT, and with `enqueue`.
+    Write,
+    /// Drain a prefilled outbox: relay versus PostgreSQL's raw claim-and-delete and Kafka's raw produce.
+    Relay,
+    /// Commit-to-ack latency under steady load, per wake-up mode.
+    Latency,
+    /// Backlog and drain time after a broker outage under load.
+    Outage,
+    /// All of the above.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+        .init();
+    let cli = Cli::parse();
+    let quick = cli.quick;
+    let mut results = serde_json::Map::new();
+    let run = |c: Command| {
+        matches!(cli.command, Command::All)
+            || std::mem::discriminant(&cli.command) == std::mem::discriminant(&c)
+    };
+    if run(Command::Write) {
+        results.insert("write".into(), write::run(quick).await?);
+    }
+    if run(Command::Relay) {
+        results.insert("relay".into(), relay::run(quick).await?);
+    }
+    if run(Command::Latency) {
+        results.insert("latency".into(), latency::run(quick).await?);
+    }
+    if run(Command::Outage) {
+        results.insert("outage".into(), outage::run(quick).await?);
+    }
+    let report = json!({
+        "quick": quick,
+        "machine": machine(),
+        "results": Value::Object(results),
+    });
+    if let Some(path) = cli.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({ "cpus": cpus, "cpu": model })
+}

@@ -1,0 +1,334 @@
+//! Relay throughput against the physical limits measured in the same run: PostgreSQL's raw
+//! claim-and-delete rate for the same rows, and Kafka's raw produce rate for the same messages.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use outbox_core::{OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig, RelayStore};
+use outbox_kafka::{KafkaConfig, KafkaPublisher};
+use outbox_postgres::{PgOutbox, PgRelayStore};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+use crate::db::BenchDb;
+use crate::stats::{header, row};
+
+/// Acknowledges everything at once: the relay's own cost, without a broker.
+pub struct NullPublisher;
+
+#[async_trait]
+impl Publisher for NullPublisher {
+    async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
+        vec![PublishOutcome::Delivered; batch.len()]
+    }
+}
+
+/// Fills the outbox with `events` over `aggregates` aggregates (same partition per aggregate).
+async fn prefill(
+    db: &BenchDb,
+    events: usize,
+    aggregates: usize,
+    payload: usize,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let BenchDb::Postgres { pool, .. } = db else {
+        unreachable!("relay bench runs on PostgreSQL")
+    };
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_id, aggregate_type, aggregate_id, partition_no, event_type, topic,
+                         message_key, payload)
+         SELECT gen_random_uuid(), 'agg', 'agg-' || (i % $2), (i % $2) % 64, 'bench', $4,
+                'agg-' || (i % $2), convert_to(repeat('x', $3), 'UTF8')
+         FROM generate_series(1, $1) AS i",
+        db.table("event_outbox")
+    ))
+    .bind(events as i64)
+    .bind(aggregates as i64)
+    .bind(payload as i32)
+    .bind(topic)
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(&format!("VACUUM ANALYZE {}", db.table("event_outbox")))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// PostgreSQL's own rate: claim and delete the same rows with plain SQL, returning what a
+/// relay needs to publish.
+async fn raw_drain(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
+    let BenchDb::Postgres { pool, .. } = db else {
+        unreachable!()
+    };
+    let t = db.table("event_outbox");
+    let sql = format!(
+        "DELETE FROM {t} WHERE seq IN (
+             SELECT seq FROM {t} WHERE status = 'pending' ORDER BY seq LIMIT $1)
+         RETURNING event_id, topic, message_key, headers, payload"
+    );
+    let start = Instant::now();
+    let mut total = 0usize;
+    loop {
+        let rows = sqlx::query(&sql).bind(batch).fetch_all(pool).await?;
+        if rows.is_empty() {
+            break;
+        }
+        total += rows.len();
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn pending(store: &PgRelayStore) -> u64 {
+    store.stats().await.map(|s| s.pending).unwrap_or(u64::MAX)
+}
+
+/// The at-least-once minimum in plain SQL: read a batch, then delete it by `seq` (a relay must
+/// not delete before the broker acknowledged, so it needs two statements per batch).
+async fn raw_claim_then_delete(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
+    let BenchDb::Postgres { pool, .. } = db else {
+        unreachable!()
+    };
+    let t = db.table("event_outbox");
+    let claim = format!(
+        "SELECT seq, event_id, topic, message_key, headers, payload FROM {t}
+         WHERE status = 'pending' ORDER BY seq LIMIT $1"
+    );
+    let delete = format!("DELETE FROM {t} WHERE seq = ANY($1)");
+    let start = Instant::now();
+    let mut total = 0usize;
+    loop {
+        let seqs: Vec<i64> = sqlx::query_scalar::<_, i64>(&claim)
+            .bind(batch)
+            .fetch_all(pool)
+            .await?;
+        if seqs.is_empty() {
+            break;
+        }
+        total += seqs.len();
+        sqlx::query(&delete).bind(&seqs).execute(pool).await?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Drains with `relays` relays; returns events/s.
+async fn relay_drain(
+    db: &BenchDb,
+    publisher: Arc<dyn Publisher>,
+    relays: usize,
+    writers: usize,
+) -> anyhow::Result<(f64, f64, String)> {
+    let BenchDb::Postgres { pool, schema } = db else {
+        unreachable!()
+    };
+    let store = PgRelayStore::new(pool.clone(), schema);
+    let before = pending(&store).await;
+    let config = RelayConfig {
+        service: "bench".into(),
+        lease: Duration::from_secs(10),
+        batch_size: std::env::var("OUTBOX_BATCH_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(RelayConfig::default().batch_size),
+        ..RelayConfig::default()
+    };
+    let start = Instant::now();
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..relays {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = Relay::new(Arc::new(store.clone()), publisher.clone(), config.clone());
+        handles.push(tokio::spawn(relay.run(async move {
+            let _ = stopped.await;
+        })));
+        stops.push(stop);
+    }
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (writers_stop_tx, writers_stop) = tokio::sync::watch::channel(false);
+    let mut writer_tasks = Vec::new();
+    for w in 0..writers {
+        let (pool, schema, written, stop) = (
+            pool.clone(),
+            schema.clone(),
+            written.clone(),
+            writers_stop.clone(),
+        );
+        writer_tasks.push(tokio::spawn(async move {
+            let outbox = PgOutbox::new(schema);
+            let mut i = 0usize;
+            while !*stop.borrow() {
+                let e = outbox_core::NewEvent::new(
+                    outbox_core::Topic::new("bench.concurrent").unwrap(),
+                    outbox_core::AggregateRef::new("w", format!("{w}-{}", i % 20)).unwrap(),
+                    vec![b'x'; 200],
+                );
+                let mut tx = pool.begin().await?;
+                outbox.enqueue(&mut tx, &e).await?;
+                tx.commit().await?;
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Writers stop once the prefilled backlog would be gone at the relay's pace; the run ends
+    // when everything, including their events, is drained.
+    let mut stopped_writers = writers == 0;
+    let mut published_at_stop = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let p = pending(&store).await;
+        if !stopped_writers && p < (before / 10).max(1) {
+            let _ = writers_stop_tx.send(true);
+            stopped_writers = true;
+            published_at_stop = written.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        if stopped_writers && p == 0 {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    for t in writer_tasks {
+        t.await??;
+    }
+    for s in stops {
+        let _ = s.send(());
+    }
+    let mut published = 0;
+    let (mut claim, mut publish, mut settle) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for h in handles {
+        let r = h.await?;
+        published += r.published;
+        claim += r.time_claiming;
+        publish += r.time_publishing;
+        settle += r.time_settling;
+    }
+    let busy = (claim + publish + settle).as_secs_f64().max(1e-9);
+    let split = format!(
+        "claim {:.0}% / publish {:.0}% / settle {:.0}% of {:.2} s busy",
+        100.0 * claim.as_secs_f64() / busy,
+        100.0 * publish.as_secs_f64() / busy,
+        100.0 * settle.as_secs_f64() / busy,
+        busy
+    );
+    let writer_rate = published_at_stop as f64 / elapsed.as_secs_f64();
+    Ok((published as f64 / elapsed.as_secs_f64(), writer_rate, split))
+}
+
+/// Kafka's own rate: the same messages produced pipelined by a bare idempotent producer.
+async fn raw_produce(bootstrap: &str, events: usize, payload: usize) -> anyhow::Result<f64> {
+    let producer: FutureProducer = KafkaConfig::new(bootstrap)
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let topic = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
+    let body = vec![b'x'; payload];
+    let keys: Vec<String> = (0..1000).map(|i| format!("agg-{i}")).collect();
+    // Warm-up: topic creation and metadata are not part of the rate.
+    producer
+        .send(
+            FutureRecord::to(&topic).key("warm-up").payload(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let start = Instant::now();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(2000) {
+        let mut futures = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let record = FutureRecord::to(&topic).key(&keys[i % 1000]).payload(&body);
+            futures.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        }
+        for f in futures {
+            f.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    Ok(events as f64 / start.elapsed().as_secs_f64())
+}
+
+pub async fn run(quick: bool) -> anyhow::Result<Value> {
+    let (events, aggregates, payload) = if quick {
+        (5_000, 100, 200)
+    } else {
+        (200_000, 1_000, 200)
+    };
+    header(
+        &format!("relay: drain {events} events over {aggregates} aggregates ({payload} B)"),
+        &["what", "events/s", "ratio to its limit"],
+    );
+    let db = BenchDb::postgres(16).await?;
+    let mut best_limit: f64 = 0.0;
+    for batch in [500, 2000] {
+        prefill(&db, events, aggregates, payload, "bench.null").await?;
+        let rate = raw_drain(&db, batch).await?;
+        row(&[
+            format!("PostgreSQL raw claim-and-delete, batch {batch}"),
+            format!("{rate:.0}"),
+            "limit".into(),
+        ]);
+        best_limit = best_limit.max(rate);
+    }
+    let mut two_step: f64 = 0.0;
+    for batch in [500, 2000] {
+        prefill(&db, events, aggregates, payload, "bench.null").await?;
+        let rate = raw_claim_then_delete(&db, batch).await?;
+        row(&[
+            format!("PostgreSQL raw claim, then delete by seq, batch {batch}"),
+            format!("{rate:.0}"),
+            "at-least-once limit".into(),
+        ]);
+        two_step = two_step.max(rate);
+    }
+    let mut results = json!({ "events": events, "aggregates": aggregates, "payload_bytes": payload,
+                              "pg_limit_per_sec": best_limit, "pg_two_statement_limit_per_sec": two_step });
+    for (label, relays, writers) in [
+        ("relay, null publisher", 1, 0),
+        ("2 relays, null publisher", 2, 0),
+        ("relay, null publisher, 4 writers inserting", 1, 4),
+    ] {
+        prefill(&db, events, aggregates, payload, "bench.null").await?;
+        let (rate, writer_rate, split) =
+            relay_drain(&db, Arc::new(NullPublisher), relays, writers).await?;
+        let ratio = rate / best_limit;
+        let ratio2 = rate / two_step;
+        let extra = if writers > 0 {
+            format!(" (writers {writer_rate:.0} tx/s)")
+        } else {
+            String::new()
+        };
+        row(&[
+            format!("{label}{extra}"),
+            format!("{rate:.0}"),
+            format!("{ratio:.2} (one-statement), {ratio2:.2} (at-least-once); {split}"),
+        ]);
+        results[label] = json!({ "per_sec": rate, "ratio_to_pg_limit": ratio, "ratio_to_two_statement_limit": ratio2, "writer_tx_per_sec": writer_rate, "time_split": split });
+    }
+    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+        let produce_limit = raw_produce(&bootstrap, events, payload).await?;
+        row(&[
+            "Kafka raw produce (idempotent, acks=all)".into(),
+            format!("{produce_limit:.0}"),
+            "limit".into(),
+        ]);
+        let topic = format!("bench.relay.{}", uuid::Uuid::new_v4().simple());
+        prefill(&db, events, aggregates, payload, &topic).await?;
+        let publisher = Arc::new(KafkaPublisher::new(KafkaConfig::new(&bootstrap))?);
+        let (rate, _, split) = relay_drain(&db, publisher, 1, 0).await?;
+        let limit = two_step.min(produce_limit);
+        row(&[
+            "relay to Kafka".into(),
+            format!("{rate:.0}"),
+            format!("{:.2}; {split}", rate / limit),
+        ]);
+        results["kafka_limit_per_sec"] = json!(produce_limit);
+        results["relay to Kafka"] =
+            json!({ "per_sec": rate, "ratio_to_min_limit": rate / limit, "time_split": split });
+    } else {
+        println!("(Kafka rows skipped: KAFKA_BOOTSTRAP_SERVERS is not set)");
+    }
+    db.drop().await;
+    Ok(results)
+}
