@@ -1,106 +1,312 @@
-//! `outbox`: operate an outbox table from the command line.
+//! `outbox`: operate an outbox table from the command line, on PostgreSQL or SQLite.
 //!
 //! Settings come from the environment (and `--config FILE`), as documented in
 //! `outbox_core::config` and `outbox_kafka::KafkaConfig`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use outbox_core::config::redact_url;
-use outbox_core::{OutboxMetrics, Relay, Settings};
-use outbox_kafka::{KafkaConfig, KafkaPublisher};
-use outbox_postgres::{check_schema, migrate, PgRelayStore, Schema};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use clap::{Args, Parser, Subcommand};
+use outbox::backend::{Broker, Database};
+use outbox::bus::Bus;
+use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings};
 
-/// Operate a transactional outbox: apply migrations, verify the schema, run the relay.
+/// Operate a transactional outbox: migrate and check the schema, inspect status, handle dead
+/// letters, replay retained events, and run the relay.
 ///
-/// Connection and tuning come from environment variables (DATABASE_URL, OUTBOX_SCHEMA,
-/// OUTBOX_BATCH_SIZE, KAFKA_BOOTSTRAP_SERVERS, KAFKA_PROPERTY_<NAME>, ...) or a TOML file
-/// given with --config; the environment wins.
+/// The database comes from DATABASE_URL (postgres://... or sqlite://FILE) and, on
+/// PostgreSQL, OUTBOX_SCHEMA; tuning from OUTBOX_* variables or a TOML file given with
+/// --config (the environment wins). The relay publishes to Kafka: OUTBOX_BROKER or
+/// KAFKA_BOOTSTRAP_SERVERS, plus KAFKA_PROPERTY_<NAME> for TLS/SASL.
+///
+/// Examples:
+///   outbox status
+///   outbox dead list --topic huleedu.els.batch.essays.ready.v1 --error timeout
+///   outbox dead requeue --aggregate batch-42
+///   outbox replay --topic huleedu.batch.essays.registered.v1 --since 2h --dry-run
 #[derive(Parser)]
-#[command(name = "outbox", version)]
+#[command(name = "outbox", version, verbatim_doc_comment)]
 struct Cli {
     /// TOML file with outbox settings (keys as in the docs: database_url, schema, batch_size, ...).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Print JSON instead of text (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply the embedded migrations to the configured schema (safe to repeat, and to run
-    /// from several processes at once).
+    /// Apply the embedded migrations (safe to repeat, and to run from several processes).
     Migrate,
     /// Verify tables, columns and indexes; exit 1 naming every problem and its fix.
     Check,
+    /// Pending, dead and retained events per topic, oldest pending age, live relays.
+    Status,
+    /// Inspect and fix events that used up their attempts.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Re-publish retained published events (same event_id; consumers deduplicate).
+    Replay {
+        #[arg(long)]
+        topic: String,
+        /// How far back, e.g. 30m, 2h, 1d (needs OUTBOX_RETENTION at least that long).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Duration,
+        #[arg(long)]
+        aggregate: Option<String>,
+        /// Count what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run the relay to Kafka until SIGINT/SIGTERM (a sidecar next to any service).
     Relay,
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List dead events, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one event with its headers, payload and last error.
+    Show { event_id: EventId },
+    /// Make matching dead events pending again (attempts reset, event_id kept).
+    Requeue {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Required when no filter is given: requeue every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete matching dead events for good.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Required when no filter is given: purge every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    aggregate: Option<String>,
+    /// Case-insensitive text the last error contains.
+    #[arg(long)]
+    error: Option<String>,
+    /// Only events dead for at least this long, e.g. 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            topic: self.topic.clone(),
+            aggregate_id: self.aggregate.clone(),
+            error_contains: self.error.clone(),
+            older_than: self.older_than,
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_ref(), |k| std::env::var(k).ok())?;
-    let schema = Schema::new(settings.schema.clone())?;
+    let url = settings.require_database_url()?.to_owned();
+    let db = Database::connect(&url, &settings.schema).await?;
+    let json = cli.json;
     match cli.command {
         Command::Migrate => {
-            let pool = connect(&settings).await?;
-            let applied = migrate(&pool, &schema).await?;
-            println!(
-                "schema {}: applied {} migration(s) {:?}",
-                schema.name(),
-                applied.len(),
-                applied
-            );
+            let applied = db.migrate().await?;
+            say(json, serde_json::json!({ "applied": applied }), || {
+                format!("applied {} migration(s) {applied:?}", applied.len())
+            });
         }
         Command::Check => {
-            let pool = connect(&settings).await?;
-            check_schema(&pool, &schema).await?;
-            println!("schema {}: ok", schema.name());
+            db.check().await?;
+            say(json, serde_json::json!({ "ok": true }), || {
+                "schema ok".into()
+            });
         }
-        Command::Relay => relay(settings, schema).await?,
+        Command::Status => {
+            db.check().await?;
+            let stats = db.relay_store().stats().await?;
+            let topics = db.admin().topic_status().await?;
+            let value = serde_json::json!({
+                "database": db.kind(),
+                "pending": stats.pending, "retrying": stats.retrying, "dead": stats.dead,
+                "published_retained": stats.published_retained,
+                "oldest_pending_age_seconds": stats.oldest_pending_age.map(|d| d.as_secs_f64()),
+                "live_relays": stats.live_relays,
+                "topics": topics,
+            });
+            say(json, value, || {
+                let mut out = format!(
+                    "{}: {} pending ({} retrying), {} dead, {} retained; oldest pending {}; {} live relay(s)\n",
+                    db.kind(),
+                    stats.pending,
+                    stats.retrying,
+                    stats.dead,
+                    stats.published_retained,
+                    stats
+                        .oldest_pending_age
+                        .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                        .unwrap_or_else(|| "-".into()),
+                    stats.live_relays
+                );
+                for t in &topics {
+                    out += &format!(
+                        "  {:<60} pending {:>7}  dead {:>5}  retained {:>7}\n",
+                        t.topic, t.pending, t.dead, t.published_retained
+                    );
+                }
+                out.trim_end().to_owned()
+            });
+        }
+        Command::Dead(cmd) => dead(&db, cmd, json).await?,
+        Command::Replay {
+            topic,
+            since,
+            aggregate,
+            dry_run,
+        } => {
+            let n = db
+                .admin()
+                .replay(&topic, since, aggregate.as_deref(), dry_run)
+                .await?;
+            say(
+                json,
+                serde_json::json!({ "replayed": n, "dry_run": dry_run }),
+                || {
+                    if dry_run {
+                        format!("would replay {n} event(s) of {topic}")
+                    } else {
+                        format!("replaying {n} event(s) of {topic}")
+                    }
+                },
+            );
+        }
+        Command::Relay => relay(settings, db).await?,
     }
     Ok(())
 }
 
-async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    let url = settings.require_database_url()?;
-    PgPoolOptions::new()
-        .max_connections(4)
-        .connect(url)
-        .await
-        .with_context(|| format!("cannot connect to {}", redact_url(url)))
+fn say(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
 }
 
-async fn relay(settings: Settings, schema: Schema) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    check_schema(&pool, &schema).await?;
-    let kafka = KafkaConfig::from_env()?;
-    tracing::info!(?kafka, schema = schema.name(), "starting relay");
-    let publisher = KafkaPublisher::new(kafka).context("cannot create the Kafka producer")?;
+async fn dead(db: &Database, cmd: DeadCommand, json: bool) -> anyhow::Result<()> {
+    let admin = db.admin();
+    let refuse_unfiltered = |f: &EventFilter, all: bool, verb: &str| {
+        anyhow::ensure!(
+            all || !f.is_empty(),
+            "refusing to {verb} every dead event: give a filter (--topic, --aggregate, --error, --older-than) or --all"
+        );
+        Ok(())
+    };
+    match cmd {
+        DeadCommand::List { filter, limit } => {
+            let events = admin.dead(&filter.filter(), limit).await?;
+            say(json, serde_json::to_value(&events)?, || {
+                if events.is_empty() {
+                    return "no dead events".into();
+                }
+                events
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}  {}  {}/{}  attempts {}  {}",
+                            e.event_id,
+                            e.topic,
+                            e.aggregate_type,
+                            e.aggregate_id,
+                            e.attempts,
+                            e.last_error.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DeadCommand::Show { event_id } => {
+            let event = admin
+                .event(event_id)
+                .await?
+                .with_context(|| format!("no event {event_id} in the outbox (published events are deleted unless retained)"))?;
+            say(json, serde_json::to_value(&event)?, || {
+                serde_json::to_string_pretty(&event).unwrap_or_default()
+            });
+        }
+        DeadCommand::Requeue { filter, all } => {
+            let f = filter.filter();
+            refuse_unfiltered(&f, all, "requeue")?;
+            let n = admin.requeue_dead(&f).await?;
+            say(json, serde_json::json!({ "requeued": n }), || {
+                format!("requeued {n} event(s)")
+            });
+        }
+        DeadCommand::Purge { filter, all } => {
+            let f = filter.filter();
+            refuse_unfiltered(&f, all, "purge")?;
+            let n = admin.purge_dead(&f).await?;
+            say(json, serde_json::json!({ "purged": n }), || {
+                format!("purged {n} event(s)")
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
+    db.check().await?;
+    let broker_setting = match &settings.broker {
+        BrokerSetting::Memory => BrokerSetting::Kafka(
+            std::env::var("KAFKA_BOOTSTRAP_SERVERS").context(
+                "a standalone relay publishes to Kafka: set OUTBOX_BROKER or KAFKA_BOOTSTRAP_SERVERS",
+            )?,
+        ),
+        kafka => kafka.clone(),
+    };
+    let broker = Broker::from_setting(&broker_setting, Bus::default())?;
+    let publisher = broker
+        .publisher()
+        .context("cannot create the Kafka producer")?;
+    tracing::info!(database = db.kind(), "starting relay");
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics =
         OutboxMetrics::register(&mut registry).table(&settings.relay.service, "event_outbox");
-    let store = PgRelayStore::new(pool, &schema);
+    let store = db.relay_store();
     let endpoint =
-        outbox_http::MetricsEndpoint::new(registry).with_source(store.clone(), metrics.clone());
+        outbox::http::MetricsEndpoint::new(registry).with_source(store.clone(), metrics.clone());
     let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("cannot serve metrics on {}", settings.metrics_addr))?;
     tracing::info!(addr = %settings.metrics_addr, "metrics on /metrics");
     tokio::spawn(async move { axum::serve(listener, endpoint.router()).await });
 
-    let relay = Relay::from_shared(Arc::new(store), Arc::new(publisher), settings.relay)
-        .with_metrics(metrics);
+    let relay = Relay::new(store, Arc::clone(&publisher), settings.relay).with_metrics(metrics);
     let report = relay.run(shutdown_signal()).await;
     tracing::info!(?report, "relay finished");
     Ok(())

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use outbox_core::{
     ConsumerConfig, ConsumerReport, EventId, Headers, IncomingMessage, MessageHandler, NewEvent,
-    Publisher, RelayStore,
+    OutboxAdmin, Publisher, RelayStore,
 };
 
 /// What a case needs from a store.
@@ -23,6 +23,7 @@ use outbox_core::{
 pub trait Store: Send + Sync {
     fn name(&self) -> &'static str;
     fn relay_store(&self) -> Arc<dyn RelayStore>;
+    fn admin(&self) -> Arc<dyn OutboxAdmin>;
     /// Commits a business row and `events` in one transaction.
     async fn commit(&self, events: &[NewEvent]);
     /// Writes a business row and `events`, then rolls back.

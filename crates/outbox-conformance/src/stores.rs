@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use outbox_core::{EventId, HandlerError, MessageHandler, NewEvent, RelayStore};
+use outbox_core::{EventId, HandlerError, MessageHandler, NewEvent, OutboxAdmin, RelayStore};
 use outbox_postgres::testing::TestSchema;
 use outbox_postgres::{InboxEvent, PgHandler, PgInboxHandler, PgOutbox, PgRelayStore};
 use outbox_sqlite::{SqliteHandler, SqliteInboxEvent, SqliteInboxHandler, SqliteOutbox};
@@ -84,6 +84,10 @@ impl Store for PgStore {
     }
 
     fn relay_store(&self) -> Arc<dyn RelayStore> {
+        Arc::new(PgRelayStore::new(self.db.pool.clone(), &self.db.schema))
+    }
+
+    fn admin(&self) -> Arc<dyn OutboxAdmin> {
         Arc::new(PgRelayStore::new(self.db.pool.clone(), &self.db.schema))
     }
 
@@ -206,6 +210,10 @@ impl Store for SqliteStore {
     }
 
     fn relay_store(&self) -> Arc<dyn RelayStore> {
+        Arc::new(outbox_sqlite::SqliteRelayStore::new(self.pool.clone()))
+    }
+
+    fn admin(&self) -> Arc<dyn OutboxAdmin> {
         Arc::new(outbox_sqlite::SqliteRelayStore::new(self.pool.clone()))
     }
 

@@ -14,6 +14,7 @@
 //! transaction type: there is no way to enqueue an event outside a transaction.
 //! The guarantees and their limits are described in [`relay`] and in `docs/guarantees.md`.
 
+pub mod admin;
 pub mod config;
 pub mod consume;
 pub mod event;
@@ -26,6 +27,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use admin::{EventFilter, EventRecord, OutboxAdmin, TopicStatus};
 pub use config::{BrokerSetting, ConfigError, RelayConfig, Settings};
 pub use consume::{
     ConsumerConfig, ConsumerReport, Disposition, Handled, HandlerError, IncomingMessage,

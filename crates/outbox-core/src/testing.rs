@@ -78,6 +78,14 @@ impl TestPublisher {
         self.with(|s| s.reject_times.insert(id, times));
     }
 
+    /// Accepts this event from now on (undoes `reject_always` / `reject_times`).
+    pub fn accept(&self, id: EventId) {
+        self.with(|s| {
+            s.reject_always.remove(&id);
+            s.reject_times.remove(&id);
+        });
+    }
+
     /// Makes every `publish` call take at least this long (a slow broker).
     pub fn set_delay(&self, delay: Duration) {
         self.with(|s| s.delay = delay);

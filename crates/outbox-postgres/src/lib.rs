@@ -41,6 +41,7 @@
 //! [`WriteOrdering::CallerSerialises`] when the application already serialises writers of an
 //! aggregate (for example with `SELECT ... FOR UPDATE` on the aggregate's row).
 
+mod admin;
 mod check;
 mod error;
 mod inbox;

@@ -23,6 +23,7 @@ use crate::Schema;
 pub struct PgRelayStore {
     pool: PgPool,
     sql: Arc<Sql>,
+    table: Arc<str>,
 }
 
 struct Sql {
@@ -144,11 +145,17 @@ impl PgRelayStore {
         Self {
             pool,
             sql: Arc::new(Sql::new(schema)),
+            table: schema.table("event_outbox").into(),
         }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// `"schema".event_outbox`, for statements built once from the validated schema name.
+    pub(crate) fn table(&self) -> &str {
+        &self.table
     }
 }
 

@@ -185,15 +185,23 @@ async fn rejected_event_backs_off_exponentially_then_dies_without_blocking_other
     .await;
     // While the head of "bad" is retrying, its successor waits.
     assert_eq!(publisher.offered(after_poison.event_id()), 0);
-    let (retrying_attempts, last_error): (i32, Option<String>) = sqlx::query_as(&format!(
-        "SELECT attempts, last_error FROM {} WHERE event_id = $1",
-        db.table("event_outbox")
-    ))
-    .bind(poison.event_id().as_uuid())
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert!(retrying_attempts >= 1);
+    // The rejection is written back after the batch's publish returns.
+    let attempt_recorded = || async {
+        let row: (i32, Option<String>) = sqlx::query_as(&format!(
+            "SELECT attempts, last_error FROM {} WHERE event_id = $1",
+            db.table("event_outbox")
+        ))
+        .bind(poison.event_id().as_uuid())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        row
+    };
+    wait_until(LIMIT, "first rejection recorded", || async {
+        attempt_recorded().await.0 >= 1
+    })
+    .await;
+    let (_, last_error) = attempt_recorded().await;
     assert!(last_error.unwrap().contains("rejects"));
 
     wait_until(LIMIT, "poison event dead", || async {

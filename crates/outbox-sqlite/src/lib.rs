@@ -21,6 +21,7 @@
 //! SQLite has one writer at a time, so sequence order is commit order without extra locks.
 //! Times are the machine's clock in milliseconds; relays sharing a file share that clock.
 
+mod admin;
 mod inbox;
 mod outbox;
 mod store;

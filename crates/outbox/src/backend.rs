@@ -7,7 +7,8 @@ use std::sync::Arc;
 use outbox_bus::{Bus, BusConsumer, BusPublisher};
 use outbox_core::config::redact_url;
 use outbox_core::{
-    BrokerSetting, ConsumerConfig, ConsumerReport, MessageHandler, Publisher, RelayStore,
+    BrokerSetting, ConsumerConfig, ConsumerReport, MessageHandler, OutboxAdmin, Publisher,
+    RelayStore,
 };
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
 use outbox_postgres::{PgRelayStore, Schema};
@@ -46,26 +47,61 @@ impl Database {
     /// Connects by URL scheme, applies the embedded migrations and verifies the schema.
     /// `schema` applies to PostgreSQL (one schema per service); SQLite has one file per service.
     pub async fn open(url: &str, schema: &str) -> Result<Self, BackendError> {
+        let db = Self::connect(url, schema).await?;
+        db.migrate().await?;
+        db.check().await?;
+        Ok(db)
+    }
+
+    /// Connects by URL scheme, changing nothing.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, BackendError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let schema = Schema::new(schema)?;
             let pool = PgPoolOptions::new()
                 .max_connections(16)
+                .acquire_timeout(std::time::Duration::from_secs(10))
                 .connect(url)
                 .await
                 .map_err(|source| BackendError::Connect {
                     url: redact_url(url),
                     source,
                 })?;
-            let schema = Schema::new(schema)?;
-            outbox_postgres::migrate(&pool, &schema).await?;
-            outbox_postgres::check_schema(&pool, &schema).await?;
             Ok(Self::Postgres { pool, schema })
         } else if url.starts_with("sqlite:") {
-            let pool = outbox_sqlite::connect(url).await?;
-            outbox_sqlite::migrate(&pool).await?;
-            outbox_sqlite::check_schema(&pool).await?;
-            Ok(Self::Sqlite { pool })
+            Ok(Self::Sqlite {
+                pool: outbox_sqlite::connect(url).await?,
+            })
         } else {
             Err(BackendError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Applies the embedded migrations not yet applied; returns their versions.
+    pub async fn migrate(&self) -> Result<Vec<i64>, BackendError> {
+        Ok(match self {
+            Self::Postgres { pool, schema } => outbox_postgres::migrate(pool, schema)
+                .await?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            Self::Sqlite { pool } => outbox_sqlite::migrate(pool).await?,
+        })
+    }
+
+    /// Verifies tables, columns and indexes; the error names every problem and the fix.
+    pub async fn check(&self) -> Result<(), BackendError> {
+        match self {
+            Self::Postgres { pool, schema } => outbox_postgres::check_schema(pool, schema).await?,
+            Self::Sqlite { pool } => outbox_sqlite::check_schema(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Operator actions on this database's outbox.
+    pub fn admin(&self) -> Arc<dyn OutboxAdmin> {
+        match self {
+            Self::Postgres { pool, schema } => Arc::new(PgRelayStore::new(pool.clone(), schema)),
+            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone())),
         }
     }
 

@@ -1,0 +1,177 @@
+//! Operator actions on both stores: list, show, requeue, purge dead letters, and replay.
+
+use std::time::Duration;
+
+use outbox_conformance::stores::{PgStore, SqliteStore};
+use outbox_conformance::{init_logs, wait_for, Store};
+use outbox_core::testing::TestPublisher;
+use outbox_core::{AggregateRef, EventFilter, NewEvent, Relay, RelayConfig, RetryPolicy, Topic};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn operator_can_see_and_fix_a_stuck_outbox(store: Box<dyn Store>) {
+    init_logs();
+    let topic = Topic::new(format!("admin.{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let ev = |agg: &str, body: &str| {
+        NewEvent::new(
+            topic.clone(),
+            AggregateRef::new("agg", agg).unwrap(),
+            body.to_owned(),
+        )
+    };
+    let stuck = ev("a", "\"first\"");
+    let behind = ev("a", "\"second\"");
+    let fine = ev("b", "\"other\"");
+    let publisher = TestPublisher::new();
+    publisher.reject_always(stuck.event_id());
+    store
+        .commit(&[stuck.clone(), behind.clone(), fine.clone()])
+        .await;
+
+    let config = RelayConfig {
+        poll_min: Duration::from_millis(5),
+        poll_max: Duration::from_millis(50),
+        retry: RetryPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(50),
+            max_attempts: 2,
+        },
+        retention: Duration::from_secs(3600),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(store.relay_store(), publisher.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    let admin = store.admin();
+    let by_topic = EventFilter {
+        topic: Some(topic.to_string()),
+        ..Default::default()
+    };
+    wait_for(LIMIT, "the stuck event is dead", || async {
+        admin.dead(&by_topic, 10).await.unwrap().len() == 1
+    })
+    .await;
+
+    let dead = admin.dead(&by_topic, 10).await.unwrap();
+    assert_eq!(dead[0].event_id, stuck.event_id());
+    assert_eq!(dead[0].attempts, 2);
+    assert!(dead[0].last_error.as_deref().unwrap().contains("rejects"));
+    let loud = EventFilter {
+        error_contains: Some("REJECTS".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        admin.dead(&loud, 10).await.unwrap().len(),
+        1,
+        "error filter is case-insensitive"
+    );
+    let wildcard = EventFilter {
+        error_contains: Some("%".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        admin.dead(&wildcard, 10).await.unwrap().len(),
+        0,
+        "no pattern injection"
+    );
+    let other = EventFilter {
+        aggregate_id: Some("zzz".into()),
+        ..Default::default()
+    };
+    assert!(admin.dead(&other, 10).await.unwrap().is_empty());
+
+    let status = admin.topic_status().await.unwrap();
+    let mine = status.iter().find(|s| s.topic == topic.as_str()).unwrap();
+    // A dead head no longer holds back its aggregate: its successor went out.
+    assert_eq!(
+        (mine.pending, mine.dead, mine.published_retained),
+        (0, 1, 2),
+        "{mine:?}"
+    );
+    let shown = admin.event(stuck.event_id()).await.unwrap().unwrap();
+    assert_eq!(
+        (shown.status.as_str(), &shown.payload[..]),
+        ("dead", &stuck.payload()[..])
+    );
+
+    // The cause is fixed; the requeued event goes out with its original event_id and bytes.
+    publisher.accept(stuck.event_id());
+    assert_eq!(admin.requeue_dead(&by_topic).await.unwrap(), 1);
+    wait_for(LIMIT, "requeued event published", || async {
+        publisher.offered(stuck.event_id()) == 3
+    })
+    .await;
+    let sent = publisher.delivered();
+    let again = sent
+        .iter()
+        .find(|m| m.event_id == stuck.event_id())
+        .unwrap();
+    assert_eq!(&again.payload[..], &stuck.payload()[..]);
+    assert_eq!(admin.dead(&by_topic, 10).await.unwrap().len(), 0);
+
+    // Replay aggregate "a" from the retained published events.
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        admin
+            .replay(topic.as_str(), hour, Some("a"), true)
+            .await
+            .unwrap(),
+        2,
+        "dry run counts"
+    );
+    assert_eq!(
+        publisher.offered(stuck.event_id()),
+        3,
+        "dry run changes nothing"
+    );
+    assert_eq!(
+        admin
+            .replay(topic.as_str(), hour, Some("a"), false)
+            .await
+            .unwrap(),
+        2
+    );
+    wait_for(LIMIT, "replayed", || async {
+        publisher.offered(behind.event_id()) == 2
+    })
+    .await;
+    let replayed = admin.event(stuck.event_id()).await.unwrap().unwrap();
+    assert_eq!(
+        replayed.event_id,
+        stuck.event_id(),
+        "same event_id on replay"
+    );
+
+    // Purge with filters.
+    let doomed = ev("c", "\"doomed\"");
+    publisher.reject_always(doomed.event_id());
+    store.commit(std::slice::from_ref(&doomed)).await;
+    wait_for(LIMIT, "second dead event", || async {
+        admin.dead(&by_topic, 10).await.unwrap().len() == 1
+    })
+    .await;
+    let nomatch = EventFilter {
+        topic: Some(topic.to_string()),
+        error_contains: Some("nomatch".into()),
+        ..Default::default()
+    };
+    assert_eq!(admin.purge_dead(&nomatch).await.unwrap(), 0);
+    assert_eq!(admin.purge_dead(&by_topic).await.unwrap(), 1);
+    assert!(admin.event(doomed.event_id()).await.unwrap().is_none());
+
+    let _ = stop.send(());
+    running.await.unwrap();
+    store.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_admin() {
+    operator_can_see_and_fix_a_stuck_outbox(PgStore::boxed().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_admin() {
+    operator_can_see_and_fix_a_stuck_outbox(SqliteStore::boxed().await).await;
+}
