@@ -19,7 +19,8 @@ use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings
 /// The database comes from DATABASE_URL (postgres://... or sqlite://FILE) and, on
 /// PostgreSQL, OUTBOX_SCHEMA; tuning from OUTBOX_* variables or a TOML file given with
 /// --config (the environment wins). The relay publishes to Kafka: OUTBOX_BROKER or
-/// KAFKA_BOOTSTRAP_SERVERS, plus KAFKA_PROPERTY_<NAME> for TLS/SASL.
+/// KAFKA_BOOTSTRAP_SERVERS, plus KAFKA_PROPERTY_<NAME> for TLS/SASL; it serves /metrics and
+/// the admin API (/api, mutations need OUTBOX_ADMIN_TOKEN) on OUTBOX_METRICS_ADDR.
 ///
 /// Examples:
 ///   outbox status
@@ -303,8 +304,15 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("cannot serve metrics on {}", settings.metrics_addr))?;
-    tracing::info!(addr = %settings.metrics_addr, "metrics on /metrics");
-    tokio::spawn(async move { axum::serve(listener, endpoint.router()).await });
+    // The admin API shares the (loopback by default) address; mutations need the token.
+    let admin = outbox::http::AdminApi::new(
+        db.admin(),
+        store.clone(),
+        std::env::var("OUTBOX_ADMIN_TOKEN").ok(),
+    );
+    tracing::info!(addr = %settings.metrics_addr, "metrics on /metrics, admin API on /api");
+    let app = endpoint.router().merge(admin.router());
+    tokio::spawn(async move { axum::serve(listener, app).await });
 
     let relay = Relay::new(store, Arc::clone(&publisher), settings.relay).with_metrics(metrics);
     let report = relay.run(shutdown_signal()).await;

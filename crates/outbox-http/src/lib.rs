@@ -1,6 +1,7 @@
 //! # outbox-http
 //!
-//! Serves `/metrics` in the Prometheus text format. Before each scrape the table gauges are
+//! The admin API ([`admin::AdminApi`]: status, dead letters, requeue, purge, replay as JSON,
+//! bearer-token protected) and `/metrics`. Serves `/metrics` in the Prometheus text format. Before each scrape the table gauges are
 //! refreshed from every registered store, so `outbox_pending_events` and friends are the
 //! table's own counts at scrape time, not a relay's last impression.
 //!
@@ -19,6 +20,8 @@
 //! Bind to loopback unless the metrics are meant to leave the machine: they name services
 //! and topics.
 
+pub mod admin;
+
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -31,6 +34,8 @@ use outbox_core::{RelayStore, TableMetrics};
 use prometheus_client::registry::Registry;
 
 /// The content type of the Prometheus text exposition format.
+pub use admin::AdminApi;
+
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A `/metrics` endpoint over one registry and any number of outbox tables.
