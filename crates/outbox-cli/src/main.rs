@@ -99,6 +99,9 @@ enum DeadCommand {
 
 #[derive(Args)]
 struct FilterArgs {
+    /// One event by id.
+    #[arg(long)]
+    event_id: Option<EventId>,
     #[arg(long)]
     topic: Option<String>,
     #[arg(long)]
@@ -114,6 +117,7 @@ struct FilterArgs {
 impl FilterArgs {
     fn filter(&self) -> EventFilter {
         EventFilter {
+            event_id: self.event_id,
             topic: self.topic.clone(),
             aggregate_id: self.aggregate.clone(),
             error_contains: self.error.clone(),
@@ -222,7 +226,7 @@ async fn dead(db: &Database, cmd: DeadCommand, json: bool) -> anyhow::Result<()>
     let refuse_unfiltered = |f: &EventFilter, all: bool, verb: &str| {
         anyhow::ensure!(
             all || !f.is_empty(),
-            "refusing to {verb} every dead event: give a filter (--topic, --aggregate, --error, --older-than) or --all"
+            "refusing to {verb} every dead event: give a filter (--event-id, --topic, --aggregate, --error, --older-than) or --all"
         );
         Ok(())
     };
@@ -310,8 +314,17 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
         store.clone(),
         std::env::var("OUTBOX_ADMIN_TOKEN").ok(),
     );
-    tracing::info!(addr = %settings.metrics_addr, "metrics on /metrics, admin API on /api");
-    let app = endpoint.router().merge(admin.router());
+    tracing::info!(addr = %settings.metrics_addr, "metrics on /metrics, admin API on /api, dashboard on /");
+    let dashboard = outbox::http::Dashboard::new(store.clone(), Some(metrics.clone()));
+    tokio::spawn(
+        dashboard
+            .clone()
+            .run_sampler(std::time::Duration::from_secs(2)),
+    );
+    let app = endpoint
+        .router()
+        .merge(admin.router())
+        .merge(dashboard.router());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let relay = Relay::new(store, Arc::clone(&publisher), settings.relay).with_metrics(metrics);

@@ -13,6 +13,7 @@ use crate::store::StoreError;
 /// Which events an action applies to; every field set must match (an empty filter matches all).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EventFilter {
+    pub event_id: Option<EventId>,
     pub topic: Option<String>,
     pub aggregate_id: Option<String>,
     /// Case-insensitive substring of the last error.

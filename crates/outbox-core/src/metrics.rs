@@ -179,6 +179,11 @@ impl TableMetrics {
             .inc_by(n);
     }
 
+    /// Events this process has published so far on this table.
+    pub fn published_so_far(&self) -> u64 {
+        self.families.published.get_or_create(&self.labels).get()
+    }
+
     pub fn dead_lettered(&self, n: u64) {
         self.families
             .dead_lettered

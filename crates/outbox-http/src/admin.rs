@@ -5,7 +5,7 @@
 //! | `GET /api/status` | counts from the table, per topic |
 //! | `GET /api/dead?topic=&aggregate=&error=&older_than_seconds=&limit=` | dead events |
 //! | `GET /api/events/{event_id}` | one event |
-//! | `POST /api/dead/requeue` | body: a filter (`topic`, `aggregate`, `error`, `older_than_seconds`) or `{"all": true}` |
+//! | `POST /api/dead/requeue` | body: a filter (`event_id`, `topic`, `aggregate`, `error`, `older_than_seconds`) or `{"all": true}` |
 //! | `POST /api/dead/purge` | same body |
 //! | `POST /api/replay` | body: `{"topic", "since_seconds", "aggregate"?, "dry_run"?}` |
 //!
@@ -120,6 +120,7 @@ fn store_error(e: outbox_core::StoreError) -> Response {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FilterBody {
+    event_id: Option<EventId>,
     topic: Option<String>,
     aggregate: Option<String>,
     error: Option<String>,
@@ -132,6 +133,7 @@ struct FilterBody {
 impl FilterBody {
     fn filter(&self) -> EventFilter {
         EventFilter {
+            event_id: self.event_id,
             topic: self.topic.clone(),
             aggregate_id: self.aggregate.clone(),
             error_contains: self.error.clone(),
@@ -201,7 +203,7 @@ fn refuse_unfiltered(body: &FilterBody) -> Result<(), Refusal> {
     if body.filter().is_empty() && !body.all {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
-            "give a filter (topic, aggregate, error, older_than_seconds) or \"all\": true",
+            "give a filter (event_id, topic, aggregate, error, older_than_seconds) or \"all\": true",
         ));
     }
     Ok(())

@@ -21,6 +21,7 @@
 //! and topics.
 
 pub mod admin;
+pub mod dashboard;
 
 use std::sync::Arc;
 
@@ -35,6 +36,7 @@ use prometheus_client::registry::Registry;
 
 /// The content type of the Prometheus text exposition format.
 pub use admin::AdminApi;
+pub use dashboard::Dashboard;
 
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -12,11 +12,12 @@ use sqlx::Row;
 
 use crate::PgRelayStore;
 
-/// `$2..$5` of every filtered statement.
+/// `$2..$6` of every filtered statement.
 const FILTER: &str = "($2::text IS NULL OR topic = $2)
      AND ($3::text IS NULL OR aggregate_id = $3)
      AND ($4::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($4)) > 0)
-     AND ($5::int8 IS NULL OR dead_at < now() - $5 * interval '1 millisecond')";
+     AND ($5::int8 IS NULL OR dead_at < now() - $5 * interval '1 millisecond')
+     AND ($6::uuid IS NULL OR event_id = $6)";
 
 const COLUMNS: &str = "seq, event_id, topic, aggregate_type, aggregate_id, event_type, status,
      attempts, last_error, EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS age,
@@ -60,6 +61,7 @@ impl PgRelayStore {
             .bind(f.aggregate_id.as_deref())
             .bind(f.error_contains.as_deref())
             .bind(f.older_than.map(ms))
+            .bind(f.event_id.map(|id| *id.as_uuid()))
     }
 }
 

@@ -17,7 +17,8 @@ fn filter_sql() -> String {
         "(?2 IS NULL OR topic = ?2)
          AND (?3 IS NULL OR aggregate_id = ?3)
          AND (?4 IS NULL OR instr(lower(coalesce(last_error, '')), lower(?4)) > 0)
-         AND (?5 IS NULL OR dead_at < {NOW_MS} - ?5)"
+         AND (?5 IS NULL OR dead_at < {NOW_MS} - ?5)
+         AND (?6 IS NULL OR event_id = ?6)"
     )
 }
 
@@ -44,6 +45,7 @@ fn bind_filter<'q>(
         .bind(f.aggregate_id.as_deref())
         .bind(f.error_contains.as_deref())
         .bind(f.older_than.map(ms))
+        .bind(f.event_id.map(|id| id.to_string()))
 }
 
 fn record(row: &SqliteRow) -> Result<EventRecord, StoreError> {
