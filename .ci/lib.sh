@@ -71,3 +71,11 @@ start_broker() {
   echo "the broker did not start; see $CACHE_DIR/broker.log" >&2
   return 1
 }
+
+# Debian's Chromium for the dashboard's browser test (headless, loopback only).
+ensure_chromium() {
+  if command -v chromium >/dev/null; then return 0; fi
+  echo "installing Debian's chromium for the browser test"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+}
