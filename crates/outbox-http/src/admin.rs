@@ -209,21 +209,19 @@ fn refuse_unfiltered(body: &FilterBody) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Which bulk action a filtered mutation performs.
+#[derive(Clone, Copy)]
+enum DeadAction {
+    Requeue,
+    Purge,
+}
+
 async fn requeue(
     State(api): State<AdminApi>,
     headers: HeaderMap,
     Json(body): Json<FilterBody>,
 ) -> Response {
-    if let Err(r) = api
-        .authorise(&headers, true)
-        .and_then(|_| refuse_unfiltered(&body))
-    {
-        return r.into_response();
-    }
-    match api.admin.requeue_dead(&body.filter()).await {
-        Ok(n) => Json(json!({ "requeued": n })).into_response(),
-        Err(e) => store_error(e),
-    }
+    act_on_dead(api, headers, body, DeadAction::Requeue).await
 }
 
 async fn purge(
@@ -231,14 +229,28 @@ async fn purge(
     headers: HeaderMap,
     Json(body): Json<FilterBody>,
 ) -> Response {
+    act_on_dead(api, headers, body, DeadAction::Purge).await
+}
+
+async fn act_on_dead(
+    api: AdminApi,
+    headers: HeaderMap,
+    body: FilterBody,
+    action: DeadAction,
+) -> Response {
     if let Err(r) = api
         .authorise(&headers, true)
         .and_then(|_| refuse_unfiltered(&body))
     {
         return r.into_response();
     }
-    match api.admin.purge_dead(&body.filter()).await {
-        Ok(n) => Json(json!({ "purged": n })).into_response(),
+    let filter = body.filter();
+    let (result, key) = match action {
+        DeadAction::Requeue => (api.admin.requeue_dead(&filter).await, "requeued"),
+        DeadAction::Purge => (api.admin.purge_dead(&filter).await, "purged"),
+    };
+    match result {
+        Ok(n) => Json(json!({ key: n })).into_response(),
         Err(e) => store_error(e),
     }
 }
