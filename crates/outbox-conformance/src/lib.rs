@@ -8,8 +8,11 @@ pub mod cases;
 pub mod stores;
 pub mod transports;
 
+/// Shared with every other test crate.
+pub use outbox_core::testing::wait_until as wait_for;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -75,20 +78,4 @@ pub fn init_logs() {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-}
-
-/// Polls `f` until it holds, or panics naming `what`.
-pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }

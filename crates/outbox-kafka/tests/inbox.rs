@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use outbox_core::testing::wait_until;
 use outbox_core::{AggregateRef, EventId, HandlerError, IncomingMessage, NewEvent, Topic};
+const LIMIT: Duration = Duration::from_secs(90);
+
 use outbox_kafka::testing::{read_topics, shared_bootstrap};
 use outbox_kafka::{
     create_topics, ConsumerConfig, ConsumerHooks, ConsumerReport, KafkaConfig, KafkaConsumer,
@@ -223,21 +226,6 @@ fn start(
     Running { stop, handle }
 }
 
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn fast(group: &str, topics: &[&str]) -> ConsumerConfig {
     ConsumerConfig {
         retry_base: Duration::from_millis(50),
@@ -263,7 +251,7 @@ async fn an_event_delivered_three_times_and_redelivered_after_a_crash_applies_on
     let hooks = Arc::new(Hooks::default());
     hooks.hang.store(true, Ordering::SeqCst);
     let crashing = start(&bootstrap, fast(&group, &[&t]), &db, &fx, &hooks);
-    wait_for("first delivery applied", || async {
+    wait_until(LIMIT, "first delivery applied", || async {
         db.applied().await == vec![1]
     })
     .await;
@@ -274,7 +262,7 @@ async fn an_event_delivered_three_times_and_redelivered_after_a_crash_applies_on
     // The restarted consumer gets all three again and recognises each as a duplicate.
     let hooks = Arc::new(Hooks::default());
     let restarted = start(&bootstrap, fast(&group, &[&t]), &db, &fx, &hooks);
-    wait_for("three deliveries handled", || async {
+    wait_until(LIMIT, "three deliveries handled", || async {
         hooks.commits.load(Ordering::SeqCst) == 3
     })
     .await;
@@ -306,7 +294,7 @@ async fn a_failing_handler_rolls_back_and_its_offset_waits_until_it_succeeds() {
     let mut config = fast(&group, &[&t]);
     config.max_attempts = 1_000;
     let failing = start(&bootstrap, config.clone(), &db, &fx, &hooks);
-    wait_for("several failed runs", || async {
+    wait_until(LIMIT, "several failed runs", || async {
         fx.invocations.load(Ordering::SeqCst) >= 3
     })
     .await;
@@ -336,7 +324,7 @@ async fn a_failing_handler_rolls_back_and_its_offset_waits_until_it_succeeds() {
     fx.fail_next.lock().unwrap().clear();
     let before = fx.invocations.load(Ordering::SeqCst);
     let healthy = start(&bootstrap, config, &db, &fx, &hooks);
-    wait_for("processed after the fix", || async {
+    wait_until(LIMIT, "processed after the fix", || async {
         db.applied().await == vec![1]
     })
     .await;
@@ -378,7 +366,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     let mut config = fast(&format!("g-{}", uuid::Uuid::new_v4().simple()), &[&t]);
     config.max_attempts = 3;
     let running = start(&bootstrap, config, &db, &fx, &hooks);
-    wait_for("every message handled or parked", || async {
+    wait_until(LIMIT, "every message handled or parked", || async {
         hooks.commits.load(Ordering::SeqCst) == 5
     })
     .await;
@@ -446,18 +434,24 @@ async fn two_consumers_over_six_partitions_with_rebalances_apply_each_event_once
     let hooks_b = Arc::new(Hooks::default());
     let slow = fast(&group, &[&t]);
     let a = start(&bootstrap, slow.clone(), &db, &fx, &hooks_a);
-    wait_for("a quarter processed by one consumer", || async {
+    wait_until(LIMIT, "a quarter processed by one consumer", || async {
         count().await >= EVENTS / 4
     })
     .await;
     let b = start(&bootstrap, slow, &db, &fx, &hooks_b);
-    wait_for("b joined and works", || async {
+    wait_until(LIMIT, "b joined and works", || async {
         hooks_b.commits.load(Ordering::SeqCst) > 0 || count().await == EVENTS
     })
     .await;
-    wait_for("half processed", || async { count().await >= EVENTS / 2 }).await;
+    wait_until(LIMIT, "half processed", || async {
+        count().await >= EVENTS / 2
+    })
+    .await;
     let report_a = a.stop().await; // second rebalance: b takes everything
-    wait_for("every event applied", || async { count().await == EVENTS }).await;
+    wait_until(LIMIT, "every event applied", || async {
+        count().await == EVENTS
+    })
+    .await;
     let report_b = b.stop().await;
 
     let applied = db.applied().await;

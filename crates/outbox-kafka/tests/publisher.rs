@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outbox_core::testing::wait_until as wait_for;
 use outbox_core::{
     AggregateRef, EnqueueOutcome, NewEvent, Relay, RelayConfig, RelayReport, RelayStore,
     RetryPolicy, Topic,
@@ -71,18 +72,6 @@ async fn pending(db: &TestSchema) -> u64 {
         .await
         .unwrap()
         .pending
-}
-
-async fn wait_for<F, Fut>(limit: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Writes one event per call in its own transaction; returns (aggregate, seq, event).
@@ -290,7 +279,6 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
     create_topics(&kafka, &[(topic.as_str(), 2)]).await.unwrap();
     let publisher = Arc::new(KafkaPublisher::new(kafka).unwrap());
     let relay = start_relay(&db, publisher.clone(), relay_config());
-    let outbox = PgOutbox::new(db.schema.clone());
 
     let writer = {
         let (pool, schema, topic) = (db.pool.clone(), db.schema.clone(), topic.clone());
@@ -310,7 +298,6 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
             written
         })
     };
-    let _ = outbox;
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.freeze();
     let frozen_at = Instant::now();

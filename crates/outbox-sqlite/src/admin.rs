@@ -167,32 +167,27 @@ impl OutboxAdmin for SqliteRelayStore {
             "status = 'published' AND topic = ?1 AND published_at >= {NOW_MS} - ?2
              AND (?3 IS NULL OR aggregate_id = ?3)"
         );
-        let q = |sql: String| async move {
-            sqlx::query(&sql)
+        let select = format!("SELECT count(*) FROM event_outbox WHERE {matching}");
+        let update = format!(
+            "UPDATE event_outbox SET status = 'pending', published_at = NULL, attempts = 0
+             WHERE {matching}"
+        );
+        let bound = |sql| {
+            sqlx::query(sql)
                 .bind(topic)
                 .bind(ms(since))
                 .bind(aggregate_id)
+        };
+        let e = err("admin: replay");
+        if dry_run {
+            let row = bound(&select).fetch_one(self.pool()).await.map_err(&e)?;
+            Ok(row.try_get::<i64, _>(0).map_err(&e)?.max(0) as u64)
+        } else {
+            Ok(bound(&update)
                 .execute(self.pool())
                 .await
-        };
-        if dry_run {
-            let n: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM event_outbox WHERE {matching}"
-            ))
-            .bind(topic)
-            .bind(ms(since))
-            .bind(aggregate_id)
-            .fetch_one(self.pool())
-            .await
-            .map_err(err("admin: replay"))?;
-            return Ok(n as u64);
+                .map_err(&e)?
+                .rows_affected())
         }
-        Ok(q(format!(
-            "UPDATE event_outbox SET status = 'pending', published_at = NULL, attempts = 0
-             WHERE {matching}"
-        ))
-        .await
-        .map_err(err("admin: replay"))?
-        .rows_affected())
     }
 }

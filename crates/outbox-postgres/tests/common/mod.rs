@@ -1,9 +1,9 @@
 //! Shared helpers: every test gets a fresh schema in the real PostgreSQL of `DATABASE_URL`.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test file uses a different part
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+pub use outbox_core::testing::wait_until;
 use outbox_core::testing::TestPublisher;
 use outbox_core::{AggregateRef, NewEvent, Relay, RelayConfig, RelayReport, RetryPolicy, Topic};
 use outbox_postgres::testing::TestSchema;
@@ -158,20 +158,5 @@ where
     RunningRelay {
         handle,
         stop: Some(tx),
-    }
-}
-
-/// Polls `check` until it holds, or panics with `what` after `limit`.
-pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > limit {
-            panic!("timed out after {limit:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
