@@ -15,6 +15,7 @@
 //! guarantees.
 
 pub mod backend;
+pub mod portable;
 
 pub use outbox_bus as bus;
 pub use outbox_core::*;

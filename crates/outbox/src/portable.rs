@@ -1,0 +1,572 @@
+//! Write a service once, run it on SQLite (embedded) or PostgreSQL (production).
+//!
+//! [`ServiceDb`] opens the service's database by URL, applies the outbox migrations, and hands
+//! out [`Tx`] transactions in which business SQL and [`Tx::enqueue`] commit together. SQL is
+//! written in the dialect both engines share: `$1`-style placeholders, `BIGINT`, `TEXT`,
+//! `DOUBLE PRECISION`, `ON CONFLICT`, `RETURNING`. On PostgreSQL each session's `search_path`
+//! starts with the service's schema, so unqualified table names resolve to the service's own
+//! tables there as they do in its own SQLite file.
+//!
+//! Consumers implement [`TxHandler`]; [`InboxHandler`] wraps one with the inbox, so each event
+//! takes effect once: the `(consumer, event_id)` row, the handler's changes and the events it
+//! enqueues commit in one transaction.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox::portable::{params, ServiceDb};
+//! use outbox::{AggregateRef, NewEvent, Topic};
+//!
+//! let db = ServiceDb::open("sqlite://orders.db", "orders").await?;
+//! db.execute_script("CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, cents BIGINT)").await?;
+//! let mut tx = db.begin().await?;
+//! tx.execute("INSERT INTO orders (id, cents) VALUES ($1, $2)", params!["o-1", 1250]).await?;
+//! let event = NewEvent::json(
+//!     Topic::new("shop.order.placed.v1")?,
+//!     AggregateRef::new("order", "o-1")?,
+//!     &serde_json::json!({"order_id": "o-1"}),
+//! )?;
+//! tx.enqueue(&event).await?;
+//! tx.commit().await?; // the order and its event, or neither
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use outbox_core::{
+    ConsumerMetrics, EnqueueOutcome, Handled, HandlerError, IncomingMessage, MessageHandler,
+    NewEvent, TableMetrics, WakeSignal,
+};
+use outbox_postgres::{PgInbox, PgOutbox};
+use outbox_sqlite::{SqliteInbox, SqliteOutbox};
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{
+    Column, PgConnection, Postgres, Row as _, Sqlite, SqliteConnection, Transaction, TypeInfo,
+    ValueRef,
+};
+
+use crate::backend::{BackendError, Database};
+
+/// A failed database call; the message names the statement's problem.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("column {column:?}: {problem}")]
+    Column { column: String, problem: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl DbError {
+    fn column(column: &str, problem: impl Into<String>) -> Self {
+        Self::Column {
+            column: column.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl From<outbox_postgres::OutboxError> for DbError {
+    fn from(e: outbox_postgres::OutboxError) -> Self {
+        Self::Backend(e.into())
+    }
+}
+
+impl From<outbox_sqlite::SqliteOutboxError> for DbError {
+    fn from(e: outbox_sqlite::SqliteOutboxError) -> Self {
+        Self::Backend(e.into())
+    }
+}
+
+impl From<DbError> for HandlerError {
+    /// Database trouble is worth retrying; bad input is rejected before SQL runs.
+    fn from(e: DbError) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+/// A parameter or a column value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+macro_rules! value_from {
+    ($($t:ty => $v:ident $(as $cast:ty)?),* $(,)?) => {$(
+        impl From<$t> for Value {
+            fn from(x: $t) -> Self { Value::$v(x $(as $cast)?) }
+        }
+    )*};
+}
+value_from!(i64 => Int, i32 => Int as i64, u32 => Int as i64, usize => Int as i64,
+            f64 => Float, String => Text);
+
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Int(b as i64)
+    }
+}
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_owned())
+    }
+}
+impl From<&String> for Value {
+    fn from(s: &String) -> Self {
+        Value::Text(s.clone())
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(o: Option<T>) -> Self {
+        o.map_or(Value::Null, Into::into)
+    }
+}
+
+/// `params![a, b]` turns values into a `&[Value]` for [`Tx::execute`] and friends.
+#[macro_export]
+macro_rules! params {
+    ($($v:expr),* $(,)?) => { &[$($crate::portable::Value::from($v)),*][..] };
+}
+pub use crate::params;
+
+/// One result row, read by column name.
+#[derive(Clone, Debug)]
+pub struct Row {
+    columns: Arc<[String]>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    fn get(&self, column: &str) -> Result<&Value, DbError> {
+        self.columns
+            .iter()
+            .position(|c| c == column)
+            .map(|i| &self.values[i])
+            .ok_or_else(|| DbError::column(column, "not in the result; select it"))
+    }
+
+    pub fn int(&self, column: &str) -> Result<i64, DbError> {
+        self.opt_int(column)?
+            .ok_or_else(|| DbError::column(column, "is NULL"))
+    }
+
+    pub fn opt_int(&self, column: &str) -> Result<Option<i64>, DbError> {
+        match self.get(column)? {
+            Value::Null => Ok(None),
+            Value::Int(i) => Ok(Some(*i)),
+            other => Err(DbError::column(
+                column,
+                format!("{other:?} is not an integer"),
+            )),
+        }
+    }
+
+    pub fn float(&self, column: &str) -> Result<f64, DbError> {
+        match self.get(column)? {
+            Value::Float(f) => Ok(*f),
+            Value::Int(i) => Ok(*i as f64),
+            other => Err(DbError::column(
+                column,
+                format!("{other:?} is not a number"),
+            )),
+        }
+    }
+
+    pub fn text(&self, column: &str) -> Result<String, DbError> {
+        self.opt_text(column)?
+            .ok_or_else(|| DbError::column(column, "is NULL"))
+    }
+
+    pub fn opt_text(&self, column: &str) -> Result<Option<String>, DbError> {
+        match self.get(column)? {
+            Value::Null => Ok(None),
+            Value::Text(s) => Ok(Some(s.clone())),
+            other => Err(DbError::column(column, format!("{other:?} is not text"))),
+        }
+    }
+}
+
+fn pg_row(row: &PgRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
+    let mut values = Vec::with_capacity(columns.len());
+    for (i, name) in columns.iter().enumerate() {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            values.push(Value::Null);
+            continue;
+        }
+        let ty = raw.type_info().name().to_owned();
+        values.push(match ty.as_str() {
+            "INT8" => Value::Int(row.try_get::<i64, _>(i)?),
+            "INT4" => Value::Int(row.try_get::<i32, _>(i)?.into()),
+            "INT2" => Value::Int(row.try_get::<i16, _>(i)?.into()),
+            "BOOL" => Value::Int(row.try_get::<bool, _>(i)? as i64),
+            "FLOAT8" => Value::Float(row.try_get::<f64, _>(i)?),
+            "FLOAT4" => Value::Float(row.try_get::<f32, _>(i)?.into()),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Value::Text(row.try_get::<String, _>(i)?),
+            "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(i)?.to_string()),
+            other => {
+                return Err(DbError::column(
+                    name,
+                    format!(
+                        "type {other} is not portable; cast it to BIGINT, DOUBLE PRECISION or TEXT"
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(Row {
+        columns: columns.clone(),
+        values,
+    })
+}
+
+fn sqlite_row(row: &SqliteRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
+    let mut values = Vec::with_capacity(columns.len());
+    for (i, name) in columns.iter().enumerate() {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            values.push(Value::Null);
+            continue;
+        }
+        let ty = raw.type_info().name().to_owned();
+        values.push(match ty.as_str() {
+            "INTEGER" | "BOOLEAN" => Value::Int(row.try_get::<i64, _>(i)?),
+            "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
+            "TEXT" => Value::Text(row.try_get::<String, _>(i)?),
+            other => {
+                return Err(DbError::column(
+                    name,
+                    format!("type {other} is not portable"),
+                ))
+            }
+        });
+    }
+    Ok(Row {
+        columns: columns.clone(),
+        values,
+    })
+}
+
+fn column_names<R: sqlx::Row>(rows: &[R]) -> Arc<[String]> {
+    rows.first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
+        .unwrap_or_else(|| Arc::from(Vec::new()))
+}
+
+macro_rules! bind_all {
+    ($query:expr, $params:expr) => {{
+        let mut q = $query;
+        for p in $params {
+            q = match p {
+                Value::Null => q.bind(None::<String>),
+                Value::Int(i) => q.bind(*i),
+                Value::Float(f) => q.bind(*f),
+                Value::Text(s) => q.bind(s.as_str()),
+            };
+        }
+        q
+    }};
+}
+
+async fn pg_fetch(
+    conn: &mut PgConnection,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>, DbError> {
+    let rows = bind_all!(sqlx::query(sql), params).fetch_all(conn).await?;
+    let columns = column_names(&rows);
+    rows.iter().map(|r| pg_row(r, &columns)).collect()
+}
+
+async fn sqlite_fetch(
+    conn: &mut SqliteConnection,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>, DbError> {
+    let rows = bind_all!(sqlx::query(sql), params).fetch_all(conn).await?;
+    let columns = column_names(&rows);
+    rows.iter().map(|r| sqlite_row(r, &columns)).collect()
+}
+
+enum Writer {
+    Postgres(PgOutbox),
+    Sqlite(SqliteOutbox),
+}
+
+/// A service's database: its business tables and its outbox, on either engine.
+#[derive(Clone)]
+pub struct ServiceDb {
+    database: Database,
+    writer: Arc<Writer>,
+    wake: WakeSignal,
+}
+
+impl ServiceDb {
+    /// Connects (`sqlite://FILE` or `postgres://...`), migrates and checks the outbox tables.
+    /// `schema` is the service's PostgreSQL schema (ignored by SQLite: one file per service).
+    pub async fn open(url: &str, schema: &str) -> Result<Self, DbError> {
+        Ok(Self::new(Database::open(url, schema).await?))
+    }
+
+    pub fn new(database: Database) -> Self {
+        let wake = WakeSignal::new();
+        Self::with_parts(database, wake, None)
+    }
+
+    /// Wakes `wake` after each commit (give the same signal to the relay) and counts enqueued
+    /// events in `metrics`.
+    pub fn with_parts(database: Database, wake: WakeSignal, metrics: Option<TableMetrics>) -> Self {
+        let writer = match &database {
+            Database::Postgres { schema, .. } => {
+                let mut w = PgOutbox::new(schema.clone()).with_wake_signal(wake.clone());
+                if let Some(m) = metrics {
+                    w = w.with_metrics(m);
+                }
+                Writer::Postgres(w)
+            }
+            Database::Sqlite { .. } => {
+                let mut w = SqliteOutbox::new().with_wake_signal(wake.clone());
+                if let Some(m) = metrics {
+                    w = w.with_metrics(m);
+                }
+                Writer::Sqlite(w)
+            }
+        };
+        Self {
+            database,
+            writer: Arc::new(writer),
+            wake,
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// The signal woken after each commit; hand it to this database's relay.
+    pub fn wake_signal(&self) -> WakeSignal {
+        self.wake.clone()
+    }
+
+    /// Runs a multi-statement script (the service's own `CREATE TABLE IF NOT EXISTS ...`).
+    pub async fn execute_script(&self, sql: &str) -> Result<(), DbError> {
+        match &self.database {
+            Database::Postgres { pool, .. } => {
+                sqlx::raw_sql(sql).execute(pool).await?;
+            }
+            Database::Sqlite { pool } => {
+                sqlx::raw_sql(sql).execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a transaction (on SQLite an immediate one: it takes the write lock at once).
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        let inner = match &self.database {
+            Database::Postgres { pool, .. } => TxInner::Postgres(pool.begin().await?),
+            Database::Sqlite { pool } => TxInner::Sqlite(outbox_sqlite::begin(pool).await?),
+        };
+        Ok(Tx {
+            inner,
+            writer: self.writer.clone(),
+        })
+    }
+
+    /// A read outside any transaction.
+    pub async fn fetch_all(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        match &self.database {
+            Database::Postgres { pool, .. } => {
+                pg_fetch(&mut *pool.acquire().await?, sql, params).await
+            }
+            Database::Sqlite { pool } => {
+                sqlite_fetch(&mut *pool.acquire().await?, sql, params).await
+            }
+        }
+    }
+
+    pub async fn fetch_optional(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Option<Row>, DbError> {
+        Ok(self.fetch_all(sql, params).await?.into_iter().next())
+    }
+}
+
+enum TxInner {
+    Postgres(Transaction<'static, Postgres>),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// An open transaction: business SQL and enqueued events commit or roll back together.
+/// Dropping it without [`Tx::commit`] rolls back.
+pub struct Tx {
+    inner: TxInner,
+    writer: Arc<Writer>,
+}
+
+impl Tx {
+    /// Runs a statement; returns the number of rows it changed.
+    pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        Ok(match &mut self.inner {
+            TxInner::Postgres(tx) => bind_all!(sqlx::query(sql), params)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            TxInner::Sqlite(tx) => bind_all!(sqlx::query(sql), params)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    pub async fn fetch_all(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        match &mut self.inner {
+            TxInner::Postgres(tx) => pg_fetch(tx, sql, params).await,
+            TxInner::Sqlite(tx) => sqlite_fetch(tx, sql, params).await,
+        }
+    }
+
+    pub async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Option<Row>, DbError> {
+        Ok(self.fetch_all(sql, params).await?.into_iter().next())
+    }
+
+    /// Adds `event` to the outbox in this transaction.
+    pub async fn enqueue(&mut self, event: &NewEvent) -> Result<EnqueueOutcome, DbError> {
+        Ok(match (&mut self.inner, &*self.writer) {
+            (TxInner::Postgres(tx), Writer::Postgres(w)) => w.enqueue(tx, event).await?,
+            (TxInner::Sqlite(tx), Writer::Sqlite(w)) => w.enqueue(tx, event).await?,
+            _ => unreachable!("a transaction and its writer come from one database"),
+        })
+    }
+
+    /// Commits, then wakes the relay.
+    pub async fn commit(self) -> Result<(), DbError> {
+        match (self.inner, &*self.writer) {
+            (TxInner::Postgres(tx), Writer::Postgres(w)) => w.commit(tx).await?,
+            (TxInner::Sqlite(tx), Writer::Sqlite(w)) => w.commit(tx).await?,
+            _ => unreachable!("a transaction and its writer come from one database"),
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), DbError> {
+        match self.inner {
+            TxInner::Postgres(tx) => tx.rollback().await?,
+            TxInner::Sqlite(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+/// A consumer's business logic: change state (and enqueue events) in `tx`. An error rolls
+/// the whole delivery back, inbox row included.
+#[async_trait]
+pub trait TxHandler: Send + Sync + 'static {
+    async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<H: TxHandler + ?Sized> TxHandler for Arc<H> {
+    async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError> {
+        (**self).handle(tx, message).await
+    }
+}
+
+enum Inbox {
+    Postgres(PgInbox),
+    Sqlite(SqliteInbox),
+}
+
+/// Wraps a [`TxHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
+/// handler, commit. A redelivered event finds its row and skips the handler.
+pub struct InboxHandler<H> {
+    db: ServiceDb,
+    inbox: Inbox,
+    consumer: String,
+    handler: H,
+    metrics: Option<ConsumerMetrics>,
+}
+
+impl<H: TxHandler> InboxHandler<H> {
+    pub fn new(db: ServiceDb, consumer: impl Into<String>, handler: H) -> Self {
+        let inbox = match db.database() {
+            Database::Postgres { pool, schema } => {
+                Inbox::Postgres(PgInbox::new(pool.clone(), schema))
+            }
+            Database::Sqlite { pool } => Inbox::Sqlite(SqliteInbox::new(pool.clone())),
+        };
+        Self {
+            db,
+            inbox,
+            consumer: consumer.into(),
+            handler,
+            metrics: None,
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    async fn try_begin(
+        &self,
+        tx: &mut Tx,
+        message: &IncomingMessage,
+    ) -> Result<bool, HandlerError> {
+        let event_id = message.event_id()?;
+        let first = match (&self.inbox, &mut tx.inner) {
+            (Inbox::Postgres(i), TxInner::Postgres(t)) => i
+                .try_begin(t, &self.consumer, event_id, message)
+                .await
+                .map_err(HandlerError::retry)?,
+            (Inbox::Sqlite(i), TxInner::Sqlite(t)) => i
+                .try_begin(t, &self.consumer, event_id, message)
+                .await
+                .map_err(HandlerError::retry)?,
+            _ => unreachable!("the inbox and the transaction come from one database"),
+        };
+        Ok(first)
+    }
+}
+
+#[async_trait]
+impl<H: TxHandler> MessageHandler for InboxHandler<H> {
+    async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
+        let mut tx = self.db.begin().await?;
+        if !self.try_begin(&mut tx, message).await? {
+            tx.rollback().await?;
+            if let Some(m) = &self.metrics {
+                m.duplicate();
+            }
+            return Ok(Handled::Duplicate);
+        }
+        match self.handler.handle(&mut tx, message).await {
+            Ok(()) => {
+                tx.commit().await?;
+                if let Some(m) = &self.metrics {
+                    m.processed();
+                }
+                Ok(Handled::Processed)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                if let Some(m) = &self.metrics {
+                    m.handler_failure();
+                }
+                Err(e)
+            }
+        }
+    }
+}

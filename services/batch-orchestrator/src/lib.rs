@@ -1,0 +1,522 @@
+//! Batch Orchestrator: registers batches, knows when a batch is ready, and drives the
+//! requested pipeline phase by phase.
+//!
+//! | HTTP | effect |
+//! |---|---|
+//! | `POST /v1/batches` `{course_code, expected_essay_count, class_id?, user_id?}` | batch + slots' essay ids -> `batch.essays.registered` |
+//! | `POST /v1/batches/{id}/pipelines` `{phases: ["spellcheck", "cj_assessment"]}` | starts now if ready, else when ready |
+//! | `GET /v1/batches/{id}` | status |
+//!
+//! Readiness: a GUEST batch (no class) is ready when its content is provisioned; a REGULAR
+//! batch then asks for student matching and is ready on `els.batch.essays.ready`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use essay_common::util::{now_ms, parse_uuid, ApiError, JsonBody};
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::portable::{params, DbError, ServiceDb, Tx};
+use outbox::HandlerError;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+pub const NAME: &str = "batch_orchestrator_service";
+const EVENTS: EventFactory = EventFactory::new(NAME);
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    course_code TEXT NOT NULL,
+    expected_count BIGINT NOT NULL,
+    class_id TEXT,
+    kind TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    excess_count BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pipelines (
+    batch_id TEXT PRIMARY KEY REFERENCES batches (batch_id),
+    phases TEXT NOT NULL,
+    next_phase BIGINT NOT NULL,
+    status TEXT NOT NULL
+);
+";
+
+/// A batch's readiness, as this service sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchStatus {
+    AwaitingContent,
+    AwaitingStudentMatching,
+    Ready,
+}
+
+impl BatchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingContent => "AWAITING_CONTENT",
+            Self::AwaitingStudentMatching => "AWAITING_STUDENT_MATCHING",
+            Self::Ready => "READY",
+        }
+    }
+}
+
+/// A pipeline's phases; names as on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Spellcheck,
+    CjAssessment,
+}
+
+impl Phase {
+    pub fn command_topic(self) -> &'static str {
+        match self {
+            Self::Spellcheck => topics::SPELLCHECK_INITIATE,
+            Self::CjAssessment => topics::CJ_INITIATE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spellcheck => "spellcheck",
+            Self::CjAssessment => "cj_assessment",
+        }
+    }
+}
+
+/// What the orchestrator does when a phase ends: the next command, or the end of the pipeline.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NextStep {
+    Start(Phase),
+    Complete { succeeded: bool },
+}
+
+/// The pipeline's decision after phase `finished` (at `index`) ended with `succeeded`.
+pub fn after_phase(phases: &[Phase], index: usize, succeeded: bool) -> NextStep {
+    match phases.get(index + 1) {
+        Some(next) if succeeded => NextStep::Start(*next),
+        _ => NextStep::Complete { succeeded },
+    }
+}
+
+#[derive(Clone)]
+pub struct BatchOrchestrator {
+    db: ServiceDb,
+}
+
+impl BatchOrchestrator {
+    pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
+        db.execute_script(SCHEMA).await?;
+        Ok(Self { db })
+    }
+
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    /// Registers a batch and its essay ids; the batch row and its event commit together.
+    pub async fn register(&self, req: RegisterBatch) -> Result<Registered, ApiError> {
+        if req.course_code.trim().is_empty() {
+            return Err(ApiError::bad_request("course_code must not be empty"));
+        }
+        if !(1..=500).contains(&req.expected_essay_count) {
+            return Err(ApiError::bad_request(
+                "expected_essay_count must be between 1 and 500",
+            ));
+        }
+        let batch_id = Uuid::new_v4().to_string();
+        let correlation_id = Uuid::new_v4();
+        let essay_ids: Vec<String> = (0..req.expected_essay_count)
+            .map(|_| Uuid::new_v4().to_string())
+            .collect();
+        let kind = if req.class_id.is_some() {
+            "REGULAR"
+        } else {
+            "GUEST"
+        };
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        tx.execute(
+            "INSERT INTO batches (batch_id, course_code, expected_count, class_id, kind,
+                                  correlation_id, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            params![
+                &batch_id,
+                &req.course_code,
+                req.expected_essay_count as i64,
+                req.class_id.clone(),
+                kind,
+                correlation_id.to_string(),
+                BatchStatus::AwaitingContent.as_str(),
+                now
+            ],
+        )
+        .await?;
+        let event = EVENTS.event(
+            topics::BATCH_ESSAYS_REGISTERED,
+            ("batch", &batch_id),
+            correlation_id,
+            &json!({
+                "batch_id": batch_id, "entity_id": batch_id, "essay_ids": essay_ids,
+                "expected_essay_count": req.expected_essay_count,
+                "course_code": req.course_code, "class_id": req.class_id,
+                "batch_kind": kind, "user_id": req.user_id,
+            }),
+        )?;
+        tx.enqueue(&event).await?;
+        tx.commit().await?;
+        Ok(Registered {
+            batch_id,
+            correlation_id,
+            essay_ids,
+            batch_kind: kind.into(),
+        })
+    }
+
+    /// Accepts a pipeline request; it starts at once if the batch is ready.
+    pub async fn request_pipeline(
+        &self,
+        batch_id: &str,
+        phases: Vec<Phase>,
+    ) -> Result<String, ApiError> {
+        if phases.is_empty() {
+            return Err(ApiError::bad_request("phases must name at least one phase"));
+        }
+        let mut tx = self.db.begin().await?;
+        let Some(batch) = lock_batch(&mut tx, batch_id).await? else {
+            return Err(ApiError::not_found(format!("no batch {batch_id}")));
+        };
+        let phases_json = serde_json::to_string(&phases).expect("phases serialise");
+        let inserted = tx
+            .execute(
+                "INSERT INTO pipelines (batch_id, phases, next_phase, status)
+                 VALUES ($1, $2, 0, 'WAITING') ON CONFLICT (batch_id) DO NOTHING",
+                params![batch_id, phases_json],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(ApiError::conflict(format!(
+                "batch {batch_id} already has a pipeline"
+            )));
+        }
+        let status = if batch.status == BatchStatus::Ready.as_str() {
+            start_phase(&mut tx, &batch, &phases, 0).await?;
+            "RUNNING"
+        } else {
+            "WAITING"
+        };
+        tx.commit().await?;
+        Ok(status.into())
+    }
+
+    pub async fn status(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+        let Some(b) = self
+            .db
+            .fetch_optional(
+                "SELECT b.batch_id, b.status, b.kind, b.expected_count, b.excess_count,
+                        p.phases, p.next_phase, p.status AS pipeline_status
+                 FROM batches b LEFT JOIN pipelines p ON p.batch_id = b.batch_id
+                 WHERE b.batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+        else {
+            return Err(ApiError::not_found(format!("no batch {batch_id}")));
+        };
+        Ok(json!({
+            "batch_id": b.text("batch_id")?, "status": b.text("status")?,
+            "batch_kind": b.text("kind")?, "expected_essay_count": b.int("expected_count")?,
+            "excess_files": b.int("excess_count")?,
+            "pipeline": b.opt_text("pipeline_status")?.map(|s| json!({
+                "status": s,
+                "phases": serde_json::from_str::<serde_json::Value>(
+                    &b.opt_text("phases").ok().flatten().unwrap_or_default()).unwrap_or_default(),
+            })),
+        }))
+    }
+
+    async fn mark_ready(&self, tx: &mut Tx, batch: &BatchRow) -> Result<(), HandlerError> {
+        if batch.status == BatchStatus::Ready.as_str() {
+            return Ok(()); // already ready: nothing starts twice
+        }
+        set_status(tx, &batch.batch_id, BatchStatus::Ready).await?;
+        let waiting = tx
+            .fetch_optional(
+                "SELECT phases FROM pipelines WHERE batch_id = $1 AND status = 'WAITING'",
+                params![&batch.batch_id],
+            )
+            .await?;
+        if let Some(p) = waiting {
+            let phases: Vec<Phase> = serde_json::from_str(&p.text("phases")?)
+                .map_err(|e| HandlerError::retry(format!("stored phases: {e}")))?;
+            start_phase(tx, batch, &phases, 0).await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct BatchRow {
+    batch_id: String,
+    kind: String,
+    class_id: Option<String>,
+    status: String,
+    correlation_id: Uuid,
+}
+
+/// Reads the batch with its row locked (an UPDATE first: a row lock on PostgreSQL, and on
+/// SQLite the transaction already holds the write lock), so concurrent events of one batch
+/// apply one after another.
+async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbError> {
+    let row = tx
+        .fetch_optional(
+            "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
+             RETURNING batch_id, kind, class_id, status, correlation_id",
+            params![batch_id, now_ms()],
+        )
+        .await?;
+    row.map(|r| {
+        Ok(BatchRow {
+            batch_id: r.text("batch_id")?,
+            kind: r.text("kind")?,
+            class_id: r.opt_text("class_id")?,
+            status: r.text("status")?,
+            correlation_id: Uuid::parse_str(&r.text("correlation_id")?).unwrap_or_default(),
+        })
+    })
+    .transpose()
+}
+
+async fn set_status(tx: &mut Tx, batch_id: &str, status: BatchStatus) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE batches SET status = $2 WHERE batch_id = $1",
+        params![batch_id, status.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn start_phase(
+    tx: &mut Tx,
+    batch: &BatchRow,
+    phases: &[Phase],
+    index: usize,
+) -> Result<(), HandlerError> {
+    let phase = phases[index];
+    tx.execute(
+        "UPDATE pipelines SET status = 'RUNNING', next_phase = $2 WHERE batch_id = $1",
+        params![&batch.batch_id, index as i64],
+    )
+    .await?;
+    let event = EVENTS.event(
+        phase.command_topic(),
+        ("batch", &batch.batch_id),
+        batch.correlation_id,
+        &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase.as_str()}),
+    )?;
+    tx.enqueue(&event).await?;
+    Ok(())
+}
+
+fn batch_id_of(env: &Envelope) -> Result<String, HandlerError> {
+    env.data["batch_id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| HandlerError::poison(format!("{} without batch_id", env.event_type)))
+}
+
+#[async_trait]
+impl Service for BatchOrchestrator {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn consumes(&self) -> &'static [&'static str] {
+        &[
+            topics::PROVISIONING_COMPLETED,
+            topics::EXCESS_CONTENT,
+            topics::ASSOCIATIONS_CONFIRMED,
+            topics::BATCH_ESSAYS_READY,
+            topics::PHASE_OUTCOME,
+        ]
+    }
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let batch_id = batch_id_of(env)?;
+        let Some(batch) = lock_batch(tx, &batch_id).await? else {
+            // Not ours (another orchestrator's batch on a shared cluster): nothing to do.
+            tracing::debug!(
+                batch_id,
+                topic = env.event_type,
+                "event for an unknown batch"
+            );
+            return Ok(());
+        };
+        match env.event_type.as_str() {
+            topics::PROVISIONING_COMPLETED => {
+                if batch.status != BatchStatus::AwaitingContent.as_str() {
+                    return Ok(());
+                }
+                if batch.kind == "GUEST" {
+                    self.mark_ready(tx, &batch).await?;
+                } else {
+                    set_status(tx, &batch_id, BatchStatus::AwaitingStudentMatching).await?;
+                    let event = EVENTS.event(
+                        topics::MATCHING_INITIATE,
+                        ("batch", &batch_id),
+                        batch.correlation_id,
+                        &json!({"batch_id": batch_id, "entity_id": batch_id, "class_id": batch.class_id}),
+                    )?;
+                    tx.enqueue(&event).await?;
+                }
+            }
+            topics::EXCESS_CONTENT => {
+                tx.execute(
+                    "UPDATE batches SET excess_count = excess_count + 1 WHERE batch_id = $1",
+                    params![&batch_id],
+                )
+                .await?;
+            }
+            // Recorded by Essay Lifecycle, which then reports the batch ready.
+            topics::ASSOCIATIONS_CONFIRMED => {}
+            topics::BATCH_ESSAYS_READY => self.mark_ready(tx, &batch).await?,
+            topics::PHASE_OUTCOME => {
+                let Some(p) = tx
+                    .fetch_optional(
+                        "SELECT phases, next_phase FROM pipelines WHERE batch_id = $1 AND status = 'RUNNING'",
+                        params![&batch_id],
+                    )
+                    .await?
+                else {
+                    return Ok(());
+                };
+                let phases: Vec<Phase> = serde_json::from_str(&p.text("phases")?)
+                    .map_err(|e| HandlerError::retry(format!("stored phases: {e}")))?;
+                let index = p.int("next_phase")? as usize;
+                let reported = env.data["phase"].as_str().unwrap_or_default();
+                if phases.get(index).map(|p| p.as_str()) != Some(reported) {
+                    return Ok(()); // an outcome for a phase we are not running: stale
+                }
+                let succeeded = env.data["status"].as_str() != Some("FAILED");
+                match after_phase(&phases, index, succeeded) {
+                    NextStep::Start(_) => start_phase(tx, &batch, &phases, index + 1).await?,
+                    NextStep::Complete { succeeded } => {
+                        let status = if succeeded { "COMPLETED" } else { "FAILED" };
+                        tx.execute(
+                            "UPDATE pipelines SET status = $2 WHERE batch_id = $1",
+                            params![&batch_id, status],
+                        )
+                        .await?;
+                        let event = EVENTS.event(
+                            topics::PIPELINE_COMPLETED,
+                            ("batch", &batch_id),
+                            batch.correlation_id,
+                            &json!({"batch_id": batch_id, "entity_id": batch_id, "status": status,
+                                    "completed_phases": phases.iter().take(index + 1).map(|p| p.as_str()).collect::<Vec<_>>()}),
+                        )?;
+                        tx.enqueue(&event).await?;
+                    }
+                }
+            }
+            other => tracing::warn!(topic = other, "unexpected topic"),
+        }
+        Ok(())
+    }
+
+    fn router(self: Arc<Self>) -> Option<Router> {
+        Some(router(self))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RegisterBatch {
+    pub course_code: String,
+    pub expected_essay_count: u32,
+    #[serde(default)]
+    pub class_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Registered {
+    pub batch_id: String,
+    pub correlation_id: Uuid,
+    pub essay_ids: Vec<String>,
+    pub batch_kind: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PipelineRequest {
+    pub phases: Vec<Phase>,
+}
+
+/// The HTTP API.
+pub fn router(svc: Arc<BatchOrchestrator>) -> Router {
+    Router::new()
+        .route("/v1/batches", post(register))
+        .route("/v1/batches/{batch_id}", get(status))
+        .route("/v1/batches/{batch_id}/pipelines", post(pipeline))
+        .with_state(svc)
+}
+
+async fn register(
+    State(svc): State<Arc<BatchOrchestrator>>,
+    JsonBody(req): JsonBody<RegisterBatch>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    Ok((StatusCode::CREATED, Json(svc.register(req).await?)))
+}
+
+async fn status(
+    State(svc): State<Arc<BatchOrchestrator>>,
+    Path(batch_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    parse_uuid(&batch_id, "batch id")?;
+    Ok(Json(svc.status(&batch_id).await?))
+}
+
+async fn pipeline(
+    State(svc): State<Arc<BatchOrchestrator>>,
+    Path(batch_id): Path<String>,
+    JsonBody(req): JsonBody<PipelineRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    parse_uuid(&batch_id, "batch id")?;
+    let status = svc.request_pipeline(&batch_id, req.phases).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"batch_id": batch_id, "pipeline": status})),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_run_in_order_and_stop_on_failure() {
+        let p = [Phase::Spellcheck, Phase::CjAssessment];
+        assert_eq!(
+            after_phase(&p, 0, true),
+            NextStep::Start(Phase::CjAssessment)
+        );
+        assert_eq!(
+            after_phase(&p, 1, true),
+            NextStep::Complete { succeeded: true }
+        );
+        assert_eq!(
+            after_phase(&p, 0, false),
+            NextStep::Complete { succeeded: false }
+        );
+        assert_eq!(
+            serde_json::from_str::<Vec<Phase>>(r#"["spellcheck","cj_assessment"]"#).unwrap(),
+            p
+        );
+    }
+}

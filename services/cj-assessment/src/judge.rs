@@ -1,0 +1,160 @@
+//! Who decides which of two essays is better. The default [`FeatureJudge`] is deterministic
+//! and explains itself; another judge (e.g. an LLM behind an OpenAI-compatible API) plugs in
+//! through [`Judge`].
+
+use async_trait::async_trait;
+
+/// An essay as the judge sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub essay_id: String,
+    pub text: String,
+    /// From the spellcheck phase, when it ran.
+    pub spelling_errors: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    pub a_wins: bool,
+    /// Why, in words a teacher can check.
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("judge failed: {0}")]
+pub struct JudgeError(pub String);
+
+#[async_trait]
+pub trait Judge: Send + Sync + 'static {
+    /// A short name, recorded with each comparison and billed in `resource.consumption`.
+    fn name(&self) -> &'static str;
+    async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError>;
+}
+
+/// Measurable features of an essay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Features {
+    pub words: usize,
+    pub spelling_error_rate: f64,
+    /// Distinct words / words over the first 150 words (comparable across lengths).
+    pub lexical_variety: f64,
+    pub mean_sentence_words: f64,
+}
+
+impl Features {
+    pub fn of(c: &Candidate) -> Self {
+        let words: Vec<String> = c
+            .text
+            .split_whitespace()
+            .map(|w| {
+                w.trim_matches(|ch: char| !ch.is_alphanumeric())
+                    .to_lowercase()
+            })
+            .filter(|w| !w.is_empty())
+            .collect();
+        let sample = &words[..words.len().min(150)];
+        let distinct: std::collections::HashSet<&String> = sample.iter().collect();
+        let sentences = c
+            .text
+            .split(['.', '!', '?'])
+            .filter(|s| s.split_whitespace().count() > 0)
+            .count()
+            .max(1);
+        Self {
+            words: words.len(),
+            spelling_error_rate: c.spelling_errors.unwrap_or(0) as f64 / words.len().max(1) as f64,
+            lexical_variety: distinct.len() as f64 / sample.len().max(1) as f64,
+            mean_sentence_words: words.len() as f64 / sentences as f64,
+        }
+    }
+
+    /// Contributions to quality, by feature name. Length helps up to ~400 words; sentences
+    /// read best around 12-22 words; misspellings cost the most.
+    pub fn contributions(&self) -> [(&'static str, f64); 4] {
+        let length = (self.words.min(400) as f64 / 400.0) * 2.0;
+        let spelling = -self.spelling_error_rate * 40.0;
+        let variety = self.lexical_variety * 3.0;
+        let s = self.mean_sentence_words;
+        let sentences = if s < 12.0 {
+            -(12.0 - s) * 0.15
+        } else if s > 22.0 {
+            -(s - 22.0) * 0.1
+        } else {
+            0.0
+        };
+        [
+            ("length", length),
+            ("spelling", spelling),
+            ("vocabulary", variety),
+            ("sentence structure", sentences),
+        ]
+    }
+
+    pub fn quality(&self) -> f64 {
+        self.contributions().iter().map(|(_, v)| v).sum()
+    }
+}
+
+/// The default judge: compares feature-based quality; ties go to the lower essay id, so the
+/// same pair always gets the same verdict.
+pub struct FeatureJudge;
+
+#[async_trait]
+impl Judge for FeatureJudge {
+    fn name(&self) -> &'static str {
+        "feature-judge-v1"
+    }
+
+    async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
+        let (fa, fb) = (Features::of(a), Features::of(b));
+        let (qa, qb) = (fa.quality(), fb.quality());
+        let a_wins = qa > qb || (qa == qb && a.essay_id < b.essay_id);
+        // The reason names the feature that separated them most.
+        let (ca, cb) = (fa.contributions(), fb.contributions());
+        let (name, diff) = ca
+            .iter()
+            .zip(cb.iter())
+            .map(|((n, x), (_, y))| (*n, x - y))
+            .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+            .unwrap_or(("overall", 0.0));
+        let reason = format!(
+            "{} is stronger mainly on {name} ({:+.2}); quality {qa:.2} vs {qb:.2}",
+            if a_wins { "A" } else { "B" },
+            if a_wins { diff } else { -diff }
+        );
+        Ok(Judgement { a_wins, reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(id: &str, text: &str, errors: u32) -> Candidate {
+        Candidate {
+            essay_id: id.into(),
+            text: text.into(),
+            spelling_errors: Some(errors),
+        }
+    }
+
+    #[tokio::test]
+    async fn better_essays_win_and_say_why() {
+        let good = c("g", &"Careful arguments develop steadily, weighing evidence against counterclaims before concluding. ".repeat(8), 0);
+        let poor = c(
+            "p",
+            &"i think it is good. it is good. it is good and nice. ".repeat(6),
+            9,
+        );
+        let j = FeatureJudge.compare(&good, &poor).await.unwrap();
+        assert!(j.a_wins, "{}", j.reason);
+        assert!(j.reason.contains("stronger mainly on"));
+        let j2 = FeatureJudge.compare(&poor, &good).await.unwrap();
+        assert!(!j2.a_wins, "symmetric");
+        let same = FeatureJudge
+            .compare(&good, &c("h", &good.text, 0))
+            .await
+            .unwrap();
+        assert!(same.a_wins, "a tie goes to the lower id, deterministically");
+    }
+}

@@ -1,0 +1,300 @@
+//! CJ Assessment: comparative judgement of a batch's essays. On `els.cj_assessment.requested`
+//! it chooses pairs ([`bt::choose_pairs`]: enough comparisons per essay, no pair twice), asks a
+//! [`judge::Judge`] about each, fits Bradley-Terry scores with standard errors ([`bt::fit`]),
+//! ranks and grades. The CJ batch is marked complete in the same transaction that enqueues
+//! `cj_assessment.completed`, `assessment.result.published` and `resource.consumption`, each
+//! with an idempotency key derived from the batch: a repeated finalisation publishes nothing
+//! (the original published 119 completions for 25 batches). Failure -> `cj_assessment.failed`.
+
+pub mod bt;
+pub mod judge;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use essay_common::util::now_ms;
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::portable::{params, DbError, ServiceDb, Tx};
+use outbox::{HandlerError, NewEvent};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use judge::{Candidate, Judge};
+
+pub const NAME: &str = "cj_assessment_service";
+const EVENTS: EventFactory = EventFactory::new(NAME);
+
+/// Comparisons each essay takes part in (fewer when the batch is small).
+pub const COMPARISONS_PER_ESSAY: usize = 10;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS cj_batches (
+    cj_batch_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    essay_count BIGINT NOT NULL,
+    comparisons BIGINT NOT NULL DEFAULT 0,
+    failure_reason TEXT,
+    created_at BIGINT NOT NULL,
+    completed_at BIGINT
+);
+CREATE TABLE IF NOT EXISTS cj_comparisons (
+    cj_batch_id TEXT NOT NULL REFERENCES cj_batches (cj_batch_id),
+    essay_a TEXT NOT NULL,
+    essay_b TEXT NOT NULL,
+    winner TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (cj_batch_id, essay_a, essay_b)
+);
+CREATE TABLE IF NOT EXISTS cj_results (
+    cj_batch_id TEXT NOT NULL REFERENCES cj_batches (cj_batch_id),
+    essay_id TEXT NOT NULL,
+    essay_rank BIGINT NOT NULL,
+    score DOUBLE PRECISION NOT NULL,
+    standard_error DOUBLE PRECISION NOT NULL,
+    grade TEXT NOT NULL,
+    PRIMARY KEY (cj_batch_id, essay_id)
+);
+";
+
+#[derive(Clone)]
+pub struct CjAssessment {
+    db: ServiceDb,
+    judge: Arc<dyn Judge>,
+}
+
+#[derive(Deserialize)]
+struct EssayIn {
+    essay_id: String,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    spelling_errors: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct Requested {
+    batch_id: String,
+    #[serde(default)]
+    essays: Vec<EssayIn>,
+}
+
+/// One essay's place in the batch.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Ranked {
+    pub essay_id: String,
+    pub rank: usize,
+    pub score: f64,
+    pub standard_error: f64,
+    pub grade: &'static str,
+    pub comparisons: usize,
+}
+
+/// Judges every chosen pair and ranks the essays; returns the ranking and the comparisons
+/// (a, b, winner, reason).
+pub async fn assess(
+    judge: &dyn Judge,
+    essays: &[Candidate],
+) -> Result<(Vec<Ranked>, Vec<(usize, usize, usize, String)>), judge::JudgeError> {
+    let pairs = bt::choose_pairs(essays.len(), COMPARISONS_PER_ESSAY);
+    let mut outcomes = Vec::with_capacity(pairs.len());
+    let mut comparisons = Vec::with_capacity(pairs.len());
+    let mut per_essay = vec![0; essays.len()];
+    for (a, b) in pairs {
+        let j = judge.compare(&essays[a], &essays[b]).await?;
+        let (w, l) = if j.a_wins { (a, b) } else { (b, a) };
+        outcomes.push((w, l));
+        comparisons.push((a, b, w, j.reason));
+        per_essay[a] += 1;
+        per_essay[b] += 1;
+    }
+    let fit = bt::fit(essays.len(), &outcomes);
+    let mut order: Vec<usize> = (0..essays.len()).collect();
+    order.sort_by(|&x, &y| {
+        fit.scores[y]
+            .total_cmp(&fit.scores[x])
+            .then(essays[x].essay_id.cmp(&essays[y].essay_id))
+    });
+    let ranked = order
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| Ranked {
+            essay_id: essays[i].essay_id.clone(),
+            rank: r + 1,
+            score: fit.scores[i],
+            standard_error: fit.standard_errors[i],
+            grade: bt::grade(fit.scores[i], &fit.scores),
+            comparisons: per_essay[i],
+        })
+        .collect();
+    Ok((ranked, comparisons))
+}
+
+impl CjAssessment {
+    pub async fn open(db: ServiceDb, judge: Arc<dyn Judge>) -> Result<Self, DbError> {
+        db.execute_script(SCHEMA).await?;
+        Ok(Self { db, judge })
+    }
+
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    fn keyed(event: NewEvent, what: &str, batch_id: &str) -> NewEvent {
+        event.with_idempotency_key(format!("{what}:{batch_id}"))
+    }
+
+    async fn fail(
+        &self,
+        tx: &mut Tx,
+        cj_batch_id: &str,
+        batch_id: &str,
+        correlation: Uuid,
+        reason: String,
+    ) -> Result<(), HandlerError> {
+        tx.execute("UPDATE cj_batches SET status = 'FAILED', failure_reason = $2, completed_at = $3 WHERE cj_batch_id = $1",
+                   params![cj_batch_id, &reason, now_ms()]).await?;
+        let e = EVENTS.event(topics::CJ_FAILED, ("batch", batch_id), correlation,
+            &json!({"batch_id": batch_id, "entity_id": batch_id, "cj_batch_id": cj_batch_id, "reason": reason}))?;
+        tx.enqueue(&Self::keyed(e, "cj-failed", batch_id)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Service for CjAssessment {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn consumes(&self) -> &'static [&'static str] {
+        &[topics::CJ_REQUESTED]
+    }
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let req: Requested = env.data()?;
+        let cj_batch_id = Uuid::new_v4().to_string();
+        let fresh = tx
+            .execute(
+                "INSERT INTO cj_batches (cj_batch_id, batch_id, status, essay_count, created_at)
+                 VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT (batch_id) DO NOTHING",
+                params![&cj_batch_id, &req.batch_id, req.essays.len(), now_ms()],
+            )
+            .await?;
+        if fresh == 0 {
+            return Ok(()); // this batch was assessed before; its results went out then
+        }
+        if req.essays.len() < 2 {
+            let reason = format!(
+                "comparative judgement needs at least 2 essays, got {}",
+                req.essays.len()
+            );
+            return self
+                .fail(tx, &cj_batch_id, &req.batch_id, env.correlation_id, reason)
+                .await;
+        }
+        let candidates: Vec<Candidate> = req
+            .essays
+            .into_iter()
+            .map(|e| Candidate {
+                essay_id: e.essay_id,
+                text: e.text,
+                spelling_errors: e.spelling_errors,
+            })
+            .collect();
+        let (ranked, comparisons) = match assess(self.judge.as_ref(), &candidates).await {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .fail(
+                        tx,
+                        &cj_batch_id,
+                        &req.batch_id,
+                        env.correlation_id,
+                        e.to_string(),
+                    )
+                    .await
+            }
+        };
+        for (a, b, w, reason) in &comparisons {
+            tx.execute(
+                "INSERT INTO cj_comparisons (cj_batch_id, essay_a, essay_b, winner, reason) VALUES ($1, $2, $3, $4, $5)",
+                params![&cj_batch_id, &candidates[*a].essay_id, &candidates[*b].essay_id, &candidates[*w].essay_id, reason],
+            )
+            .await?;
+        }
+        for r in &ranked {
+            tx.execute(
+                "INSERT INTO cj_results (cj_batch_id, essay_id, essay_rank, score, standard_error, grade)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                params![&cj_batch_id, &r.essay_id, r.rank, r.score, r.standard_error, r.grade],
+            )
+            .await?;
+        }
+        // Finalise: the status change and its three events commit together, once.
+        let finalised = tx
+            .execute(
+                "UPDATE cj_batches SET status = 'COMPLETED', comparisons = $2, completed_at = $3
+                 WHERE cj_batch_id = $1 AND status = 'RUNNING'",
+                params![&cj_batch_id, comparisons.len(), now_ms()],
+            )
+            .await?;
+        if finalised == 0 {
+            return Ok(());
+        }
+        let b = &req.batch_id;
+        let c = env.correlation_id;
+        let ids: Vec<&str> = ranked.iter().map(|r| r.essay_id.as_str()).collect();
+        let completed = EVENTS.event(topics::CJ_COMPLETED, ("batch", b), c,
+            &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "status": "COMPLETED",
+                    "ranked_essay_ids": ids}))?;
+        let results = EVENTS.event(topics::ASSESSMENT_RESULT_PUBLISHED, ("batch", b), c,
+            &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "assessment_method": "cj_assessment",
+                    "model": "bradley_terry", "judge": self.judge.name(), "comparisons": comparisons.len(),
+                    "essay_results": ranked}))?;
+        let usage = EVENTS.event(topics::RESOURCE_CONSUMPTION, ("batch", b), c,
+            &json!({"batch_id": b, "entity_id": b, "service_name": NAME, "resource_type": "cj_comparison",
+                    "quantity": comparisons.len(), "judge": self.judge.name()}))?;
+        tx.enqueue(&Self::keyed(completed, "cj-completed", b))
+            .await?;
+        tx.enqueue(&Self::keyed(results, "cj-results", b)).await?;
+        tx.enqueue(&Self::keyed(usage, "cj-usage", b)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ranks_every_essay_once_with_grades() {
+        let essays: Vec<Candidate> = (0..6)
+            .map(|i| Candidate {
+                essay_id: format!("e{i}"),
+                // Distinct words in 15-word sentences; longer with fewer errors = better.
+                text: (0..20 + i * 30)
+                    .map(|k| format!("term{k}"))
+                    .collect::<Vec<_>>()
+                    .chunks(15)
+                    .map(|s| s.join(" ") + ".")
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                spelling_errors: Some(6 - i as u32),
+            })
+            .collect();
+        let (ranked, comparisons) = assess(&judge::FeatureJudge, &essays).await.unwrap();
+        assert_eq!(ranked.len(), 6);
+        assert_eq!(
+            ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(ranked[0].essay_id, "e5", "longest with fewest errors wins");
+        assert_eq!(ranked[5].essay_id, "e0");
+        assert!(comparisons.len() >= 6);
+        assert!(ranked
+            .iter()
+            .all(|r| r.standard_error > 0.0 && r.comparisons >= 4));
+    }
+}

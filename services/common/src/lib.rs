@@ -1,0 +1,11 @@
+//! What the essay platform's services share: the event contract with the original system
+//! ([`contract`]) and the runtime that runs a service on the outbox ([`runtime`]).
+//!
+//! Services depend on this crate and on `outbox`; neither depends on a service.
+
+pub mod contract;
+pub mod runtime;
+pub mod util;
+
+pub use contract::{topics, Envelope, EventFactory};
+pub use runtime::{Service, Shutdown};

@@ -1,0 +1,268 @@
+//! How a service runs: its database (outbox migrated, its own tables created), a relay that
+//! publishes its outbox, a consumer group whose deliveries go through its inbox, and its HTTP
+//! API. The same code runs one service per process (`serve <service>`) or all of them in one
+//! process on the embedded default.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use outbox::backend::{Broker, Database};
+use outbox::portable::{InboxHandler, ServiceDb, Tx, TxHandler};
+use outbox::{
+    ConsumerConfig, HandlerError, InboxMetrics, IncomingMessage, OutboxMetrics, Relay, RelayConfig,
+    RelayReport,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::contract::{topics, Envelope};
+
+/// A service of the platform.
+#[async_trait]
+pub trait Service: Send + Sync + 'static {
+    /// Its name: `source_service` of its events, its consumer group and inbox consumer name,
+    /// its PostgreSQL schema and SQLite file name.
+    fn name(&self) -> &'static str;
+
+    /// The topics it consumes.
+    fn consumes(&self) -> &'static [&'static str];
+
+    /// Applies one event: state changes and the events they cause, all in `tx`. Called once
+    /// per event in effect (the inbox skips redeliveries).
+    async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError>;
+
+    /// Its HTTP API, if it has one.
+    fn router(self: Arc<Self>) -> Option<Router> {
+        None
+    }
+
+    /// Work on a timer (e.g. timeouts), until `shutdown`.
+    async fn background(self: Arc<Self>, _shutdown: Shutdown) {}
+}
+
+/// A cloneable "stop now" signal.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// Triggers every [`Shutdown`] made from it.
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl ShutdownTrigger {
+    pub fn new() -> (Self, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (Self(tx), Shutdown(rx))
+    }
+
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Shutdown {
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Where services keep their data.
+#[derive(Clone, Debug)]
+pub enum DataLocation {
+    /// One SQLite file per service in this directory (the embedded default).
+    SqliteDir(std::path::PathBuf),
+    /// One PostgreSQL database, one schema per service.
+    Postgres(String),
+}
+
+impl DataLocation {
+    /// `DATABASE_URL` if it is a PostgreSQL URL, else SQLite files under `PLATFORM_DATA_DIR`
+    /// (default `platform-data`).
+    pub fn from_env() -> Self {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if url.starts_with("postgres") => Self::Postgres(url),
+            _ => Self::SqliteDir(
+                std::env::var("PLATFORM_DATA_DIR")
+                    .unwrap_or_else(|_| "platform-data".into())
+                    .into(),
+            ),
+        }
+    }
+
+    pub fn url_for(&self, service: &str) -> String {
+        match self {
+            Self::SqliteDir(dir) => format!("sqlite://{}/{service}.db", dir.display()),
+            Self::Postgres(url) => url.clone(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::SqliteDir(dir) => format!("SQLite files in {}", dir.display()),
+            Self::Postgres(url) => format!(
+                "PostgreSQL {} (one schema per service)",
+                outbox::config::redact_url(url)
+            ),
+        }
+    }
+}
+
+/// Process-wide observability shared by the services it runs.
+#[derive(Clone)]
+pub struct Observability {
+    pub outbox: OutboxMetrics,
+    pub inbox: InboxMetrics,
+    pub registry: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let outbox = OutboxMetrics::register(&mut registry);
+        let inbox = InboxMetrics::register(&mut registry);
+        Self {
+            outbox,
+            inbox,
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+        }
+    }
+}
+
+impl Observability {
+    pub fn encode(&self) -> String {
+        outbox::metrics::encode_text(&self.registry.lock().expect("registry lock"))
+    }
+}
+
+/// Opens the database of `service`: connect, migrate the outbox, count into `obs`.
+pub async fn open_database(
+    location: &DataLocation,
+    service: &str,
+    obs: &Observability,
+) -> Result<ServiceDb, StartError> {
+    if let DataLocation::SqliteDir(dir) = location {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let database = Database::open(&location.url_for(service), service)
+        .await
+        .map_err(|e| err(format!("{service}: {e}")))?;
+    let metrics = obs.outbox.table(service, "event_outbox");
+    Ok(ServiceDb::with_parts(
+        database,
+        outbox::WakeSignal::new(),
+        Some(metrics),
+    ))
+}
+
+/// A service could not start; the message names the service and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(String);
+
+fn err(msg: impl Into<String>) -> StartError {
+    StartError(msg.into())
+}
+
+/// Creates every contract topic on Kafka (4 partitions each); nothing to do on the bus.
+pub async fn prepare_broker(broker: &Broker) -> Result<(), StartError> {
+    if let Broker::Kafka(config) = broker {
+        let wanted: Vec<(&str, i32)> = topics::ALL.iter().map(|t| (*t, 4)).collect();
+        outbox::kafka::create_topics(config, &wanted)
+            .await
+            .map_err(|e| err(format!("creating topics: {e}")))?;
+    }
+    Ok(())
+}
+
+struct Dispatch(Arc<dyn Service>);
+
+#[async_trait]
+impl TxHandler for Dispatch {
+    async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError> {
+        let envelope = Envelope::parse(message)?;
+        self.0.handle(tx, &envelope).await
+    }
+}
+
+/// A running service; [`RunningService::stop`] winds it down.
+pub struct RunningService {
+    pub name: &'static str,
+    pub db: ServiceDb,
+    pub http: Option<SocketAddr>,
+    trigger: ShutdownTrigger,
+    relay: JoinHandle<RelayReport>,
+    others: Vec<JoinHandle<()>>,
+}
+
+impl RunningService {
+    /// Stops consuming, serving and relaying; returns what the relay published.
+    pub async fn stop(self) -> RelayReport {
+        self.trigger.trigger();
+        for t in self.others {
+            let _ = t.await;
+        }
+        self.relay.await.unwrap_or_default()
+    }
+}
+
+/// Starts `service`: relay, consumer (through the inbox), background work, and the HTTP API on
+/// `http` when given (port 0 picks a free port).
+pub async fn start(
+    service: Arc<dyn Service>,
+    db: ServiceDb,
+    broker: &Broker,
+    obs: &Observability,
+    http: Option<SocketAddr>,
+) -> Result<RunningService, StartError> {
+    let name = service.name();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let publisher = broker
+        .publisher()
+        .map_err(|e| err(format!("{name}: {e}")))?;
+    let relay_config = RelayConfig {
+        service: name.into(),
+        poll_min: Duration::from_millis(20),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(db.database().relay_store(), publisher, relay_config)
+        .with_wake_signal(db.wake_signal())
+        .with_metrics(obs.outbox.table(name, "event_outbox"));
+    let relay = tokio::spawn(relay.run(shutdown.clone().wait()));
+
+    let mut others = Vec::new();
+    if !service.consumes().is_empty() {
+        let handler = InboxHandler::new(db.clone(), name, Dispatch(service.clone()))
+            .with_metrics(obs.inbox.consumer(name));
+        let config = ConsumerConfig::new(name, service.consumes());
+        let (broker, stop) = (broker.clone(), shutdown.clone());
+        others.push(tokio::spawn(async move {
+            if let Err(e) = broker.consume(config, handler, stop.wait()).await {
+                tracing::error!(service = name, error = %e, "consumer stopped");
+            }
+        }));
+    }
+    others.push(tokio::spawn(service.clone().background(shutdown.clone())));
+    let mut bound = None;
+    if let (Some(addr), Some(router)) = (http, service.clone().router()) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| err(format!("{name}: cannot listen on {addr}: {e}")))?;
+        bound = listener.local_addr().ok();
+        let stop = shutdown.clone();
+        others.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.wait())
+                .await;
+        }));
+    }
+    Ok(RunningService {
+        name,
+        db,
+        http: bound,
+        trigger,
+        relay,
+        others,
+    })
+}

@@ -1,0 +1,760 @@
+//! Essay Lifecycle: one slot per expected essay of a registered batch, content assigned to
+//! slots, and every essay moved through its [`state::EssayState`] machine as phases run.
+//!
+//! Consumes registration, content, matching and phase events (see [`Service::consumes`]);
+//! emits slot assignments, provisioning completion, matching requests, per-essay spellcheck
+//! requests, batch CJ requests and `batch.phase.outcome` once every essay of a phase is
+//! terminal. Content that arrives before its batch is registered is parked in
+//! `pending_content` and assigned when the registration arrives.
+
+pub mod state;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use essay_common::util::{now_ms, ApiError};
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::portable::{params, DbError, ServiceDb, Tx};
+use outbox::HandlerError;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use state::{EssayEvent, EssayState};
+
+pub const NAME: &str = "essay_lifecycle_service";
+const EVENTS: EventFactory = EventFactory::new(NAME);
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    expected_count BIGINT NOT NULL,
+    class_id TEXT,
+    kind TEXT NOT NULL,
+    course_code TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    provisioning_completed BIGINT NOT NULL DEFAULT 0,
+    essays_ready_sent BIGINT NOT NULL DEFAULT 0,
+    current_phase TEXT,
+    phase_status TEXT,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS essays (
+    essay_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL REFERENCES batches (batch_id),
+    slot_index BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    file_upload_id TEXT UNIQUE,
+    filename TEXT,
+    text_content TEXT,
+    error_code TEXT,
+    spelling_errors BIGINT,
+    student_id TEXT,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS essays_by_batch ON essays (batch_id, slot_index);
+CREATE TABLE IF NOT EXISTS batch_gate (batch_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS pending_content (
+    file_upload_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_by_batch ON pending_content (batch_id);
+";
+
+#[derive(Clone)]
+pub struct EssayLifecycle {
+    db: ServiceDb,
+}
+
+#[derive(Clone, Debug)]
+struct Batch {
+    batch_id: String,
+    class_id: Option<String>,
+    course_code: String,
+    correlation_id: Uuid,
+    provisioning_completed: bool,
+    essays_ready_sent: bool,
+    current_phase: Option<String>,
+    phase_status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Registered {
+    batch_id: String,
+    essay_ids: Vec<String>,
+    course_code: String,
+    #[serde(default)]
+    class_id: Option<String>,
+    #[serde(default)]
+    batch_kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Content {
+    batch_id: String,
+    file_upload_id: String,
+    original_file_name: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    validation_error_code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Association {
+    essay_id: String,
+    #[serde(default)]
+    student_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EssayResult {
+    batch_id: String,
+    essay_id: String,
+    status: String,
+    #[serde(default)]
+    error_count: Option<i64>,
+}
+
+fn batch_id_of(env: &Envelope) -> Result<String, HandlerError> {
+    env.data["batch_id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| HandlerError::poison(format!("{} without batch_id", env.event_type)))
+}
+
+impl EssayLifecycle {
+    pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
+        db.execute_script(SCHEMA).await?;
+        Ok(Self { db })
+    }
+
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    /// Locks and reads a batch (see `batch_orchestrator::lock_batch` for why an UPDATE).
+    async fn lock_batch(&self, tx: &mut Tx, batch_id: &str) -> Result<Option<Batch>, HandlerError> {
+        let Some(r) = tx
+            .fetch_optional(
+                "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
+                 RETURNING batch_id, class_id, course_code, correlation_id,
+                           provisioning_completed, essays_ready_sent, current_phase, phase_status",
+                params![batch_id, now_ms()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Batch {
+            batch_id: r.text("batch_id")?,
+            class_id: r.opt_text("class_id")?,
+            course_code: r.text("course_code")?,
+            correlation_id: Uuid::parse_str(&r.text("correlation_id")?).unwrap_or_default(),
+            provisioning_completed: r.int("provisioning_completed")? != 0,
+            essays_ready_sent: r.int("essays_ready_sent")? != 0,
+            current_phase: r.opt_text("current_phase")?,
+            phase_status: r.opt_text("phase_status")?,
+        }))
+    }
+
+    /// Serialises registration and content of one batch even before the batch row exists:
+    /// without it, content parked while the registration commits would never be assigned.
+    async fn gate(&self, tx: &mut Tx, batch_id: &str) -> Result<(), HandlerError> {
+        tx.execute(
+            "INSERT INTO batch_gate (batch_id) VALUES ($1)
+             ON CONFLICT (batch_id) DO UPDATE SET batch_id = excluded.batch_id",
+            params![batch_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn emit(
+        &self,
+        tx: &mut Tx,
+        topic: &'static str,
+        aggregate: (&str, &str),
+        correlation: Uuid,
+        data: serde_json::Value,
+    ) -> Result<(), HandlerError> {
+        let event = EVENTS.event(topic, aggregate, correlation, &data)?;
+        tx.enqueue(&event).await?;
+        Ok(())
+    }
+
+    async fn set_state(
+        &self,
+        tx: &mut Tx,
+        essay_id: &str,
+        from: EssayState,
+        event: EssayEvent,
+    ) -> Result<EssayState, HandlerError> {
+        let to = from
+            .apply(event)
+            .map_err(|e| HandlerError::poison(format!("essay {essay_id}: {e}")))?;
+        tx.execute(
+            "UPDATE essays SET state = $2, updated_at = $3 WHERE essay_id = $1",
+            params![essay_id, to.as_str(), now_ms()],
+        )
+        .await?;
+        Ok(to)
+    }
+
+    async fn essays(
+        &self,
+        tx: &mut Tx,
+        batch_id: &str,
+    ) -> Result<Vec<(String, EssayState)>, HandlerError> {
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, state FROM essays WHERE batch_id = $1 ORDER BY slot_index",
+                params![batch_id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let state = r.text("state")?;
+                let state = EssayState::parse(&state)
+                    .ok_or_else(|| HandlerError::retry(format!("unknown stored state {state}")))?;
+                Ok((r.text("essay_id")?, state))
+            })
+            .collect()
+    }
+
+    async fn on_registered(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let reg: Registered = env.data()?;
+        self.gate(tx, &reg.batch_id).await?;
+        let kind = reg.batch_kind.clone().unwrap_or_else(|| {
+            if reg.class_id.is_some() {
+                "REGULAR".into()
+            } else {
+                "GUEST".into()
+            }
+        });
+        let inserted = tx
+            .execute(
+                "INSERT INTO batches (batch_id, expected_count, class_id, kind, course_code,
+                                      correlation_id, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id) DO NOTHING",
+                params![
+                    &reg.batch_id,
+                    reg.essay_ids.len(),
+                    reg.class_id.clone(),
+                    kind,
+                    &reg.course_code,
+                    env.correlation_id.to_string(),
+                    now_ms()
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Ok(());
+        }
+        for (i, essay_id) in reg.essay_ids.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO essays (essay_id, batch_id, slot_index, state, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                params![
+                    essay_id,
+                    &reg.batch_id,
+                    i,
+                    EssayState::AwaitingContent.as_str(),
+                    now_ms()
+                ],
+            )
+            .await?;
+        }
+        // Content that came first is assigned now, in arrival order.
+        let parked = tx
+            .fetch_all(
+                "DELETE FROM pending_content WHERE batch_id = $1 RETURNING envelope, received_at",
+                params![&reg.batch_id],
+            )
+            .await?;
+        let mut parked: Vec<(i64, String)> = parked
+            .iter()
+            .map(|r| Ok((r.int("received_at")?, r.text("envelope")?)))
+            .collect::<Result<_, DbError>>()?;
+        parked.sort();
+        let batch = self
+            .lock_batch(tx, &reg.batch_id)
+            .await?
+            .expect("inserted above");
+        for (_, envelope) in parked {
+            let env: Envelope = serde_json::from_str(&envelope)
+                .map_err(|e| HandlerError::retry(format!("parked envelope: {e}")))?;
+            self.assign(tx, &batch, &env.data()?).await?;
+        }
+        self.check_provisioning(tx, &batch).await
+    }
+
+    async fn on_content(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let content: Content = env.data()?;
+        self.gate(tx, &content.batch_id).await?;
+        let Some(batch) = self.lock_batch(tx, &content.batch_id).await? else {
+            tx.execute(
+                "INSERT INTO pending_content (file_upload_id, batch_id, envelope, received_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (file_upload_id) DO NOTHING",
+                params![
+                    &content.file_upload_id,
+                    &content.batch_id,
+                    serde_json::to_string(env).map_err(HandlerError::retry)?,
+                    now_ms()
+                ],
+            )
+            .await?;
+            return Ok(());
+        };
+        self.assign(tx, &batch, &content).await?;
+        self.check_provisioning(tx, &batch).await
+    }
+
+    /// Puts content (or its failure) into the first free slot; no free slot -> excess.
+    async fn assign(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        content: &Content,
+    ) -> Result<(), HandlerError> {
+        let already = tx
+            .fetch_optional(
+                "SELECT essay_id FROM essays WHERE file_upload_id = $1",
+                params![&content.file_upload_id],
+            )
+            .await?;
+        if already.is_some() {
+            return Ok(());
+        }
+        let free = tx
+            .fetch_optional(
+                "SELECT essay_id FROM essays WHERE batch_id = $1 AND state = $2
+                 ORDER BY slot_index LIMIT 1",
+                params![&batch.batch_id, EssayState::AwaitingContent.as_str()],
+            )
+            .await?;
+        let Some(free) = free else {
+            if content.text.is_some() {
+                self.emit(
+                    tx,
+                    topics::EXCESS_CONTENT,
+                    ("batch", &batch.batch_id),
+                    batch.correlation_id,
+                    json!({"batch_id": batch.batch_id, "file_upload_id": content.file_upload_id,
+                           "original_file_name": content.original_file_name,
+                           "reason": "NO_AVAILABLE_SLOT"}),
+                )
+                .await?;
+            }
+            return Ok(());
+        };
+        let essay_id = free.text("essay_id")?;
+        let event = if content.text.is_some() {
+            EssayEvent::ContentAssigned
+        } else {
+            EssayEvent::ContentInvalid
+        };
+        self.set_state(tx, &essay_id, EssayState::AwaitingContent, event)
+            .await?;
+        tx.execute(
+            "UPDATE essays SET file_upload_id = $2, filename = $3, text_content = $4, error_code = $5
+             WHERE essay_id = $1",
+            params![&essay_id, &content.file_upload_id, &content.original_file_name,
+                    content.text.clone(), content.validation_error_code.clone()],
+        )
+        .await?;
+        if content.text.is_some() {
+            self.emit(tx, topics::SLOT_ASSIGNED, ("essay", &essay_id), batch.correlation_id,
+                json!({"batch_id": batch.batch_id, "essay_id": essay_id, "entity_id": essay_id,
+                       "file_upload_id": content.file_upload_id, "text_storage_id": content.file_upload_id,
+                       "original_file_name": content.original_file_name})).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_provisioning(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+        if batch.provisioning_completed {
+            return Ok(());
+        }
+        let essays = self.essays(tx, &batch.batch_id).await?;
+        if essays
+            .iter()
+            .any(|(_, s)| *s == EssayState::AwaitingContent)
+        {
+            return Ok(());
+        }
+        tx.execute(
+            "UPDATE batches SET provisioning_completed = 1 WHERE batch_id = $1",
+            params![&batch.batch_id],
+        )
+        .await?;
+        let ready: Vec<&String> = essays
+            .iter()
+            .filter(|(_, s)| *s == EssayState::ContentReady)
+            .map(|(e, _)| e)
+            .collect();
+        self.emit(
+            tx,
+            topics::PROVISIONING_COMPLETED,
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
+                   "expected_count": essays.len(), "provisioned_count": ready.len(),
+                   "failed_count": essays.len() - ready.len(), "essay_ids": ready}),
+        )
+        .await
+    }
+
+    async fn on_matching_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, text_content FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                params![&batch.batch_id, EssayState::ContentReady.as_str()],
+            )
+            .await?;
+        let essays: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| Ok(json!({"essay_id": r.text("essay_id")?, "text": r.text("text_content")?})))
+            .collect::<Result<_, DbError>>()?;
+        self.emit(
+            tx,
+            topics::MATCHING_REQUESTED,
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
+                   "class_id": batch.class_id, "essays": essays}),
+        )
+        .await
+    }
+
+    async fn on_associations(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        env: &Envelope,
+    ) -> Result<(), HandlerError> {
+        if batch.essays_ready_sent {
+            return Ok(());
+        }
+        let associations: Vec<Association> =
+            serde_json::from_value(env.data["associations"].clone())
+                .map_err(|e| HandlerError::poison(format!("associations: {e}")))?;
+        for a in &associations {
+            tx.execute(
+                "UPDATE essays SET student_id = $3 WHERE essay_id = $1 AND batch_id = $2",
+                params![&a.essay_id, &batch.batch_id, a.student_id.clone()],
+            )
+            .await?;
+        }
+        tx.execute(
+            "UPDATE batches SET essays_ready_sent = 1 WHERE batch_id = $1",
+            params![&batch.batch_id],
+        )
+        .await?;
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, student_id FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                params![&batch.batch_id, EssayState::ContentReady.as_str()],
+            )
+            .await?;
+        let ready: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| Ok(json!({"essay_id": r.text("essay_id")?, "student_id": r.opt_text("student_id")?})))
+            .collect::<Result<_, DbError>>()?;
+        self.emit(
+            tx,
+            topics::BATCH_ESSAYS_READY,
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "ready_essays": ready}),
+        )
+        .await
+    }
+
+    /// Starts a phase unless it already runs (a repeated command changes nothing).
+    async fn begin_phase(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        phase: &str,
+    ) -> Result<bool, HandlerError> {
+        if batch.current_phase.as_deref() == Some(phase) {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE batches SET current_phase = $2, phase_status = 'RUNNING' WHERE batch_id = $1",
+            params![&batch.batch_id, phase],
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn on_spellcheck_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+        if !self.begin_phase(tx, batch, "spellcheck").await? {
+            return Ok(());
+        }
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, text_content FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                params![&batch.batch_id, EssayState::ContentReady.as_str()],
+            )
+            .await?;
+        for r in &rows {
+            let essay_id = r.text("essay_id")?;
+            self.set_state(
+                tx,
+                &essay_id,
+                EssayState::ContentReady,
+                EssayEvent::SpellcheckRequested,
+            )
+            .await?;
+            self.emit(
+                tx,
+                topics::SPELLCHECK_REQUESTED,
+                ("essay", &essay_id),
+                batch.correlation_id,
+                json!({"batch_id": batch.batch_id, "essay_id": essay_id, "entity_id": essay_id,
+                       "text": r.text("text_content")?, "language": "en"}),
+            )
+            .await?;
+        }
+        let batch = Batch {
+            current_phase: Some("spellcheck".into()),
+            phase_status: Some("RUNNING".into()),
+            ..batch.clone()
+        };
+        self.check_phase(tx, &batch).await
+    }
+
+    async fn on_spellchecked(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let result: EssayResult = env.data()?;
+        let Some(batch) = self.lock_batch(tx, &result.batch_id).await? else {
+            return Err(HandlerError::poison(format!(
+                "spellcheck result for unknown batch {}",
+                result.batch_id
+            )));
+        };
+        let Some(row) = tx
+            .fetch_optional(
+                "SELECT state FROM essays WHERE essay_id = $1 AND batch_id = $2",
+                params![&result.essay_id, &result.batch_id],
+            )
+            .await?
+        else {
+            return Err(HandlerError::poison(format!(
+                "spellcheck result for unknown essay {}",
+                result.essay_id
+            )));
+        };
+        let state = EssayState::parse(&row.text("state")?).unwrap_or(EssayState::AwaitingContent);
+        if state != EssayState::SpellcheckRequested {
+            return Ok(()); // a late duplicate from a re-sent request: already applied
+        }
+        let event = if result.status == "SUCCESS" {
+            EssayEvent::SpellcheckSucceeded
+        } else {
+            EssayEvent::SpellcheckFailed
+        };
+        self.set_state(tx, &result.essay_id, state, event).await?;
+        tx.execute(
+            "UPDATE essays SET spelling_errors = $2 WHERE essay_id = $1",
+            params![&result.essay_id, result.error_count],
+        )
+        .await?;
+        self.check_phase(tx, &batch).await
+    }
+
+    async fn on_cj_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+        if !self.begin_phase(tx, batch, "cj_assessment").await? {
+            return Ok(());
+        }
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, state, text_content, spelling_errors FROM essays
+                 WHERE batch_id = $1 AND state IN ($2, $3) ORDER BY slot_index",
+                params![
+                    &batch.batch_id,
+                    EssayState::ContentReady.as_str(),
+                    EssayState::Spellchecked.as_str()
+                ],
+            )
+            .await?;
+        let mut essays = Vec::new();
+        for r in &rows {
+            let essay_id = r.text("essay_id")?;
+            let state = EssayState::parse(&r.text("state")?).unwrap_or(EssayState::ContentReady);
+            self.set_state(tx, &essay_id, state, EssayEvent::CjRequested)
+                .await?;
+            essays.push(
+                json!({"essay_id": essay_id, "text": r.text("text_content")?,
+                               "spelling_errors": r.opt_int("spelling_errors")?}),
+            );
+        }
+        self.emit(
+            tx,
+            topics::CJ_REQUESTED,
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
+                   "course_code": batch.course_code, "essays": essays}),
+        )
+        .await
+    }
+
+    async fn on_cj_result(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        succeeded: bool,
+    ) -> Result<(), HandlerError> {
+        let event = if succeeded {
+            EssayEvent::CjCompleted
+        } else {
+            EssayEvent::CjFailed
+        };
+        for (essay_id, state) in self.essays(tx, &batch.batch_id).await? {
+            if state == EssayState::CjRequested {
+                self.set_state(tx, &essay_id, state, event).await?;
+            }
+        }
+        self.check_phase(tx, batch).await
+    }
+
+    /// Emits `batch.phase.outcome` once no essay of the running phase is in flight.
+    async fn check_phase(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+        let (Some(phase), Some("RUNNING")) = (
+            batch.current_phase.as_deref(),
+            batch.phase_status.as_deref(),
+        ) else {
+            return Ok(());
+        };
+        let essays = self.essays(tx, &batch.batch_id).await?;
+        if essays.iter().any(|(_, s)| s.in_flight()) {
+            return Ok(());
+        }
+        let (ok, failed): (Vec<_>, Vec<_>) = essays
+            .iter()
+            .filter(|(_, s)| *s != EssayState::ContentFailed)
+            .partition(|(_, s)| !s.failed());
+        let status = match (ok.is_empty(), failed.is_empty()) {
+            (true, _) => "FAILED",
+            (false, true) => "COMPLETED_SUCCESSFULLY",
+            (false, false) => "COMPLETED_WITH_FAILURES",
+        };
+        tx.execute(
+            "UPDATE batches SET phase_status = 'DONE' WHERE batch_id = $1",
+            params![&batch.batch_id],
+        )
+        .await?;
+        let ids =
+            |v: &Vec<&(String, EssayState)>| v.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>();
+        self.emit(
+            tx,
+            topics::PHASE_OUTCOME,
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase,
+                   "status": status, "processed_essays": ids(&ok), "failed_essays": ids(&failed)}),
+        )
+        .await
+    }
+
+    /// Per-essay states of a batch, for the HTTP view.
+    pub async fn batch_view(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+        let rows = self
+            .db
+            .fetch_all(
+                "SELECT essay_id, state, filename, spelling_errors, student_id FROM essays
+                 WHERE batch_id = $1 ORDER BY slot_index",
+                params![batch_id],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(ApiError::not_found(format!("no batch {batch_id}")));
+        }
+        let essays = rows
+            .iter()
+            .map(|r| {
+                Ok(
+                    json!({"essay_id": r.text("essay_id")?, "state": r.text("state")?,
+                               "filename": r.opt_text("filename")?,
+                               "spelling_errors": r.opt_int("spelling_errors")?,
+                               "student_id": r.opt_text("student_id")?}),
+                )
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
+        Ok(json!({"batch_id": batch_id, "essays": essays}))
+    }
+}
+
+#[async_trait]
+impl Service for EssayLifecycle {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn consumes(&self) -> &'static [&'static str] {
+        &[
+            topics::BATCH_ESSAYS_REGISTERED,
+            topics::CONTENT_PROVISIONED,
+            topics::VALIDATION_FAILED,
+            topics::MATCHING_INITIATE,
+            topics::ASSOCIATIONS_CONFIRMED,
+            topics::SPELLCHECK_INITIATE,
+            topics::SPELLCHECK_PHASE_COMPLETED,
+            topics::CJ_INITIATE,
+            topics::CJ_COMPLETED,
+            topics::CJ_FAILED,
+        ]
+    }
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        match env.event_type.as_str() {
+            topics::BATCH_ESSAYS_REGISTERED => return self.on_registered(tx, env).await,
+            topics::CONTENT_PROVISIONED | topics::VALIDATION_FAILED => {
+                return self.on_content(tx, env).await
+            }
+            topics::SPELLCHECK_PHASE_COMPLETED => return self.on_spellchecked(tx, env).await,
+            _ => {}
+        }
+        let batch_id = batch_id_of(env)?;
+        let Some(batch) = self.lock_batch(tx, &batch_id).await? else {
+            return Err(HandlerError::poison(format!(
+                "{} for unknown batch {batch_id}",
+                env.event_type
+            )));
+        };
+        match env.event_type.as_str() {
+            topics::MATCHING_INITIATE => self.on_matching_initiate(tx, &batch).await,
+            topics::ASSOCIATIONS_CONFIRMED => self.on_associations(tx, &batch, env).await,
+            topics::SPELLCHECK_INITIATE => self.on_spellcheck_initiate(tx, &batch).await,
+            topics::CJ_INITIATE => self.on_cj_initiate(tx, &batch).await,
+            topics::CJ_COMPLETED => self.on_cj_result(tx, &batch, true).await,
+            topics::CJ_FAILED => self.on_cj_result(tx, &batch, false).await,
+            other => {
+                tracing::warn!(topic = other, "unexpected topic");
+                Ok(())
+            }
+        }
+    }
+
+    fn router(self: Arc<Self>) -> Option<Router> {
+        Some(
+            Router::new()
+                .route("/v1/batches/{batch_id}/essays", get(view))
+                .with_state(self),
+        )
+    }
+}
+
+async fn view(
+    State(svc): State<Arc<EssayLifecycle>>,
+    Path(batch_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(svc.batch_view(&batch_id).await?))
+}

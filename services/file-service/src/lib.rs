@@ -1,0 +1,336 @@
+//! File Service: accepts essay files for a batch, extracts and validates their text, and
+//! announces each file. A whole upload request is one transaction: every file row and every
+//! event of the request commit together, or nothing does.
+//!
+//! | HTTP | effect |
+//! |---|---|
+//! | `POST /v1/files/batch/{batch_id}` (multipart, one part per file) | per file `file.batch.file.added` + `essay.content.provisioned` or `essay.validation.failed` |
+//! | `DELETE /v1/files/{file_upload_id}` | `file.batch.file.removed` |
+//! | `GET /v1/files/{file_upload_id}/content` | the extracted text |
+//!
+//! Files of the wrong type, unreadable, empty, too short or too long are *accepted* and
+//! reported as `essay.validation.failed` (the batch needs to know); a malformed or oversized
+//! request is rejected with a 4xx and writes nothing.
+
+pub mod extract;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use essay_common::util::{now_ms, parse_uuid, ApiError};
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::portable::{params, DbError, ServiceDb, Tx};
+use outbox::HandlerError;
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+pub const NAME: &str = "file_service";
+const EVENTS: EventFactory = EventFactory::new(NAME);
+
+/// Largest accepted request (all files together).
+pub const MAX_UPLOAD_BYTES: usize = 20 * 1024 * 1024;
+/// Largest accepted single file.
+pub const MAX_FILE_BYTES: usize = 5 * 1024 * 1024;
+pub const MAX_FILES_PER_UPLOAD: usize = 200;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS files (
+    file_upload_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    text_content TEXT,
+    size_bytes BIGINT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
+";
+
+#[derive(Clone)]
+pub struct FileService {
+    db: ServiceDb,
+}
+
+/// One file as the client sent it.
+#[derive(Clone, Debug)]
+pub struct UploadedFile {
+    pub filename: String,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FileOutcome {
+    pub file_upload_id: String,
+    pub filename: String,
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl FileService {
+    pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
+        db.execute_script(SCHEMA).await?;
+        Ok(Self { db })
+    }
+
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    /// Extracts every file, then records all of them and their events in one transaction.
+    pub async fn upload(
+        &self,
+        batch_id: &str,
+        correlation_id: Uuid,
+        files: Vec<UploadedFile>,
+    ) -> Result<Vec<FileOutcome>, ApiError> {
+        // Extraction is CPU work (PDF parsing); keep it off the async workers.
+        let extracted = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|f| {
+                    let text = extract::essay_text(&f.filename, &f.bytes);
+                    (f, text)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("extraction: {e}"),
+            )
+        })?;
+
+        let mut tx = self.db.begin().await?;
+        let mut outcomes = Vec::with_capacity(extracted.len());
+        for (file, text) in extracted {
+            let file_upload_id = Uuid::new_v4().to_string();
+            let (status, error_code, reason, content) = match &text {
+                Ok(t) => ("PROVISIONED", None, None, Some(t.clone())),
+                Err(e) => (
+                    "VALIDATION_FAILED",
+                    Some(e.error_code()),
+                    Some(e.to_string()),
+                    None,
+                ),
+            };
+            tx.execute(
+                "INSERT INTO files (file_upload_id, batch_id, filename, status, error_code,
+                                    text_content, size_bytes, correlation_id, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                params![
+                    &file_upload_id,
+                    batch_id,
+                    &file.filename,
+                    status,
+                    error_code,
+                    content.clone(),
+                    file.bytes.len(),
+                    correlation_id.to_string(),
+                    now_ms()
+                ],
+            )
+            .await?;
+            let added = EVENTS.event(
+                topics::FILE_ADDED,
+                ("batch", batch_id),
+                correlation_id,
+                &json!({"batch_id": batch_id, "file_upload_id": file_upload_id,
+                        "filename": file.filename}),
+            )?;
+            tx.enqueue(&added).await?;
+            let outcome = match &text {
+                Ok(t) => EVENTS.event(
+                    topics::CONTENT_PROVISIONED,
+                    ("file_upload", &file_upload_id),
+                    correlation_id,
+                    &json!({"entity_id": file_upload_id, "batch_id": batch_id,
+                            "file_upload_id": file_upload_id,
+                            "original_file_name": file.filename,
+                            "text_storage_id": file_upload_id, "text": t,
+                            "file_size_bytes": file.bytes.len(),
+                            "word_count": t.split_whitespace().count()}),
+                )?,
+                Err(e) => EVENTS.event(
+                    topics::VALIDATION_FAILED,
+                    ("file_upload", &file_upload_id),
+                    correlation_id,
+                    &json!({"entity_id": file_upload_id, "batch_id": batch_id,
+                            "file_upload_id": file_upload_id,
+                            "original_file_name": file.filename,
+                            "validation_error_code": e.error_code(),
+                            "validation_error_message": e.to_string()}),
+                )?,
+            };
+            tx.enqueue(&outcome).await?;
+            outcomes.push(FileOutcome {
+                file_upload_id,
+                filename: file.filename,
+                status,
+                error_code,
+                reason,
+            });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Marks a file removed and announces it; removing twice is a no-op.
+    pub async fn remove(&self, file_upload_id: &str) -> Result<bool, ApiError> {
+        let mut tx = self.db.begin().await?;
+        let Some(row) = tx
+            .fetch_optional(
+                "UPDATE files SET status = 'REMOVED' WHERE file_upload_id = $1 AND status <> 'REMOVED'
+                 RETURNING batch_id, filename, correlation_id",
+                params![file_upload_id],
+            )
+            .await?
+        else {
+            let exists = tx
+                .fetch_optional("SELECT 1 AS one FROM files WHERE file_upload_id = $1", params![file_upload_id])
+                .await?
+                .is_some();
+            return if exists { Ok(false) } else { Err(ApiError::not_found(format!("no file {file_upload_id}"))) };
+        };
+        let batch_id = row.text("batch_id")?;
+        let correlation = Uuid::parse_str(&row.text("correlation_id")?).unwrap_or_default();
+        let event = EVENTS.event(
+            topics::FILE_REMOVED,
+            ("batch", &batch_id),
+            correlation,
+            &json!({"batch_id": batch_id, "file_upload_id": file_upload_id,
+                    "filename": row.text("filename")?}),
+        )?;
+        tx.enqueue(&event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl Service for FileService {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn consumes(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn handle(&self, _tx: &mut Tx, _event: &Envelope) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    fn router(self: Arc<Self>) -> Option<Router> {
+        Some(router(self))
+    }
+}
+
+/// The HTTP API.
+pub fn router(svc: Arc<FileService>) -> Router {
+    Router::new()
+        .route("/v1/files/batch/{batch_id}", post(upload))
+        .route("/v1/files/{file_upload_id}", delete(remove))
+        .route("/v1/files/{file_upload_id}/content", get(content))
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+        .with_state(svc)
+}
+
+/// The flow's correlation id from `X-Correlation-ID`, or a new one.
+fn correlation(headers: &HeaderMap) -> Result<Uuid, ApiError> {
+    match headers.get("x-correlation-id") {
+        Some(v) => parse_uuid(v.to_str().unwrap_or_default(), "X-Correlation-ID"),
+        None => Ok(Uuid::new_v4()),
+    }
+}
+
+async fn upload(
+    State(svc): State<Arc<FileService>>,
+    Path(batch_id): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    parse_uuid(&batch_id, "batch id")?;
+    let correlation_id = correlation(&headers)?;
+    let mut multipart = multipart.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    // Read the whole request before writing anything: a broken request changes nothing.
+    let mut files = Vec::new();
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError(e.status(), format!("malformed upload: {}", e.body_text())))?
+    {
+        let Some(filename) = field.file_name().map(str::to_owned) else {
+            return Err(ApiError::bad_request(
+                "every part must be a file (with a filename)",
+            ));
+        };
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError(e.status(), format!("malformed upload: {}", e.body_text())))?;
+        if bytes.len() > MAX_FILE_BYTES {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{filename} is {} bytes; files may be at most {MAX_FILE_BYTES}",
+                    bytes.len()
+                ),
+            ));
+        }
+        files.push(UploadedFile {
+            filename,
+            bytes: bytes.to_vec(),
+        });
+        if files.len() > MAX_FILES_PER_UPLOAD {
+            return Err(ApiError::bad_request(format!(
+                "at most {MAX_FILES_PER_UPLOAD} files per upload"
+            )));
+        }
+    }
+    if files.is_empty() {
+        return Err(ApiError::bad_request("the upload contains no files"));
+    }
+    let outcomes = svc.upload(&batch_id, correlation_id, files).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"batch_id": batch_id, "files": outcomes})),
+    ))
+}
+
+async fn remove(
+    State(svc): State<Arc<FileService>>,
+    Path(file_upload_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    parse_uuid(&file_upload_id, "file upload id")?;
+    svc.remove(&file_upload_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn content(
+    State(svc): State<Arc<FileService>>,
+    Path(file_upload_id): Path<String>,
+) -> Result<String, ApiError> {
+    parse_uuid(&file_upload_id, "file upload id")?;
+    let row = svc
+        .db
+        .fetch_optional(
+            "SELECT text_content FROM files WHERE file_upload_id = $1",
+            params![&file_upload_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no file {file_upload_id}")))?;
+    row.opt_text("text_content")?
+        .ok_or_else(|| ApiError::not_found("the file has no text (it failed validation)"))
+}

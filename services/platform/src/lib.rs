@@ -1,0 +1,281 @@
+//! The essay platform: its seven services, run together ([`Platform`]) or one per process
+//! ([`serve`]), and the demo that pushes a batch of essays through them ([`demo`]).
+
+pub mod client;
+pub mod demo;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use batch_orchestrator::BatchOrchestrator;
+use cj_assessment::CjAssessment;
+use class_management::ClassManagement;
+use essay_common::runtime::{self, DataLocation, Observability, RunningService};
+use essay_common::Service;
+use essay_lifecycle::EssayLifecycle;
+use file_service::FileService;
+use outbox::backend::Broker;
+use outbox::portable::ServiceDb;
+use outbox::RelayReport;
+use result_aggregator::ResultAggregator;
+use spellchecker::{Spellchecker, Speller};
+
+/// Every service, with its default HTTP port for `serve`.
+pub const SERVICES: &[(&str, &str, u16)] = &[
+    ("batch-orchestrator", batch_orchestrator::NAME, 4101),
+    ("file-service", file_service::NAME, 4102),
+    ("essay-lifecycle", essay_lifecycle::NAME, 4103),
+    ("class-management", class_management::NAME, 4104),
+    ("spellchecker", spellchecker::NAME, 4105),
+    ("cj-assessment", cj_assessment::NAME, 4106),
+    ("result-aggregator", result_aggregator::NAME, 4107),
+];
+
+/// Knobs the services take.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long Class Management waits for a teacher before confirming its suggestions.
+    pub match_confirm_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            match_confirm_timeout: Duration::from_secs(
+                std::env::var("MATCH_CONFIRM_TIMEOUT_SECS")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(30),
+            ),
+        }
+    }
+}
+
+/// One service, built over its database.
+pub enum AnyService {
+    Bos(Arc<BatchOrchestrator>),
+    Files(Arc<FileService>),
+    Els(Arc<EssayLifecycle>),
+    Cms(Arc<ClassManagement>),
+    Spell(Arc<Spellchecker>),
+    Cj(Arc<CjAssessment>),
+    Ras(Arc<ResultAggregator>),
+}
+
+impl AnyService {
+    /// Builds the service called `name` (its short or full name) over `db`.
+    pub async fn build(name: &str, db: ServiceDb, options: &Options) -> anyhow::Result<Self> {
+        let (short, full, _) = SERVICES
+            .iter()
+            .find(|(s, f, _)| *s == name || *f == name)
+            .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
+        let _ = full;
+        Ok(match *short {
+            "batch-orchestrator" => Self::Bos(Arc::new(BatchOrchestrator::open(db).await?)),
+            "file-service" => Self::Files(Arc::new(FileService::open(db).await?)),
+            "essay-lifecycle" => Self::Els(Arc::new(EssayLifecycle::open(db).await?)),
+            "class-management" => Self::Cms(Arc::new(
+                ClassManagement::open(db, options.match_confirm_timeout).await?,
+            )),
+            "spellchecker" => {
+                let dir = spellchecker::dictionary_dir();
+                let speller = tokio::task::spawn_blocking(move || Speller::load(&dir)).await??;
+                Self::Spell(Arc::new(Spellchecker::open(db, Arc::new(speller)).await?))
+            }
+            "cj-assessment" => Self::Cj(Arc::new(
+                CjAssessment::open(db, Arc::new(cj_assessment::judge::FeatureJudge)).await?,
+            )),
+            "result-aggregator" => Self::Ras(Arc::new(ResultAggregator::open(db).await?)),
+            _ => unreachable!("listed in SERVICES"),
+        })
+    }
+
+    pub fn service(&self) -> Arc<dyn Service> {
+        match self {
+            Self::Bos(s) => s.clone(),
+            Self::Files(s) => s.clone(),
+            Self::Els(s) => s.clone(),
+            Self::Cms(s) => s.clone(),
+            Self::Spell(s) => s.clone(),
+            Self::Cj(s) => s.clone(),
+            Self::Ras(s) => s.clone(),
+        }
+    }
+}
+
+pub fn short_names() -> String {
+    SERVICES
+        .iter()
+        .map(|(s, _, _)| *s)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// All seven services in this process, sharing one broker (the in-process bus on the
+/// embedded default) but each with its own database.
+pub struct Platform {
+    pub bos: Arc<BatchOrchestrator>,
+    pub files: Arc<FileService>,
+    pub els: Arc<EssayLifecycle>,
+    pub cms: Arc<ClassManagement>,
+    pub spell: Arc<Spellchecker>,
+    pub cj: Arc<CjAssessment>,
+    pub ras: Arc<ResultAggregator>,
+    pub obs: Observability,
+    pub broker: Broker,
+    running: Vec<RunningService>,
+}
+
+impl Platform {
+    pub async fn start(
+        location: &DataLocation,
+        broker: Broker,
+        options: &Options,
+    ) -> anyhow::Result<Self> {
+        runtime::prepare_broker(&broker).await?;
+        let obs = Observability::default();
+        let mut built = Vec::new();
+        for (short, full, _) in SERVICES {
+            let db = runtime::open_database(location, full, &obs).await?;
+            built.push(AnyService::build(short, db, options).await?);
+        }
+        let mut running = Vec::new();
+        for s in &built {
+            running.push(
+                runtime::start(s.service(), service_db(s).clone(), &broker, &obs, None).await?,
+            );
+        }
+        let mut it = built.into_iter();
+        let mut next = || it.next().expect("seven services");
+        let (
+            AnyService::Bos(bos),
+            AnyService::Files(files),
+            AnyService::Els(els),
+            AnyService::Cms(cms),
+            AnyService::Spell(spell),
+            AnyService::Cj(cj),
+            AnyService::Ras(ras),
+        ) = (next(), next(), next(), next(), next(), next(), next())
+        else {
+            unreachable!("built in SERVICES order")
+        };
+        Ok(Self {
+            bos,
+            files,
+            els,
+            cms,
+            spell,
+            cj,
+            ras,
+            obs,
+            broker,
+            running,
+        })
+    }
+
+    /// Every service's HTTP API behind one router (the demo's gateway).
+    pub fn router(&self) -> Router {
+        let parts: [Option<Router>; 7] = [
+            self.bos.clone().router(),
+            self.files.clone().router(),
+            self.els.clone().router(),
+            self.cms.clone().router(),
+            self.spell.clone().router(),
+            self.cj.clone().router(),
+            self.ras.clone().router(),
+        ];
+        parts
+            .into_iter()
+            .flatten()
+            .fold(Router::new(), Router::merge)
+    }
+
+    /// The databases, by service name.
+    pub fn databases(&self) -> Vec<(&'static str, &ServiceDb)> {
+        self.running.iter().map(|r| (r.name, &r.db)).collect()
+    }
+
+    /// Pending and dead events per service outbox.
+    pub async fn outbox_stats(&self) -> anyhow::Result<Vec<(&'static str, outbox::OutboxStats)>> {
+        let mut out = Vec::new();
+        for r in &self.running {
+            out.push((r.name, r.db.database().relay_store().stats().await?));
+        }
+        Ok(out)
+    }
+
+    /// Dead events across all services (each would need an operator).
+    pub async fn dead_events(&self) -> anyhow::Result<u64> {
+        Ok(self.outbox_stats().await?.iter().map(|(_, s)| s.dead).sum())
+    }
+
+    /// Events this process's relays have published, all services together.
+    pub fn published(&self) -> u64 {
+        self.running
+            .iter()
+            .map(|r| {
+                self.obs
+                    .outbox
+                    .table(r.name, "event_outbox")
+                    .published_so_far()
+            })
+            .sum()
+    }
+
+    pub async fn stop(self) -> Vec<(&'static str, RelayReport)> {
+        let mut reports = Vec::new();
+        for r in self.running {
+            let name = r.name;
+            reports.push((name, r.stop().await));
+        }
+        reports
+    }
+}
+
+fn service_db(s: &AnyService) -> &ServiceDb {
+    match s {
+        AnyService::Bos(x) => x.db(),
+        AnyService::Files(x) => x.db(),
+        AnyService::Els(x) => x.db(),
+        AnyService::Cms(x) => x.db(),
+        AnyService::Spell(x) => x.db(),
+        AnyService::Cj(x) => x.db(),
+        AnyService::Ras(x) => x.db(),
+    }
+}
+
+/// Runs one service as this process until Ctrl-C: its relay, consumer and HTTP API (plus
+/// `/metrics`) on `addr`.
+pub async fn serve(
+    name: &str,
+    location: &DataLocation,
+    broker: Broker,
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let (short, full, port) = SERVICES
+        .iter()
+        .find(|(s, f, _)| *s == name || *f == name)
+        .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
+    runtime::prepare_broker(&broker).await?;
+    let obs = Observability::default();
+    let db = runtime::open_database(location, full, &obs).await?;
+    let service = AnyService::build(short, db.clone(), &Options::default()).await?;
+    let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
+    let running = runtime::start(service.service(), db, &broker, &obs, Some(addr)).await?;
+    println!(
+        "{full}: HTTP on {}, data in {}, broker {}; Ctrl-C stops",
+        running.http.map(|a| a.to_string()).unwrap_or_default(),
+        location.describe(),
+        broker.kind()
+    );
+    tokio::signal::ctrl_c().await?;
+    let report = running.stop().await;
+    println!(
+        "{full}: stopped; its relay published {} events",
+        report.published
+    );
+    Ok(())
+}

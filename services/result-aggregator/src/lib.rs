@@ -1,0 +1,306 @@
+//! Result Aggregator: builds each batch's result view from registration, slot, spellcheck, CJ
+//! and phase events, serves it over HTTP, and on `batch.pipeline.completed` marks the batch
+//! complete and emits `ras.batch.results.ready` (once).
+//!
+//! Events of one batch arrive on different topics in any order, so every write is an upsert
+//! of the fields that event owns; nothing assumes the registration came first.
+//!
+//! `GET /v1/batches/{batch_id}/results` -> batch status, phase outcomes, and per essay: rank,
+//! score, standard error, grade, spelling errors.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use essay_common::util::{now_ms, parse_uuid, ApiError};
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::portable::{params, DbError, ServiceDb, Tx};
+use outbox::HandlerError;
+use serde::Deserialize;
+use serde_json::json;
+
+pub const NAME: &str = "result_aggregator_service";
+const EVENTS: EventFactory = EventFactory::new(NAME);
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ra_batches (
+    batch_id TEXT PRIMARY KEY,
+    course_code TEXT,
+    expected_count BIGINT,
+    status TEXT NOT NULL,
+    results_ready_sent BIGINT NOT NULL DEFAULT 0,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ra_essays (
+    essay_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    filename TEXT,
+    spelling_errors BIGINT,
+    word_count BIGINT,
+    essay_rank BIGINT,
+    score DOUBLE PRECISION,
+    standard_error DOUBLE PRECISION,
+    grade TEXT,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ra_essays_by_batch ON ra_essays (batch_id);
+CREATE TABLE IF NOT EXISTS ra_phases (
+    batch_id TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    status TEXT NOT NULL,
+    PRIMARY KEY (batch_id, phase)
+);
+";
+
+#[derive(Clone)]
+pub struct ResultAggregator {
+    db: ServiceDb,
+}
+
+fn text_of(env: &Envelope, field: &str) -> Result<String, HandlerError> {
+    env.data[field]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| HandlerError::poison(format!("{} without {field}", env.event_type)))
+}
+
+impl ResultAggregator {
+    pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
+        db.execute_script(SCHEMA).await?;
+        Ok(Self { db })
+    }
+
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    async fn ensure_batch(&self, tx: &mut Tx, batch_id: &str) -> Result<(), DbError> {
+        tx.execute(
+            "INSERT INTO ra_batches (batch_id, status, updated_at) VALUES ($1, 'PROCESSING', $2)
+             ON CONFLICT (batch_id) DO NOTHING",
+            params![batch_id, now_ms()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets the given columns of an essay, creating its row if this event came first.
+    async fn upsert_essay(
+        &self,
+        tx: &mut Tx,
+        essay_id: &str,
+        batch_id: &str,
+        sets: &[(&str, outbox::portable::Value)],
+    ) -> Result<(), DbError> {
+        tx.execute(
+            "INSERT INTO ra_essays (essay_id, batch_id, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (essay_id) DO NOTHING",
+            params![essay_id, batch_id, now_ms()],
+        )
+        .await?;
+        for (column, value) in sets {
+            // Column names come from this file, never from input.
+            let sql =
+                format!("UPDATE ra_essays SET {column} = $2, updated_at = $3 WHERE essay_id = $1");
+            tx.execute(&sql, &[essay_id.into(), value.clone(), now_ms().into()])
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn results(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+        let batch = self
+            .db
+            .fetch_optional(
+                "SELECT status, course_code, expected_count FROM ra_batches WHERE batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no batch {batch_id}")))?;
+        let phases = self
+            .db
+            .fetch_all(
+                "SELECT phase, status FROM ra_phases WHERE batch_id = $1 ORDER BY phase",
+                params![batch_id],
+            )
+            .await?;
+        let mut phase_map = serde_json::Map::new();
+        for p in &phases {
+            phase_map.insert(p.text("phase")?, p.text("status")?.into());
+        }
+        let essays = self
+            .db
+            .fetch_all(
+                "SELECT essay_id, filename, spelling_errors, word_count, essay_rank, score, standard_error, grade
+                 FROM ra_essays WHERE batch_id = $1
+                 ORDER BY CASE WHEN essay_rank IS NULL THEN 1 ELSE 0 END, essay_rank, filename",
+                params![batch_id],
+            )
+            .await?;
+        let essays = essays
+            .iter()
+            .map(|r| {
+                Ok(json!({
+                    "essay_id": r.text("essay_id")?, "filename": r.opt_text("filename")?,
+                    "rank": r.opt_int("essay_rank")?,
+                    "score": r.float("score").ok(), "standard_error": r.float("standard_error").ok(),
+                    "grade": r.opt_text("grade")?, "spelling_errors": r.opt_int("spelling_errors")?,
+                    "word_count": r.opt_int("word_count")?,
+                }))
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
+        Ok(json!({
+            "batch_id": batch_id, "status": batch.text("status")?,
+            "course_code": batch.opt_text("course_code")?,
+            "expected_essay_count": batch.opt_int("expected_count")?,
+            "phases": phase_map, "essays": essays,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+struct EssayResult {
+    essay_id: String,
+    rank: i64,
+    score: f64,
+    standard_error: f64,
+    grade: String,
+}
+
+#[async_trait]
+impl Service for ResultAggregator {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn consumes(&self) -> &'static [&'static str] {
+        &[
+            topics::BATCH_ESSAYS_REGISTERED,
+            topics::SLOT_ASSIGNED,
+            topics::SPELLCHECK_RESULTS,
+            topics::ASSESSMENT_RESULT_PUBLISHED,
+            topics::PHASE_OUTCOME,
+            topics::PIPELINE_COMPLETED,
+        ]
+    }
+
+    async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let batch_id = text_of(env, "batch_id")?;
+        self.ensure_batch(tx, &batch_id).await?;
+        match env.event_type.as_str() {
+            topics::BATCH_ESSAYS_REGISTERED => {
+                let essay_ids: Vec<String> = serde_json::from_value(env.data["essay_ids"].clone())
+                    .map_err(|e| HandlerError::poison(format!("essay_ids: {e}")))?;
+                tx.execute(
+                    "UPDATE ra_batches SET course_code = $2, expected_count = $3 WHERE batch_id = $1",
+                    params![&batch_id, env.data["course_code"].as_str(), essay_ids.len()],
+                )
+                .await?;
+                for id in &essay_ids {
+                    self.upsert_essay(tx, id, &batch_id, &[]).await?;
+                }
+            }
+            topics::SLOT_ASSIGNED => {
+                let essay_id = text_of(env, "essay_id")?;
+                let filename = env.data["original_file_name"].as_str();
+                self.upsert_essay(tx, &essay_id, &batch_id, &[("filename", filename.into())])
+                    .await?;
+            }
+            topics::SPELLCHECK_RESULTS => {
+                let essay_id = text_of(env, "essay_id")?;
+                self.upsert_essay(
+                    tx,
+                    &essay_id,
+                    &batch_id,
+                    &[
+                        ("spelling_errors", env.data["error_count"].as_i64().into()),
+                        ("word_count", env.data["word_count"].as_i64().into()),
+                    ],
+                )
+                .await?;
+            }
+            topics::ASSESSMENT_RESULT_PUBLISHED => {
+                let results: Vec<EssayResult> =
+                    serde_json::from_value(env.data["essay_results"].clone())
+                        .map_err(|e| HandlerError::poison(format!("essay_results: {e}")))?;
+                for r in results {
+                    self.upsert_essay(
+                        tx,
+                        &r.essay_id,
+                        &batch_id,
+                        &[
+                            ("essay_rank", r.rank.into()),
+                            ("score", r.score.into()),
+                            ("standard_error", r.standard_error.into()),
+                            ("grade", r.grade.into()),
+                        ],
+                    )
+                    .await?;
+                }
+            }
+            topics::PHASE_OUTCOME => {
+                let phase = text_of(env, "phase")?;
+                let status = text_of(env, "status")?;
+                tx.execute(
+                    "INSERT INTO ra_phases (batch_id, phase, status) VALUES ($1, $2, $3)
+                     ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status",
+                    params![&batch_id, phase, status],
+                )
+                .await?;
+            }
+            topics::PIPELINE_COMPLETED => {
+                let status = if env.data["status"].as_str() == Some("FAILED") {
+                    "FAILED"
+                } else {
+                    "COMPLETED"
+                };
+                let first = tx
+                    .execute(
+                        "UPDATE ra_batches SET status = $2, results_ready_sent = 1, updated_at = $3
+                         WHERE batch_id = $1 AND results_ready_sent = 0",
+                        params![&batch_id, status, now_ms()],
+                    )
+                    .await?;
+                if first == 1 {
+                    let ranked = tx
+                        .fetch_optional(
+                            "SELECT COUNT(*) AS n FROM ra_essays WHERE batch_id = $1 AND essay_rank IS NOT NULL",
+                            params![&batch_id],
+                        )
+                        .await?
+                        .map(|r| r.int("n"))
+                        .transpose()?
+                        .unwrap_or(0);
+                    let e = EVENTS.event(
+                        topics::RESULTS_READY,
+                        ("batch", &batch_id),
+                        env.correlation_id,
+                        &json!({"batch_id": batch_id, "entity_id": batch_id, "status": status,
+                                "ranked_essays": ranked}),
+                    )?;
+                    tx.enqueue(&e).await?;
+                }
+            }
+            other => tracing::warn!(topic = other, "unexpected topic"),
+        }
+        Ok(())
+    }
+
+    fn router(self: Arc<Self>) -> Option<Router> {
+        Some(
+            Router::new()
+                .route("/v1/batches/{batch_id}/results", get(results))
+                .with_state(self),
+        )
+    }
+}
+
+async fn results(
+    State(svc): State<Arc<ResultAggregator>>,
+    Path(batch_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    parse_uuid(&batch_id, "batch id")?;
+    Ok(Json(svc.results(&batch_id).await?))
+}
