@@ -57,19 +57,18 @@ impl Database {
     pub async fn connect(url: &str, schema: &str) -> Result<Self, BackendError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let schema = Schema::new(schema)?;
-            // Unqualified names resolve to the service's schema first (see `portable`).
-            let search_path = format!("SET search_path TO \"{}\", public", schema.name());
+            // Unqualified names resolve to the service's schema first (see `portable`). A
+            // startup parameter, not a SET: `RESET search_path` (the migrator's) returns to it.
+            let options: sqlx::postgres::PgConnectOptions =
+                url.parse().map_err(|source| BackendError::Connect {
+                    url: redact_url(url),
+                    source,
+                })?;
+            let options = options.options([("search_path", format!("\"{}\"", schema.name()))]);
             let pool = PgPoolOptions::new()
                 .max_connections(16)
-                .after_connect(move |conn, _| {
-                    let search_path = search_path.clone();
-                    Box::pin(async move {
-                        sqlx::Executor::execute(conn, search_path.as_str()).await?;
-                        Ok(())
-                    })
-                })
                 .acquire_timeout(std::time::Duration::from_secs(10))
-                .connect(url)
+                .connect_with(options)
                 .await
                 .map_err(|source| BackendError::Connect {
                     url: redact_url(url),

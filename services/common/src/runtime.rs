@@ -72,16 +72,19 @@ impl Shutdown {
 pub enum DataLocation {
     /// One SQLite file per service in this directory (the embedded default).
     SqliteDir(std::path::PathBuf),
-    /// One PostgreSQL database, one schema per service.
-    Postgres(String),
+    /// One PostgreSQL database, one schema per service (`{schema_prefix}{service}`).
+    Postgres { url: String, schema_prefix: String },
 }
 
 impl DataLocation {
-    /// `DATABASE_URL` if it is a PostgreSQL URL, else SQLite files under `PLATFORM_DATA_DIR`
-    /// (default `platform-data`).
+    /// `DATABASE_URL` if it is a PostgreSQL URL (schemas prefixed by `PLATFORM_SCHEMA_PREFIX`),
+    /// else SQLite files under `PLATFORM_DATA_DIR` (default `platform-data`).
     pub fn from_env() -> Self {
         match std::env::var("DATABASE_URL") {
-            Ok(url) if url.starts_with("postgres") => Self::Postgres(url),
+            Ok(url) if url.starts_with("postgres") => Self::Postgres {
+                url,
+                schema_prefix: std::env::var("PLATFORM_SCHEMA_PREFIX").unwrap_or_default(),
+            },
             _ => Self::SqliteDir(
                 std::env::var("PLATFORM_DATA_DIR")
                     .unwrap_or_else(|_| "platform-data".into())
@@ -93,15 +96,23 @@ impl DataLocation {
     pub fn url_for(&self, service: &str) -> String {
         match self {
             Self::SqliteDir(dir) => format!("sqlite://{}/{service}.db", dir.display()),
-            Self::Postgres(url) => url.clone(),
+            Self::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    /// The PostgreSQL schema of `service` (SQLite ignores it: one file per service).
+    pub fn schema_for(&self, service: &str) -> String {
+        match self {
+            Self::SqliteDir(_) => service.to_owned(),
+            Self::Postgres { schema_prefix, .. } => format!("{schema_prefix}{service}"),
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Self::SqliteDir(dir) => format!("SQLite files in {}", dir.display()),
-            Self::Postgres(url) => format!(
-                "PostgreSQL {} (one schema per service)",
+            Self::Postgres { url, schema_prefix } => format!(
+                "PostgreSQL {} (one schema per service: {schema_prefix}<service>)",
                 outbox::config::redact_url(url)
             ),
         }
@@ -145,7 +156,7 @@ pub async fn open_database(
         std::fs::create_dir_all(dir)
             .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let database = Database::open(&location.url_for(service), service)
+    let database = Database::open(&location.url_for(service), &location.schema_for(service))
         .await
         .map_err(|e| err(format!("{service}: {e}")))?;
     let metrics = obs.outbox.table(service, "event_outbox");

@@ -6,10 +6,95 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use tower::ServiceExt;
 
-/// The services' routers behind one entry point.
+/// The services' HTTP APIs behind one entry point: their routers in this process, or the
+/// services running as their own processes.
 #[derive(Clone)]
-pub struct Gateway {
-    router: Router,
+pub enum Gateway {
+    InProcess(Router),
+    /// Service short name (as in [`crate::SERVICES`]) -> address.
+    Remote(std::sync::Arc<std::collections::HashMap<String, std::net::SocketAddr>>),
+}
+
+/// Which service answers `path`.
+pub fn service_for(path: &str) -> &'static str {
+    let path = path.split('?').next().unwrap_or(path);
+    if path.starts_with("/v1/files") {
+        "file-service"
+    } else if ["/v1/classes", "/v1/students", "/v1/matches"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
+        "class-management"
+    } else if path.ends_with("/essays") {
+        "essay-lifecycle"
+    } else if path.ends_with("/results") {
+        "result-aggregator"
+    } else {
+        "batch-orchestrator"
+    }
+}
+
+/// One HTTP/1.1 exchange over a fresh connection (`Connection: close`): enough for a test
+/// or demo client, without pulling in an HTTP client stack.
+async fn exchange(
+    addr: std::net::SocketAddr,
+    request: Request<Body>,
+) -> anyhow::Result<(StatusCode, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await?;
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        parts.method,
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/"),
+        body.len()
+    );
+    for (name, value) in &parts.headers {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str()?));
+    }
+    head.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in response from {addr}"))?;
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((StatusCode::from_u16(status)?, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
 }
 
 /// A response: status and JSON body (`null` when the body is empty or not JSON).
@@ -17,13 +102,33 @@ pub type Reply = (StatusCode, serde_json::Value);
 
 impl Gateway {
     pub fn new(router: Router) -> Self {
-        Self { router }
+        Self::InProcess(router)
+    }
+
+    pub fn remote(addrs: std::collections::HashMap<String, std::net::SocketAddr>) -> Self {
+        Self::Remote(std::sync::Arc::new(addrs))
     }
 
     pub async fn send(&self, request: Request<Body>) -> anyhow::Result<Reply> {
-        let response = self.router.clone().oneshot(request).await?;
-        let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024).await?;
+        let (status, bytes) = match self {
+            Self::InProcess(router) => {
+                let response = router.clone().oneshot(request).await?;
+                let status = response.status();
+                (
+                    status,
+                    axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
+                        .await?
+                        .to_vec(),
+                )
+            }
+            Self::Remote(addrs) => {
+                let service = service_for(request.uri().path());
+                let addr = *addrs
+                    .get(service)
+                    .ok_or_else(|| anyhow::anyhow!("no address for {service}"))?;
+                exchange(addr, request).await?
+            }
+        };
         let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             if bytes.is_empty() {
                 serde_json::Value::Null

@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use serde_json::{json, Value};
 
 use crate::client::Gateway;
-use crate::Platform;
 
 /// Students of the demo class; several sample essays are signed by them.
 pub const STUDENTS: &[(&str, &str)] = &[
@@ -90,9 +89,8 @@ fn expect(reply: (StatusCode, Value), want: StatusCode, what: &str) -> anyhow::R
     Ok(reply.1)
 }
 
-/// Runs one batch through `platform`.
-pub async fn run(platform: &Platform, options: &DemoOptions) -> anyhow::Result<DemoReport> {
-    let api = Gateway::new(platform.router());
+/// Runs one batch through the services behind `api` (in process or remote).
+pub async fn run(api: &Gateway, options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let say = |line: String| {
         if options.verbose {

@@ -193,9 +193,29 @@ impl Platform {
             .fold(Router::new(), Router::merge)
     }
 
+    /// The same, as a client.
+    pub fn gateway(&self) -> client::Gateway {
+        client::Gateway::new(self.router())
+    }
+
     /// The databases, by service name.
-    pub fn databases(&self) -> Vec<(&'static str, &ServiceDb)> {
-        self.running.iter().map(|r| (r.name, &r.db)).collect()
+    pub fn databases(&self) -> Vec<(&'static str, ServiceDb)> {
+        self.running
+            .iter()
+            .map(|r| (r.name, r.db.clone()))
+            .collect()
+    }
+
+    pub fn services(&self) -> Vec<Arc<dyn Service>> {
+        vec![
+            self.bos.clone(),
+            self.files.clone(),
+            self.els.clone(),
+            self.cms.clone(),
+            self.spell.clone(),
+            self.cj.clone(),
+            self.ras.clone(),
+        ]
     }
 
     /// Pending and dead events per service outbox.

@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
                 with_class: !guest,
                 ..DemoOptions::default()
             };
-            let report = demo::run(&platform, &options).await;
+            let report = demo::run(&platform.gateway(), &options).await;
             let report = match report {
                 Ok(r) => r,
                 Err(e) => {

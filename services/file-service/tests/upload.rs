@@ -1,0 +1,284 @@
+//! The upload API with real files: a .docx written by a zip library, a .pdf written by a PDF
+//! library, plain text, and hostile requests that must change nothing.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use file_service::{FileService, MAX_FILE_BYTES};
+use outbox::portable::ServiceDb;
+use tower::ServiceExt;
+
+const ESSAY: &str =
+    "Homework has been part of schooling for generations, but its value is increasingly \
+questioned. Research suggests that moderate homework benefits older students, particularly when it \
+reinforces skills practiced in class & in groups.";
+
+fn docx(paragraphs: &[&str]) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut buf);
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("[Content_Types].xml", opts).unwrap();
+    zip.write_all(br#"<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>"#).unwrap();
+    zip.start_file("word/document.xml", opts).unwrap();
+    let body: String = paragraphs
+        .iter()
+        .map(|p| {
+            format!(
+                "<w:p><w:r><w:t>{}</w:t></w:r></w:p>",
+                p.replace('&', "&amp;")
+            )
+        })
+        .collect();
+    write!(zip, r#"<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>{body}</w:body></w:document>"#).unwrap();
+    zip.finish().unwrap();
+    buf.into_inner()
+}
+
+fn pdf(lines: &[&str]) -> Vec<u8> {
+    use lopdf::content::{Content, Operation};
+    use lopdf::{dictionary, Document, Object, Stream};
+    let mut doc = Document::with_version("1.5");
+    let pages_id = doc.new_object_id();
+    let font_id = doc.add_object(
+        dictionary! {"Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica"},
+    );
+    let resources_id = doc.add_object(dictionary! {"Font" => dictionary! {"F1" => font_id}});
+    let mut ops = vec![
+        Operation::new("BT", vec![]),
+        Operation::new("Tf", vec!["F1".into(), 11.into()]),
+        Operation::new("Td", vec![50.into(), 780.into()]),
+    ];
+    for line in lines {
+        ops.push(Operation::new("Tj", vec![Object::string_literal(*line)]));
+        ops.push(Operation::new("Td", vec![0.into(), (-14).into()]));
+    }
+    ops.push(Operation::new("ET", vec![]));
+    let content_id = doc.add_object(Stream::new(
+        dictionary! {},
+        Content { operations: ops }.encode().unwrap(),
+    ));
+    let page_id = doc
+        .add_object(dictionary! {"Type" => "Page", "Parent" => pages_id, "Contents" => content_id});
+    doc.objects.insert(pages_id, Object::Dictionary(dictionary! {
+        "Type" => "Pages", "Kids" => vec![page_id.into()], "Count" => 1,
+        "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()]}));
+    let catalog_id = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
+    doc.trailer.set("Root", catalog_id);
+    let mut out = Vec::new();
+    doc.save_to(&mut out).unwrap();
+    out
+}
+
+fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, bytes) in files {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn service() -> (Arc<FileService>, ServiceDb, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "file-service-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = ServiceDb::open(
+        &format!("sqlite://{}/files.db", dir.display()),
+        "file_service",
+    )
+    .await
+    .unwrap();
+    (
+        Arc::new(FileService::open(db.clone()).await.unwrap()),
+        db,
+        dir,
+    )
+}
+
+async fn post(
+    svc: &Arc<FileService>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, serde_json::Value) {
+    let batch = uuid::Uuid::new_v4();
+    let req = Request::post(format!("/v1/files/batch/{batch}"))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap();
+    let resp = file_service::router(svc.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+async fn rows(db: &ServiceDb, table: &str) -> i64 {
+    db.fetch_optional(&format!("SELECT COUNT(*) AS n FROM {table}"), &[])
+        .await
+        .unwrap()
+        .unwrap()
+        .int("n")
+        .unwrap()
+}
+
+/// A split point between words (paragraphs and PDF lines break there).
+fn cut(before: &str) -> usize {
+    ESSAY.find(before).unwrap()
+}
+
+#[tokio::test]
+async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
+    let (svc, db, dir) = service().await;
+    let (ct, body) = multipart(&[
+        ("a.txt", ESSAY.as_bytes().to_vec()),
+        (
+            "b.docx",
+            docx(&[&ESSAY[..cut(" Research")], &ESSAY[cut(" Research")..]]),
+        ),
+        (
+            "c.pdf",
+            pdf(&[&ESSAY[..cut(" moderate")], &ESSAY[cut(" moderate")..]]),
+        ),
+        ("d.exe", b"MZ\x90\x00".to_vec()),
+        ("e.txt", b"too short".to_vec()),
+        ("f.pdf", b"%PDF-1.7 this is not really a pdf".to_vec()),
+        ("g.txt", Vec::new()),
+    ]);
+    let (status, reply) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{reply}");
+    let files = reply["files"].as_array().unwrap();
+    let outcome = |i: usize| {
+        (
+            files[i]["status"].as_str().unwrap(),
+            files[i]["error_code"].as_str(),
+        )
+    };
+    assert_eq!(outcome(0), ("PROVISIONED", None));
+    assert_eq!(outcome(1), ("PROVISIONED", None), "{}", files[1]);
+    assert_eq!(outcome(2), ("PROVISIONED", None), "{}", files[2]);
+    assert_eq!(
+        outcome(3),
+        ("VALIDATION_FAILED", Some("UNSUPPORTED_FILE_TYPE"))
+    );
+    assert_eq!(outcome(4), ("VALIDATION_FAILED", Some("CONTENT_TOO_SHORT")));
+    assert_eq!(
+        outcome(5),
+        ("VALIDATION_FAILED", Some("TEXT_EXTRACTION_FAILED"))
+    );
+    assert_eq!(outcome(6), ("VALIDATION_FAILED", Some("EMPTY_CONTENT")));
+    // The extracted text is the essay's words, from every format.
+    for i in 0..3 {
+        let id = files[i]["file_upload_id"].as_str().unwrap();
+        let text = db
+            .fetch_optional(
+                "SELECT text_content FROM files WHERE file_upload_id = $1",
+                outbox::portable::params![id],
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .text("text_content")
+            .unwrap();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(
+            words,
+            ESSAY.split_whitespace().collect::<Vec<_>>(),
+            "file {i}: {text}"
+        );
+    }
+    assert_eq!(rows(&db, "files").await, 7);
+    assert_eq!(
+        rows(&db, "event_outbox").await,
+        14,
+        "file added + outcome per file"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
+    let (svc, db, dir) = service().await;
+    let (ct, mut body) = multipart(&[("a.txt", ESSAY.as_bytes().to_vec())]);
+    // Cut off before the closing boundary.
+    body.truncate(body.len() - 30);
+    let (status, reply) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("malformed"),
+        "{reply}"
+    );
+
+    let (status, _) = post(&svc, "application/json", b"{\"files\": []}".to_vec()).await;
+    assert!(status.is_client_error(), "wrong content type: {status}");
+
+    let (ct, body) = multipart(&[
+        ("a.txt", ESSAY.as_bytes().to_vec()),
+        ("big.txt", vec![b'a'; MAX_FILE_BYTES + 1]),
+    ]);
+    let (status, reply) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{reply}");
+
+    let (ct, body) = multipart(&[]);
+    let (status, _) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no files");
+
+    let req = Request::post("/v1/files/batch/not-a-uuid")
+        .header(header::CONTENT_TYPE, ct)
+        .body(Body::empty())
+        .unwrap();
+    let resp = file_service::router(svc.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    assert_eq!(rows(&db, "files").await, 0, "nothing half-written");
+    assert_eq!(rows(&db, "event_outbox").await, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn removing_a_file_announces_it_once() {
+    let (svc, db, dir) = service().await;
+    let files = svc
+        .upload(
+            &uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4(),
+            vec![file_service::UploadedFile {
+                filename: "a.txt".into(),
+                bytes: ESSAY.as_bytes().to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    let id = &files[0].file_upload_id;
+    assert!(svc.remove(id).await.unwrap());
+    assert!(!svc.remove(id).await.unwrap(), "second removal is a no-op");
+    let removed = db
+        .fetch_all(
+            "SELECT topic FROM event_outbox WHERE topic = $1",
+            outbox::portable::params![essay_common::topics::FILE_REMOVED],
+        )
+        .await
+        .unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(
+        svc.remove(&uuid::Uuid::new_v4().to_string()).await.is_err(),
+        "unknown file: 404"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,409 @@
+//! Every critical event is written in the same transaction as its state change, on real
+//! PostgreSQL: when the event cannot be written the state change is gone too, a rolled-back
+//! handler leaves neither, and repeated deliveries or finalisations add nothing.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use essay_common::{topics, Envelope, EventFactory, Service};
+use outbox::backend::Database;
+use outbox::portable::ServiceDb;
+use serde_json::json;
+use uuid::Uuid;
+
+struct Schemas {
+    prefix: String,
+}
+
+impl Schemas {
+    fn new() -> Self {
+        Self {
+            prefix: format!("t{}_atom_", &Uuid::new_v4().simple().to_string()[..8]),
+        }
+    }
+
+    async fn db(&self, service: &str) -> ServiceDb {
+        ServiceDb::open(&database_url(), &format!("{}{service}", self.prefix))
+            .await
+            .expect("open")
+    }
+
+    async fn drop(self) {
+        drop_schemas(&essay_common::runtime::DataLocation::Postgres {
+            url: database_url(),
+            schema_prefix: self.prefix,
+        })
+        .await;
+    }
+}
+
+fn schema_of(db: &ServiceDb) -> String {
+    match db.database() {
+        Database::Postgres { schema, .. } => schema.name().to_owned(),
+        Database::Sqlite { .. } => unreachable!("PostgreSQL tests"),
+    }
+}
+
+/// Makes every outbox insert of `db` fail (as a full disk or a lost connection would).
+async fn refuse_events(db: &ServiceDb, refuse: bool) {
+    let s = schema_of(db);
+    let sql = if refuse {
+        format!(
+            "CREATE OR REPLACE FUNCTION \"{s}\".refuse_event() RETURNS trigger LANGUAGE plpgsql
+               AS $$ BEGIN RAISE EXCEPTION 'injected: the outbox refuses this event'; END $$;
+             CREATE TRIGGER refuse_event BEFORE INSERT ON \"{s}\".event_outbox
+               FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse_event();"
+        )
+    } else {
+        format!("DROP TRIGGER refuse_event ON \"{s}\".event_outbox")
+    };
+    db.execute_script(&sql).await.expect("trigger");
+}
+
+async fn n(db: &ServiceDb, sql: &str) -> i64 {
+    db.fetch_optional(sql, &[])
+        .await
+        .unwrap()
+        .unwrap()
+        .int("n")
+        .unwrap()
+}
+
+async fn outbox_topics(db: &ServiceDb) -> Vec<String> {
+    db.fetch_all("SELECT topic FROM event_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.text("topic").unwrap())
+        .collect()
+}
+
+fn envelope(
+    source: &'static str,
+    topic: &'static str,
+    aggregate: (&str, &str),
+    data: serde_json::Value,
+) -> Envelope {
+    let e = EventFactory::new(source)
+        .event(topic, aggregate, Uuid::new_v4(), &data)
+        .unwrap();
+    serde_json::from_slice(e.payload()).unwrap()
+}
+
+/// Applies `env` in a transaction, then rolls back or commits.
+async fn apply(service: &dyn Service, db: &ServiceDb, env: &Envelope, commit: bool) {
+    let mut tx = db.begin().await.unwrap();
+    service.handle(&mut tx, env).await.expect("handler");
+    if commit {
+        tx.commit().await.unwrap()
+    } else {
+        tx.rollback().await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn http_writes_commit_with_their_events() {
+    let schemas = Schemas::new();
+
+    let db = schemas.db(batch_orchestrator::NAME).await;
+    let bos = batch_orchestrator::BatchOrchestrator::open(db.clone())
+        .await
+        .unwrap();
+    let req = || batch_orchestrator::RegisterBatch {
+        course_code: "ENG5".into(),
+        expected_essay_count: 2,
+        class_id: None,
+        user_id: None,
+    };
+    refuse_events(&db, true).await;
+    assert!(bos.register(req()).await.is_err());
+    assert_eq!(
+        n(&db, "SELECT COUNT(*) AS n FROM batches").await,
+        0,
+        "no batch without its event"
+    );
+    refuse_events(&db, false).await;
+    let registered = bos.register(req()).await.unwrap();
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM batches").await, 1);
+    assert_eq!(outbox_topics(&db).await, [topics::BATCH_ESSAYS_REGISTERED]);
+    assert_eq!(
+        bos.request_pipeline(
+            &registered.batch_id,
+            vec![batch_orchestrator::Phase::Spellcheck]
+        )
+        .await
+        .unwrap(),
+        "WAITING",
+        "not ready yet: waits"
+    );
+
+    let db = schemas.db(file_service::NAME).await;
+    let files = file_service::FileService::open(db.clone()).await.unwrap();
+    let upload = || {
+        vec![
+            file_service::UploadedFile {
+                filename: "a.txt".into(),
+                bytes: "word ".repeat(40).into_bytes(),
+            },
+            file_service::UploadedFile {
+                filename: "b.exe".into(),
+                bytes: b"MZ".to_vec(),
+            },
+        ]
+    };
+    refuse_events(&db, true).await;
+    assert!(files
+        .upload(&registered.batch_id, Uuid::new_v4(), upload())
+        .await
+        .is_err());
+    assert_eq!(
+        n(&db, "SELECT COUNT(*) AS n FROM files").await,
+        0,
+        "nothing half-written"
+    );
+    refuse_events(&db, false).await;
+    files
+        .upload(&registered.batch_id, Uuid::new_v4(), upload())
+        .await
+        .unwrap();
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM files").await, 2);
+    assert_eq!(
+        outbox_topics(&db).await,
+        [
+            topics::FILE_ADDED,
+            topics::CONTENT_PROVISIONED,
+            topics::FILE_ADDED,
+            topics::VALIDATION_FAILED
+        ]
+    );
+
+    let db = schemas.db(class_management::NAME).await;
+    let cms = class_management::ClassManagement::open(db.clone(), Duration::ZERO)
+        .await
+        .unwrap();
+    refuse_events(&db, true).await;
+    assert!(cms.create_class("9B", "ENG5").await.is_err());
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM classes").await, 0);
+    refuse_events(&db, false).await;
+    let class_id = cms.create_class("9B", "ENG5").await.unwrap();
+    cms.add_student(
+        &class_id,
+        class_management::NewStudent {
+            first_name: "Maya".into(),
+            last_name: "Lindqvist".into(),
+            email: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outbox_topics(&db).await,
+        [topics::CLASS_CREATED, topics::STUDENT_CREATED]
+    );
+
+    // Matching: a suggestion, then confirmation by timeout (0 s here) - once only.
+    let batch_id = Uuid::new_v4().to_string();
+    let requested = envelope(
+        essay_lifecycle::NAME,
+        topics::MATCHING_REQUESTED,
+        ("batch", &batch_id),
+        json!({"batch_id": batch_id, "class_id": class_id,
+               "essays": [{"essay_id": "e1", "text": "An essay by Maya Lindqvist."}]}),
+    );
+    apply(&cms, &db, &requested, false).await;
+    assert_eq!(
+        n(&db, "SELECT COUNT(*) AS n FROM matches").await,
+        0,
+        "rolled back"
+    );
+    apply(&cms, &db, &requested, true).await;
+    refuse_events(&db, true).await;
+    assert!(cms.confirm_expired().await.is_err());
+    assert_eq!(
+        n(
+            &db,
+            "SELECT COUNT(*) AS n FROM matches WHERE status = 'PENDING'"
+        )
+        .await,
+        1,
+        "not confirmed without its event"
+    );
+    refuse_events(&db, false).await;
+    assert_eq!(cms.confirm_expired().await.unwrap(), 1);
+    assert_eq!(cms.confirm_expired().await.unwrap(), 0);
+    assert!(
+        !cms.confirm(&batch_id, None, "teacher").await.unwrap(),
+        "second confirmation is a no-op"
+    );
+    assert_eq!(
+        outbox_topics(&db)
+            .await
+            .iter()
+            .filter(|t| *t == topics::ASSOCIATIONS_CONFIRMED)
+            .count(),
+        1
+    );
+    let m = cms.matches(&batch_id).await.unwrap();
+    assert_eq!(m["suggestions"][0]["student_name"], "Maya Lindqvist");
+    schemas.drop().await;
+}
+
+#[tokio::test]
+async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
+    let schemas = Schemas::new();
+    let batch_id = Uuid::new_v4().to_string();
+    let essay_id = Uuid::new_v4().to_string();
+
+    // Essay Lifecycle: content into a slot (slot assigned + provisioning completed).
+    let db = schemas.db(essay_lifecycle::NAME).await;
+    let els = essay_lifecycle::EssayLifecycle::open(db.clone())
+        .await
+        .unwrap();
+    let registered = envelope(
+        batch_orchestrator::NAME,
+        topics::BATCH_ESSAYS_REGISTERED,
+        ("batch", &batch_id),
+        json!({"batch_id": batch_id, "essay_ids": [essay_id], "course_code": "ENG5", "batch_kind": "GUEST"}),
+    );
+    let content = envelope(
+        file_service::NAME,
+        topics::CONTENT_PROVISIONED,
+        ("file_upload", "f1"),
+        json!({"batch_id": batch_id, "file_upload_id": "f1", "original_file_name": "a.txt", "text": "some text"}),
+    );
+    // Content first: parked until the registration arrives.
+    apply(&els, &db, &content, true).await;
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM pending_content").await, 1);
+    apply(&els, &db, &registered, false).await;
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM essays").await, 0);
+    assert!(
+        outbox_topics(&db).await.is_empty(),
+        "rolled back: no events"
+    );
+    apply(&els, &db, &registered, true).await;
+    assert_eq!(
+        n(
+            &db,
+            "SELECT COUNT(*) AS n FROM essays WHERE state = 'CONTENT_READY'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM pending_content").await, 0);
+    assert_eq!(
+        outbox_topics(&db).await,
+        [topics::SLOT_ASSIGNED, topics::PROVISIONING_COMPLETED]
+    );
+    apply(&els, &db, &content, true).await; // the same content again (a re-send): nothing new
+    assert_eq!(outbox_topics(&db).await.len(), 2);
+
+    // Spellchecker: thin + rich with the result row, once per essay.
+    let db = schemas.db(spellchecker::NAME).await;
+    let speller = Arc::new(spellchecker::Speller::load(&spellchecker::dictionary_dir()).unwrap());
+    let spell = spellchecker::Spellchecker::open(db.clone(), speller)
+        .await
+        .unwrap();
+    let requested = || {
+        envelope(
+            essay_lifecycle::NAME,
+            topics::SPELLCHECK_REQUESTED,
+            ("essay", &essay_id),
+            json!({"batch_id": batch_id, "essay_id": essay_id, "text": "A speling mistake."}),
+        )
+    };
+    apply(&spell, &db, &requested(), false).await;
+    assert_eq!(
+        n(&db, "SELECT COUNT(*) AS n FROM spellcheck_results").await,
+        0
+    );
+    assert!(outbox_topics(&db).await.is_empty());
+    apply(&spell, &db, &requested(), true).await;
+    assert_eq!(
+        outbox_topics(&db).await,
+        [
+            topics::SPELLCHECK_PHASE_COMPLETED,
+            topics::SPELLCHECK_RESULTS
+        ]
+    );
+    apply(&spell, &db, &requested(), true).await; // a re-sent request with a new event id
+    assert_eq!(outbox_topics(&db).await.len(), 2, "one result per essay");
+
+    // CJ: completion, results and usage with the CJ batch's completion, once.
+    let db = schemas.db(cj_assessment::NAME).await;
+    let cj =
+        cj_assessment::CjAssessment::open(db.clone(), Arc::new(cj_assessment::judge::FeatureJudge))
+            .await
+            .unwrap();
+    let essays: Vec<_> = (0..3)
+        .map(|i| {
+            json!({"essay_id": format!("e{i}"),
+        "text": "word ".repeat(30 + i * 20), "spelling_errors": 3 - i})
+        })
+        .collect();
+    let cj_requested = || {
+        envelope(
+            essay_lifecycle::NAME,
+            topics::CJ_REQUESTED,
+            ("batch", &batch_id),
+            json!({"batch_id": batch_id, "essays": essays}),
+        )
+    };
+    apply(&cj, &db, &cj_requested(), false).await;
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM cj_batches").await, 0);
+    assert!(outbox_topics(&db).await.is_empty());
+    apply(&cj, &db, &cj_requested(), true).await;
+    assert_eq!(
+        n(
+            &db,
+            "SELECT COUNT(*) AS n FROM cj_batches WHERE status = 'COMPLETED'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM cj_results").await, 3);
+    assert_eq!(
+        outbox_topics(&db).await,
+        [
+            topics::CJ_COMPLETED,
+            topics::ASSESSMENT_RESULT_PUBLISHED,
+            topics::RESOURCE_CONSUMPTION
+        ]
+    );
+    apply(&cj, &db, &cj_requested(), true).await; // finalisation requested again
+    assert_eq!(
+        outbox_topics(&db).await.len(),
+        3,
+        "a repeated finalisation publishes nothing"
+    );
+    let too_few = envelope(
+        essay_lifecycle::NAME,
+        topics::CJ_REQUESTED,
+        ("batch", "other"),
+        json!({"batch_id": "other", "essays": [essays[0]]}),
+    );
+    apply(&cj, &db, &too_few, true).await;
+    assert_eq!(outbox_topics(&db).await.last().unwrap(), topics::CJ_FAILED);
+
+    // Result Aggregator: results ready once per batch.
+    let db = schemas.db(result_aggregator::NAME).await;
+    let ras = result_aggregator::ResultAggregator::open(db.clone())
+        .await
+        .unwrap();
+    let completed = || {
+        envelope(
+            batch_orchestrator::NAME,
+            topics::PIPELINE_COMPLETED,
+            ("batch", &batch_id),
+            json!({"batch_id": batch_id, "status": "COMPLETED"}),
+        )
+    };
+    apply(&ras, &db, &completed(), false).await;
+    assert!(outbox_topics(&db).await.is_empty());
+    apply(&ras, &db, &completed(), true).await;
+    apply(&ras, &db, &completed(), true).await;
+    assert_eq!(outbox_topics(&db).await, [topics::RESULTS_READY]);
+    schemas.drop().await;
+}

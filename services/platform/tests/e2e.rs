@@ -1,0 +1,156 @@
+//! Batch to results, end to end: on the embedded default (SQLite + in-process bus) and on
+//! PostgreSQL + a real Kafka-protocol broker, with every event then redelivered; and the
+//! chaos run, with the broker frozen in the middle of a batch.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use essay_common::runtime::DataLocation;
+use essay_platform::demo;
+use essay_platform::{Options, Platform};
+use outbox::backend::Broker;
+use outbox::bus::Bus;
+use outbox_kafka::testing::TestBroker;
+use outbox_kafka::KafkaConfig;
+
+fn options() -> Options {
+    Options {
+        match_confirm_timeout: Duration::from_secs(30),
+    }
+}
+
+/// A REGULAR and a GUEST batch at once, then every message redelivered.
+async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
+    let platform = Platform::start(&location, broker.clone(), &options())
+        .await
+        .expect("platform starts");
+    let api = platform.gateway();
+    let (with_class, without) = (quiet(true), quiet(false));
+    let (regular, guest) = tokio::join!(demo::run(&api, &with_class), demo::run(&api, &without));
+    let (regular, guest) = (regular.expect("regular batch"), guest.expect("guest batch"));
+    for (report, with_class) in [(&regular, true), (&guest, false)] {
+        check_results(report);
+        assert_effects_once(&platform.databases(), &report.batch_id, with_class).await;
+    }
+    // Let the last event (results ready) leave the outboxes.
+    let published = {
+        let mut last = 0;
+        for _ in 0..100 {
+            let pending: u64 = platform
+                .outbox_stats()
+                .await
+                .unwrap()
+                .iter()
+                .map(|(_, s)| s.pending)
+                .sum();
+            if pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = pending;
+        }
+        assert_eq!(
+            platform.dead_events().await.unwrap(),
+            0,
+            "dead letters ({last} pending)"
+        );
+        platform.published() as usize
+    };
+    let messages = broker_messages(&broker, published).await;
+    assert_events_once(&messages, &regular.batch_id, true);
+    assert_events_once(&messages, &guest.batch_id, false);
+    let batches = [
+        (regular.batch_id.clone(), true),
+        (guest.batch_id.clone(), false),
+    ];
+    let before = [regular.results.clone(), guest.results.clone()];
+    redelivery_changes_nothing(&platform, &broker, &messages, &batches, &before).await;
+    platform.stop().await;
+    drop_schemas(&location).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_default_batches_to_results() {
+    let dir = temp_dir("embedded");
+    two_batches_then_redelivery(
+        DataLocation::SqliteDir(dir.clone()),
+        Broker::Memory(Bus::default()),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_and_kafka_batches_to_results() {
+    let broker = TestBroker::start();
+    let kafka = Broker::Kafka(KafkaConfig::new(broker.bootstrap()));
+    two_batches_then_redelivery(pg_location("e2e"), kafka).await;
+}
+
+/// The broker is frozen (SIGSTOP) for 35 s in the middle of a batch; afterwards the pipeline
+/// completes with every result present once and no effect applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_broker_frozen_mid_batch() {
+    let broker = TestBroker::start();
+    let kafka = Broker::Kafka(KafkaConfig::new(broker.bootstrap()));
+    let location = pg_location("chaos");
+    let platform = Platform::start(&location, kafka.clone(), &options())
+        .await
+        .expect("platform starts");
+    let api = platform.gateway();
+    let run = tokio::spawn(async move { demo::run(&api, &quiet(true)).await });
+    // Freeze as soon as the uploaded files are committed: their events are on their way.
+    let files_db = platform
+        .databases()
+        .into_iter()
+        .find(|(n, _)| *n == file_service::NAME)
+        .unwrap()
+        .1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = files_db
+            .fetch_optional("SELECT COUNT(*) AS n FROM files", &[])
+            .await
+            .unwrap()
+            .unwrap()
+            .int("n")
+            .unwrap();
+        if n >= TOTAL as i64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload did not happen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.freeze();
+    let frozen_at = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert!(
+        !run.is_finished(),
+        "the batch cannot finish while the broker is frozen"
+    );
+    broker.thaw();
+    let report = run
+        .await
+        .unwrap()
+        .expect("the batch completes after the outage");
+    println!(
+        "completed {:.1?} after the freeze began",
+        frozen_at.elapsed()
+    );
+    check_results(&report);
+    assert_effects_once(&platform.databases(), &report.batch_id, true).await;
+    assert_eq!(
+        platform.dead_events().await.unwrap(),
+        0,
+        "an outage must not dead-letter anything"
+    );
+    let messages = broker_messages(&kafka, platform.published() as usize).await;
+    assert_events_once(&messages, &report.batch_id, true);
+    platform.stop().await;
+    drop_schemas(&location).await;
+}
