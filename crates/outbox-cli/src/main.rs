@@ -46,7 +46,9 @@ enum Command {
     Migrate,
     /// Verify tables, columns and indexes; exit 1 naming every problem and its fix.
     Check,
-    /// Pending, dead and retained events per topic, oldest pending age, live relays.
+    /// Pending, in flight, dead and retained events per topic, oldest pending age, events
+    /// published in the last minute, live relays. In-flight and rate are what the live relays
+    /// reported with their last heartbeat (every few seconds).
     Status,
     /// Inspect and fix events that used up their attempts.
     #[command(subcommand)]
@@ -160,26 +162,33 @@ async fn main() -> anyhow::Result<()> {
                 "published_retained": stats.published_retained,
                 "oldest_pending_age_seconds": stats.oldest_pending_age.map(|d| d.as_secs_f64()),
                 "live_relays": stats.live_relays,
+                "in_flight": stats.in_flight,
+                "published_last_minute": stats.published_last_minute,
+                "published_per_second": stats.published_last_minute as f64 / 60.0,
                 "topics": topics,
             });
             say(json, value, || {
                 let mut out = format!(
-                    "{}: {} pending ({} retrying), {} dead, {} retained; oldest pending {}; {} live relay(s)\n",
+                    "{}: {} pending ({} retrying), {} in flight, {} dead, {} retained; oldest pending {}; \
+                     {} published in the last minute ({:.1}/s); {} live relay(s)\n",
                     db.kind(),
                     stats.pending,
                     stats.retrying,
+                    stats.in_flight,
                     stats.dead,
                     stats.published_retained,
                     stats
                         .oldest_pending_age
                         .map(|d| format!("{:.1}s", d.as_secs_f64()))
                         .unwrap_or_else(|| "-".into()),
+                    stats.published_last_minute,
+                    stats.published_last_minute as f64 / 60.0,
                     stats.live_relays
                 );
                 for t in &topics {
                     out += &format!(
-                        "  {:<60} pending {:>7}  dead {:>5}  retained {:>7}\n",
-                        t.topic, t.pending, t.dead, t.published_retained
+                        "  {:<60} pending {:>7}  in flight {:>5}  dead {:>5}  retained {:>7}  last minute {:>7}\n",
+                        t.topic, t.pending, t.in_flight, t.dead, t.published_retained, t.published_last_minute
                     );
                 }
                 out.trim_end().to_owned()

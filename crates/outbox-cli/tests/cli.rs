@@ -51,7 +51,7 @@ async fn operator_workflow_on_sqlite() {
     );
     assert_eq!(
         json(&cli(&["--json", "migrate"]))["applied"],
-        serde_json::json!([1, 2])
+        serde_json::json!([1, 2, 3])
     );
     assert_eq!(
         json(&cli(&["--json", "migrate"]))["applied"],
@@ -197,7 +197,7 @@ async fn migrate_check_and_status_on_postgres() {
     );
     assert_eq!(
         json(&outbox(&url, &schema, &["--json", "migrate"]))["applied"],
-        serde_json::json!([1, 2])
+        serde_json::json!([1, 2, 3])
     );
     let status = json(&outbox(&url, &schema, &["--json", "status"]));
     assert_eq!(

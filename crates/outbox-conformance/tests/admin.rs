@@ -179,3 +179,82 @@ async fn postgres_admin() {
 async fn sqlite_admin() {
     operator_can_see_and_fix_a_stuck_outbox(SqliteStore::boxed().await).await;
 }
+
+/// `status` shows what live relays are doing: events in flight while a publish is under way
+/// (here: the broker is down, so the batch stays in flight) and events published in the last
+/// minute, per topic and in total.
+async fn status_shows_in_flight_and_the_last_minute(store: Box<dyn Store>) {
+    init_logs();
+    let topic = Topic::new(format!("activity.{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let events: Vec<NewEvent> = (0..30)
+        .map(|i| {
+            NewEvent::new(
+                topic.clone(),
+                AggregateRef::new("agg", format!("a{}", i % 5)).unwrap(),
+                "{}",
+            )
+        })
+        .collect();
+    let publisher = TestPublisher::new();
+    publisher.set_delay(Duration::from_millis(300));
+    store.commit(&events[..10]).await;
+    let config = RelayConfig {
+        poll_min: Duration::from_millis(5),
+        poll_max: Duration::from_millis(50),
+        stats_interval: Duration::from_millis(50),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(store.relay_store(), publisher.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    let relay_store = store.relay_store();
+    let admin = store.admin();
+    wait_for(LIMIT, "10 events published in the last minute", || async {
+        relay_store.stats().await.unwrap().published_last_minute == 10
+    })
+    .await;
+    publisher.set_unavailable(true);
+    store.commit(&events[10..]).await;
+    wait_for(
+        LIMIT,
+        "20 events in flight while the broker is down",
+        || async { relay_store.stats().await.unwrap().in_flight == 20 },
+    )
+    .await;
+    let t = admin.topic_status().await.unwrap();
+    let mine = t
+        .iter()
+        .find(|s| s.topic == topic.as_str())
+        .expect("topic listed");
+    assert_eq!(
+        (mine.pending, mine.in_flight, mine.published_last_minute),
+        (20, 20, 10)
+    );
+    publisher.set_unavailable(false);
+    wait_for(LIMIT, "all 30 published, none in flight", || async {
+        let s = relay_store.stats().await.unwrap();
+        s.published_last_minute == 30 && s.in_flight == 0 && s.pending == 0
+    })
+    .await;
+    let t = admin.topic_status().await.unwrap();
+    let mine = t
+        .iter()
+        .find(|s| s.topic == topic.as_str())
+        .expect("still listed by its rate");
+    assert_eq!((mine.pending, mine.published_last_minute), (0, 30));
+    let _ = stop.send(());
+    running.await.unwrap();
+    store.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_status_activity() {
+    status_shows_in_flight_and_the_last_minute(PgStore::boxed().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_status_activity() {
+    status_shows_in_flight_and_the_last_minute(SqliteStore::boxed().await).await;
+}

@@ -59,6 +59,10 @@ pub struct TopicStatus {
     pub dead: u64,
     pub published_retained: u64,
     pub oldest_pending_age_seconds: Option<f64>,
+    /// Being published by a live relay right now (as last reported).
+    pub in_flight: u64,
+    /// Published by live relays in the last minute (as last reported).
+    pub published_last_minute: u64,
 }
 
 #[async_trait]
@@ -93,4 +97,24 @@ pub trait OutboxAdmin: Send + Sync + 'static {
         aggregate_id: Option<&str>,
         dry_run: bool,
     ) -> Result<u64, StoreError>;
+}
+
+/// Adds the relays' reported activity to per-topic counts (a topic whose events are all
+/// published, and so absent from the table, still shows its rate).
+pub fn add_activity(status: &mut Vec<TopicStatus>, activity: &crate::store::RelayActivity) {
+    for (topic, a) in &activity.0 {
+        match status.iter_mut().find(|s| &s.topic == topic) {
+            Some(s) => {
+                s.in_flight = a.in_flight;
+                s.published_last_minute = a.published_last_minute;
+            }
+            None => status.push(TopicStatus {
+                topic: topic.clone(),
+                in_flight: a.in_flight,
+                published_last_minute: a.published_last_minute,
+                ..TopicStatus::default()
+            }),
+        }
+    }
+    status.sort_by(|a, b| a.topic.cmp(&b.topic));
 }

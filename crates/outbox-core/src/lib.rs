@@ -42,6 +42,6 @@ pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayReport, WakeSignal};
 pub use retry::RetryPolicy;
 pub use store::{
-    AfterFailure, FailedAttempt, Fenced, OutboxStats, PartitionLease, RelayId, RelayStore,
-    StoreError,
+    AfterFailure, FailedAttempt, Fenced, OutboxStats, PartitionLease, RelayActivity, RelayId,
+    RelayStore, StoreError, TopicActivity,
 };

@@ -23,7 +23,7 @@
 //! - Order is the order of the table's sequence within one aggregate. Stores make that equal
 //!   to commit order (the PostgreSQL store serialises writers of one aggregate).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +37,9 @@ use crate::metrics::{FailureReason, TableMetrics};
 use crate::partition::{PartitionNo, PARTITIONS};
 use crate::publisher::{PublishOutcome, Publisher};
 use crate::retry::{Backoff, RetryPolicy};
-use crate::store::{AfterFailure, FailedAttempt, Fenced, PartitionLease, RelayId, RelayStore};
+use crate::store::{
+    AfterFailure, FailedAttempt, Fenced, PartitionLease, RelayActivity, RelayId, RelayStore,
+};
 
 /// Wakes a relay at once, e.g. right after a transaction with events committed.
 ///
@@ -126,6 +128,7 @@ impl<S: RelayStore, P: Publisher> Relay<S, P> {
             started: Instant::now(),
             loop_alive_ms: AtomicU64::new(0),
             live_relays: AtomicUsize::new(1),
+            activity: Default::default(),
         });
         // Everything runs inside this one future, so dropping or aborting it (a crash, as far
         // as the database can tell) stops the lease keeper too and the leases lapse.
@@ -174,6 +177,66 @@ struct Shared {
     /// When the worker loop last made progress, in ms since `started`.
     loop_alive_ms: AtomicU64,
     live_relays: AtomicUsize,
+    activity: std::sync::Mutex<Activity>,
+}
+
+/// What the worker is doing, per topic, for the keeper to report.
+#[derive(Default)]
+struct Activity {
+    in_flight: BTreeMap<String, u64>,
+    /// Published since start (cumulative).
+    published: BTreeMap<String, u64>,
+}
+
+/// Adds one to `topic`'s count, allocating only for a topic not seen before.
+fn bump(counts: &mut BTreeMap<String, u64>, topic: &str) {
+    match counts.get_mut(topic) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(topic.to_owned(), 1);
+        }
+    }
+}
+
+/// Cumulative published counts sampled over the last minute.
+#[derive(Default)]
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, BTreeMap<String, u64>)>,
+}
+
+impl RateWindow {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// A window whose baseline is "nothing published yet" at `start`.
+    fn starting(start: Instant) -> Self {
+        let mut w = Self::default();
+        w.samples.push_back((start, BTreeMap::new()));
+        w
+    }
+
+    /// Records the current totals; returns the activity to report.
+    fn observe(&mut self, now: Instant, activity: &Activity) -> RelayActivity {
+        self.samples.push_back((now, activity.published.clone()));
+        // Keep the newest sample at least a minute old as the baseline.
+        while self.samples.len() > 1 && now.duration_since(self.samples[1].0) >= Self::WINDOW {
+            self.samples.pop_front();
+        }
+        let baseline = &self.samples.front().expect("just pushed").1;
+        let mut out = RelayActivity::default();
+        for (topic, total) in &activity.published {
+            let before = baseline.get(topic).copied().unwrap_or(0);
+            if *total > before {
+                out.0
+                    .entry(topic.clone())
+                    .or_default()
+                    .published_last_minute = total - before;
+            }
+        }
+        for (topic, n) in &activity.in_flight {
+            out.0.entry(topic.clone()).or_default().in_flight = *n;
+        }
+        out
+    }
 }
 
 impl Shared {
@@ -202,8 +265,16 @@ async fn keep_leases<S: RelayStore>(
     let tick = renew_every.min(config.stats_interval);
     let mut last_renew = Instant::now();
     let mut last_stats: Option<Instant> = None;
+    let mut rate = RateWindow::starting(Instant::now());
     loop {
         tokio::time::sleep(tick).await;
+        let activity = {
+            let a = shared.activity.lock().expect("activity lock");
+            rate.observe(Instant::now(), &a)
+        };
+        if let Err(e) = store.report_activity(relay, &activity).await {
+            tracing::debug!(%relay, error = %e, "reporting activity failed");
+        }
         if last_renew.elapsed() >= renew_every {
             last_renew = Instant::now();
             let silent = shared.loop_silent_for();
@@ -308,6 +379,13 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             idle = cfg.poll_min;
 
             self.shared.stamp();
+            {
+                let mut a = self.shared.activity.lock().expect("activity lock");
+                a.in_flight.clear();
+                for m in &batch {
+                    bump(&mut a.in_flight, m.topic.as_str());
+                }
+            }
             let publishing = Instant::now();
             let outcomes = self.relay.publisher.publish(&batch).await;
             self.report.time_publishing += publishing.elapsed();
@@ -317,6 +395,12 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             let settling = Instant::now();
             self.settle(&batch, &resolution, acked_after).await;
             self.report.time_settling += settling.elapsed();
+            self.shared
+                .activity
+                .lock()
+                .expect("activity lock")
+                .in_flight
+                .clear();
 
             match resolution.outage {
                 Some(reason) => {
@@ -377,6 +461,12 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
                 match store.complete(relay, &delivered, retain).await {
                     Ok(n) => {
                         self.report.published += n;
+                        {
+                            let mut a = self.shared.activity.lock().expect("activity lock");
+                            for &i in &r.delivered {
+                                bump(&mut a.published, batch[i].topic.as_str());
+                            }
+                        }
                         if n < delivered.len() as u64 {
                             tracing::info!(%relay, completed = n, delivered = delivered.len(), "some partitions changed hands; the new holder re-sends the rest");
                         }
@@ -569,6 +659,29 @@ fn resolve(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rate_window_counts_the_last_minute_only() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::starting(t0);
+        let mut a = Activity::default();
+        a.published.insert("t".into(), 5);
+        a.in_flight.insert("u".into(), 7);
+        let r = w.observe(t0 + Duration::from_secs(5), &a);
+        assert_eq!(r.0["t"].published_last_minute, 5);
+        assert_eq!(r.0["u"].in_flight, 7);
+        a.published.insert("t".into(), 8);
+        a.in_flight.clear();
+        let r = w.observe(t0 + Duration::from_secs(70), &a);
+        assert_eq!(
+            r.0["t"].published_last_minute, 3,
+            "only what was published after t0+5s"
+        );
+        assert!(!r.0.contains_key("u"));
+        assert_eq!(r.total().published_last_minute, 3);
+        let merged = RelayActivity::merge([r.to_json().as_str(), r.to_json().as_str(), "garbage"]);
+        assert_eq!(merged.total().published_last_minute, 6);
+    }
+
     use super::*;
     use crate::event::{EventId, Topic};
 

@@ -110,6 +110,54 @@ pub struct OutboxStats {
     pub oldest_pending_age: Option<Duration>,
     /// Relays that sent a heartbeat within their lease.
     pub live_relays: u64,
+    /// Events live relays are publishing right now (as last reported, every few seconds).
+    pub in_flight: u64,
+    /// Events live relays published in the last minute (as last reported).
+    pub published_last_minute: u64,
+}
+
+/// What one topic's events are doing in a relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicActivity {
+    pub in_flight: u64,
+    pub published_last_minute: u64,
+}
+
+/// What a relay is doing, per topic; stored with its heartbeat row as JSON so that `status`
+/// can show in-flight events and the publish rate without asking the relay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct RelayActivity(pub std::collections::BTreeMap<String, TopicActivity>);
+
+impl RelayActivity {
+    /// Sums the stored activity of several relays (unreadable entries count as none).
+    pub fn merge<'a>(stored: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut all = Self::default();
+        for json in stored {
+            let Ok(one) = serde_json::from_str::<Self>(json) else {
+                continue;
+            };
+            for (topic, a) in one.0 {
+                let t = all.0.entry(topic).or_default();
+                t.in_flight += a.in_flight;
+                t.published_last_minute += a.published_last_minute;
+            }
+        }
+        all
+    }
+
+    pub fn total(&self) -> TopicActivity {
+        self.0
+            .values()
+            .fold(TopicActivity::default(), |acc, a| TopicActivity {
+                in_flight: acc.in_flight + a.in_flight,
+                published_last_minute: acc.published_last_minute + a.published_last_minute,
+            })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("activity serialises")
+    }
 }
 
 /// What the relay engine needs from a store.
@@ -181,6 +229,17 @@ pub trait RelayStore: Send + Sync + 'static {
 
     /// Counts from the table.
     async fn stats(&self) -> Result<OutboxStats, StoreError>;
+
+    /// Stores what `relay` is doing now (in flight, published in the last minute) with its
+    /// heartbeat row, for operators' `status`. Stores without such a row ignore it.
+    async fn report_activity(
+        &self,
+        relay: RelayId,
+        activity: &RelayActivity,
+    ) -> Result<(), StoreError> {
+        let _ = (relay, activity);
+        Ok(())
+    }
 }
 
 macro_rules! forward_relay_store {
@@ -216,6 +275,9 @@ macro_rules! forward_relay_store {
             }
             async fn stats(&self) -> Result<OutboxStats, StoreError> {
                 (**self).stats().await
+            }
+            async fn report_activity(&self, relay: RelayId, activity: &RelayActivity) -> Result<(), StoreError> {
+                (**self).report_activity(relay, activity).await
             }
         }
     )*};

@@ -158,7 +158,8 @@ async fn status(State(api): State<AdminApi>, headers: HeaderMap) -> Response {
         "pending": stats.pending, "retrying": stats.retrying, "dead": stats.dead,
         "published_retained": stats.published_retained,
         "oldest_pending_age_seconds": stats.oldest_pending_age.map(|d| d.as_secs_f64()),
-        "live_relays": stats.live_relays, "topics": topics,
+        "live_relays": stats.live_relays, "in_flight": stats.in_flight,
+        "published_last_minute": stats.published_last_minute, "topics": topics,
     }))
     .into_response()
 }

@@ -82,9 +82,12 @@ impl OutboxAdmin for PgRelayStore {
         .await
         .map_err(err("admin: topic status"))?;
         let e = err("admin: decode status");
-        rows.iter()
+        let mut status: Vec<TopicStatus> = rows
+            .iter()
             .map(|r| {
                 Ok(TopicStatus {
+                    in_flight: 0,
+                    published_last_minute: 0,
                     topic: r.try_get(0).map_err(&e)?,
                     pending: r.try_get::<i64, _>(1).map_err(&e)? as u64,
                     dead: r.try_get::<i64, _>(2).map_err(&e)? as u64,
@@ -92,7 +95,9 @@ impl OutboxAdmin for PgRelayStore {
                     oldest_pending_age_seconds: r.try_get(4).map_err(&e)?,
                 })
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        outbox_core::admin::add_activity(&mut status, &self.live_activity().await?);
+        Ok(status)
     }
 
     async fn dead(

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "event_inbox",
         sql: include_str!("../migrations/0002_event_inbox.sql"),
     },
+    Migration {
+        version: 3,
+        name: "relay_activity",
+        sql: include_str!("../migrations/0003_relay_activity.sql"),
+    },
 ];
 
 /// Advisory lock class for migrations (the two-int key space is separate from `bigint` keys).

@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use outbox_core::{
     AfterFailure, AggregateRef, EventId, FailedAttempt, Fenced, Headers, OutboxMessage,
-    OutboxStats, PartitionLease, PartitionNo, RelayId, RelayStore, StoreError, Topic,
+    OutboxStats, PartitionLease, PartitionNo, RelayActivity, RelayId, RelayStore, StoreError,
+    Topic,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -39,6 +40,8 @@ struct Sql {
     bury: String,
     purge: String,
     stats: String,
+    report_activity: String,
+    live_activity: String,
 }
 
 impl Sql {
@@ -136,6 +139,8 @@ impl Sql {
                         (SELECT count(*) FROM {r} WHERE expires_at > now())
                  FROM {t}"
             ),
+            report_activity: format!("UPDATE {r} SET activity = $2 WHERE relay_id = $1"),
+            live_activity: format!("SELECT activity FROM {r} WHERE expires_at > now()"),
         }
     }
 }
@@ -156,6 +161,15 @@ impl PgRelayStore {
     /// `"schema".event_outbox`, for statements built once from the validated schema name.
     pub(crate) fn table(&self) -> &str {
         &self.table
+    }
+
+    /// What the live relays reported doing, summed per topic.
+    pub(crate) async fn live_activity(&self) -> Result<RelayActivity, StoreError> {
+        let stored: Vec<String> = sqlx::query_scalar(&self.sql.live_activity)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("relay activity"))?;
+        Ok(RelayActivity::merge(stored.iter().map(String::as_str)))
     }
 }
 
@@ -379,7 +393,10 @@ impl RelayStore for PgRelayStore {
             Ok(row.try_get::<i64, _>(i).map_err(err("stats"))?.max(0) as u64)
         };
         let age: Option<f64> = row.try_get(4).map_err(err("stats"))?;
+        let activity = self.live_activity().await?.total();
         Ok(OutboxStats {
+            in_flight: activity.in_flight,
+            published_last_minute: activity.published_last_minute,
             pending: count(0)?,
             retrying: count(1)?,
             dead: count(2)?,
@@ -387,6 +404,20 @@ impl RelayStore for PgRelayStore {
             oldest_pending_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
             live_relays: count(5)?,
         })
+    }
+
+    async fn report_activity(
+        &self,
+        relay: RelayId,
+        activity: &RelayActivity,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.report_activity)
+            .bind(relay.0)
+            .bind(activity.to_json())
+            .execute(&self.pool)
+            .await
+            .map_err(err("report activity"))?;
+        Ok(())
     }
 }
 

@@ -184,7 +184,7 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     applied.sort();
     assert_eq!(
         applied,
-        vec![vec![], vec![1, 2]],
+        vec![vec![], vec![1, 2, 3]],
         "exactly one run applies them"
     );
     check_schema(&db.pool, &fresh).await.unwrap();

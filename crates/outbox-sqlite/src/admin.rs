@@ -85,9 +85,12 @@ impl OutboxAdmin for SqliteRelayStore {
         .await
         .map_err(err("admin: topic status"))?;
         let e = err("admin: decode status");
-        rows.iter()
+        let mut status: Vec<TopicStatus> = rows
+            .iter()
             .map(|r| {
                 Ok(TopicStatus {
+                    in_flight: 0,
+                    published_last_minute: 0,
                     topic: r.try_get(0).map_err(&e)?,
                     pending: r.try_get::<i64, _>(1).map_err(&e)? as u64,
                     dead: r.try_get::<i64, _>(2).map_err(&e)? as u64,
@@ -98,7 +101,9 @@ impl OutboxAdmin for SqliteRelayStore {
                         .map(|ms| ms as f64 / 1000.0),
                 })
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        outbox_core::admin::add_activity(&mut status, &self.live_activity().await?);
+        Ok(status)
     }
 
     async fn dead(

@@ -85,6 +85,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "event_inbox",
         include_str!("../migrations/0002_event_inbox.sql"),
     ),
+    (
+        3,
+        "relay_activity",
+        include_str!("../migrations/0003_relay_activity.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations not yet applied; returns the versions applied now.

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use outbox_core::{
     AfterFailure, AggregateRef, EventId, FailedAttempt, Fenced, Headers, OutboxMessage,
-    OutboxStats, PartitionLease, PartitionNo, RelayId, RelayStore, StoreError, Topic,
+    OutboxStats, PartitionLease, PartitionNo, RelayActivity, RelayId, RelayStore, StoreError,
+    Topic,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
@@ -26,6 +27,17 @@ impl SqliteRelayStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// What the live relays reported doing, summed per topic.
+    pub(crate) async fn live_activity(&self) -> Result<RelayActivity, StoreError> {
+        let stored: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT activity FROM event_outbox_relay WHERE expires_at > {NOW_MS}"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("relay activity"))?;
+        Ok(RelayActivity::merge(stored.iter().map(String::as_str)))
     }
 }
 
@@ -328,7 +340,10 @@ impl RelayStore for SqliteRelayStore {
             Ok(row.try_get::<i64, _>(i).map_err(&e)?.max(0) as u64)
         };
         let age: Option<i64> = row.try_get(4).map_err(&e)?;
+        let activity = self.live_activity().await?.total();
         Ok(OutboxStats {
+            in_flight: activity.in_flight,
+            published_last_minute: activity.published_last_minute,
             pending: count(0)?,
             retrying: count(1)?,
             dead: count(2)?,
@@ -336,6 +351,20 @@ impl RelayStore for SqliteRelayStore {
             oldest_pending_age: age.map(|a| Duration::from_millis(a.max(0) as u64)),
             live_relays: count(5)?,
         })
+    }
+
+    async fn report_activity(
+        &self,
+        relay: RelayId,
+        activity: &RelayActivity,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE event_outbox_relay SET activity = ?2 WHERE relay_id = ?1")
+            .bind(relay.to_string())
+            .bind(activity.to_json())
+            .execute(&self.pool)
+            .await
+            .map_err(err("report activity"))?;
+        Ok(())
     }
 }
 

@@ -100,8 +100,9 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
             if f == 0.0 {
                 continue;
             }
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let (upper, lower) = a.split_at_mut(row);
+            for (target, pivot) in lower[0][col..].iter_mut().zip(&upper[col][col..]) {
+                *target -= f * pivot;
             }
             b[row] -= f * b[col];
         }

@@ -256,7 +256,18 @@ pub async fn start(
     }
     others.push(tokio::spawn(service.clone().background(shutdown.clone())));
     let mut bound = None;
-    if let (Some(addr), Some(router)) = (http, service.clone().router()) {
+    if let (Some(addr), Some(router)) = (
+        http,
+        service.clone().router().or_else(|| Some(Router::new())),
+    ) {
+        // Every served service also answers /metrics (Prometheus text) and /healthz.
+        let metrics = obs.clone();
+        let router = router
+            .route(
+                "/metrics",
+                axum::routing::get(move || async move { metrics.encode() }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| err(format!("{name}: cannot listen on {addr}: {e}")))?;

@@ -181,8 +181,8 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
     );
     assert_eq!(outcome(6), ("VALIDATION_FAILED", Some("EMPTY_CONTENT")));
     // The extracted text is the essay's words, from every format.
-    for i in 0..3 {
-        let id = files[i]["file_upload_id"].as_str().unwrap();
+    for (i, file) in files.iter().enumerate().take(3) {
+        let id = file["file_upload_id"].as_str().unwrap();
         let text = db
             .fetch_optional(
                 "SELECT text_content FROM files WHERE file_upload_id = $1",
