@@ -41,6 +41,8 @@ struct Families {
     dead: Family<TableLabels, Gauge>,
     oldest_age: Family<TableLabels, Gauge<f64, AtomicU64>>,
     live_relays: Family<TableLabels, Gauge>,
+    dead_tuples: Family<TableLabels, Gauge>,
+    table_bytes: Family<TableLabels, Gauge>,
     paused: Family<TableLabels, Gauge>,
     enqueued: Family<TableLabels, Counter>,
     published: Family<TableLabels, Counter>,
@@ -64,6 +66,8 @@ impl OutboxMetrics {
             dead: Family::default(),
             oldest_age: Family::default(),
             live_relays: Family::default(),
+            dead_tuples: Family::default(),
+            table_bytes: Family::default(),
             paused: Family::default(),
             enqueued: Family::default(),
             published: Family::default(),
@@ -96,6 +100,16 @@ impl OutboxMetrics {
             "outbox_live_relays",
             "Relays with a current heartbeat on this table",
             f.live_relays.clone(),
+        );
+        registry.register(
+            "outbox_table_dead_tuples",
+            "Dead row versions in the outbox table awaiting vacuum (PostgreSQL; bloat signal)",
+            f.dead_tuples.clone(),
+        );
+        registry.register(
+            "outbox_table_bytes",
+            "Size of the outbox table with its indexes",
+            f.table_bytes.clone(),
         );
         registry.register(
             "outbox_relay_paused",
@@ -230,6 +244,12 @@ impl TableMetrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
+        if let Some(n) = stats.dead_tuples {
+            f.dead_tuples.get_or_create(l).set(saturate(n));
+        }
+        if let Some(n) = stats.table_bytes {
+            f.table_bytes.get_or_create(l).set(saturate(n));
+        }
     }
 }
 

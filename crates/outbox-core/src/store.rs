@@ -114,6 +114,10 @@ pub struct OutboxStats {
     pub in_flight: u64,
     /// Events live relays published in the last minute (as last reported).
     pub published_last_minute: u64,
+    /// Dead row versions waiting for vacuum (PostgreSQL's statistics; `None` elsewhere).
+    pub dead_tuples: Option<u64>,
+    /// The outbox table's size with its indexes, when the store can tell.
+    pub table_bytes: Option<u64>,
 }
 
 /// What one topic's events are doing in a relay.

@@ -136,7 +136,9 @@ impl Sql {
                         count(*) FILTER (WHERE status = 'published'),
                         EXTRACT(EPOCH FROM clock_timestamp()
                                 - min(created_at) FILTER (WHERE status = 'pending'))::float8,
-                        (SELECT count(*) FROM {r} WHERE expires_at > now())
+                        (SELECT count(*) FROM {r} WHERE expires_at > now()),
+                        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = '{t}'::regclass),
+                        pg_total_relation_size('{t}'::regclass)
                  FROM {t}"
             ),
             report_activity: format!("UPDATE {r} SET activity = $2 WHERE relay_id = $1"),
@@ -394,7 +396,11 @@ impl RelayStore for PgRelayStore {
         };
         let age: Option<f64> = row.try_get(4).map_err(err("stats"))?;
         let activity = self.live_activity().await?.total();
+        let dead_tuples: Option<i64> = row.try_get(6).map_err(err("stats"))?;
+        let table_bytes: Option<i64> = row.try_get(7).map_err(err("stats"))?;
         Ok(OutboxStats {
+            dead_tuples: dead_tuples.map(|n| n.max(0) as u64),
+            table_bytes: table_bytes.map(|n| n.max(0) as u64),
             in_flight: activity.in_flight,
             published_last_minute: activity.published_last_minute,
             pending: count(0)?,

@@ -342,6 +342,9 @@ impl RelayStore for SqliteRelayStore {
         let age: Option<i64> = row.try_get(4).map_err(&e)?;
         let activity = self.live_activity().await?.total();
         Ok(OutboxStats {
+            // SQLite reuses freed pages in place; there are no dead tuples to report.
+            dead_tuples: None,
+            table_bytes: None,
             in_flight: activity.in_flight,
             published_last_minute: activity.published_last_minute,
             pending: count(0)?,
