@@ -279,6 +279,10 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
     create_topics(&kafka, &[(topic.as_str(), 2)]).await.unwrap();
     let publisher = Arc::new(KafkaPublisher::new(kafka).unwrap());
     let relay = start_relay(&db, publisher.clone(), relay_config());
+    // 32 s in CI; OUTBOX_OUTAGE_SECS=60 for the long variant.
+    let outage = Duration::from_secs(
+        std::env::var("OUTBOX_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+    );
 
     let writer = {
         let (pool, schema, topic) = (db.pool.clone(), db.schema.clone(), topic.clone());
@@ -288,7 +292,7 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
             let mut written = Vec::new();
             let start = Instant::now();
             let mut i = 0u32;
-            while start.elapsed() < Duration::from_secs(36) {
+            while start.elapsed() < outage + Duration::from_secs(4) {
                 let agg = AggregateRef::new("batch", format!("b{}", i % 8)).unwrap();
                 let e = NewEvent::new(topic.clone(), agg, format!("{{\"n\":{i}}}"));
                 written.push(write(&db, &outbox, e).await);
@@ -302,7 +306,7 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
     broker.freeze();
     let frozen_at = Instant::now();
     let mut peak_pending = 0;
-    while frozen_at.elapsed() < Duration::from_secs(32) {
+    while frozen_at.elapsed() < outage {
         let max_attempts: Option<i32> = sqlx::query_scalar(&format!(
             "SELECT max(attempts) FROM {}",
             db.table("event_outbox")
