@@ -281,7 +281,10 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
     let relay = start_relay(&db, publisher.clone(), relay_config());
     // 32 s in CI; OUTBOX_OUTAGE_SECS=60 for the long variant.
     let outage = Duration::from_secs(
-        std::env::var("OUTBOX_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+        std::env::var("OUTBOX_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32),
     );
 
     let writer = {

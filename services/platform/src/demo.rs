@@ -303,7 +303,11 @@ pub fn commit_to_ack_quantiles(metrics_text: &str) -> Option<(f64, f64)> {
         let Some(rest) = line.strip_prefix("outbox_commit_to_ack_seconds_bucket{") else {
             continue;
         };
-        let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+        let labels = &rest[..rest.find('}')?];
+        let le = labels
+            .split(',')
+            .find_map(|pair| pair.strip_prefix("le=\""))?
+            .trim_end_matches('"');
         let le: f64 = if le == "+Inf" {
             f64::INFINITY
         } else {
@@ -350,7 +354,7 @@ mod tests {
 outbox_commit_to_ack_seconds_bucket{service=\"a\",table=\"t\",le=\"0.01\"} 50
 outbox_commit_to_ack_seconds_bucket{service=\"a\",table=\"t\",le=\"0.1\"} 100
 outbox_commit_to_ack_seconds_bucket{service=\"a\",table=\"t\",le=\"+Inf\"} 100
-outbox_commit_to_ack_seconds_bucket{service=\"b\",table=\"t\",le=\"0.01\"} 50
+outbox_commit_to_ack_seconds_bucket{le=\"0.01\",service=\"b\",table=\"t\"} 50
 outbox_commit_to_ack_seconds_bucket{service=\"b\",table=\"t\",le=\"0.1\"} 100
 outbox_commit_to_ack_seconds_bucket{service=\"b\",table=\"t\",le=\"+Inf\"} 100
 ";
