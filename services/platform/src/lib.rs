@@ -148,6 +148,17 @@ impl Platform {
                 runtime::start(s.service(), service_db(s).clone(), &broker, &obs, None).await?,
             );
         }
+        // Let every relay register and take its partitions before work arrives, so the first
+        // events are not held back by start-up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for r in &running {
+            let store = r.db.database().relay_store();
+            while store.stats().await.map(|s| s.live_relays).unwrap_or(0) == 0
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let mut it = built.into_iter();
         let mut next = || it.next().expect("seven services");
         let (
