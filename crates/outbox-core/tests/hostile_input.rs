@@ -107,3 +107,16 @@ proptest! {
         let _ = m.event_type();
     }
 }
+
+/// Security defaults: with nothing configured, the metrics/admin endpoint listens on loopback
+/// only; reaching it from elsewhere takes an explicit `OUTBOX_METRICS_ADDR`.
+#[test]
+fn endpoints_bind_to_loopback_unless_configured() {
+    let s = Settings::load(None::<&str>, |_| None).unwrap();
+    assert!(s.metrics_addr.ip().is_loopback(), "{}", s.metrics_addr);
+    let open = Settings::load(None::<&str>, |k| {
+        (k == "OUTBOX_METRICS_ADDR").then(|| "0.0.0.0:9464".to_string())
+    })
+    .unwrap();
+    assert!(!open.metrics_addr.ip().is_loopback());
+}
