@@ -334,8 +334,15 @@ impl Settings {
 impl RelayConfig {
     /// Checks the relations between settings (each one alone was checked when parsed).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Name both spellings of a key: it may have come from the file or the environment.
+        let both = |key: &str| {
+            key.split('/')
+                .map(|k| format!("{k} (OUTBOX_{})", k.to_uppercase()))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
         let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
-            key: key.into(),
+            key: both(key),
             value,
             reason: reason.into(),
         };
@@ -343,21 +350,21 @@ impl RelayConfig {
             return Err(invalid(
                 "poll_min",
                 fmt_duration(self.poll_min),
-                "must not exceed poll_max",
+                "must not exceed poll_max (OUTBOX_POLL_MAX)",
             ));
         }
         if self.retry.base > self.retry.cap {
             return Err(invalid(
                 "retry_base",
                 fmt_duration(self.retry.base),
-                "must not exceed retry_cap",
+                "must not exceed retry_cap (OUTBOX_RETRY_CAP)",
             ));
         }
         if self.outage_backoff_min > self.outage_backoff_max {
             return Err(invalid(
                 "outage_backoff_min",
                 fmt_duration(self.outage_backoff_min),
-                "must not exceed outage_backoff_max",
+                "must not exceed outage_backoff_max (OUTBOX_OUTAGE_BACKOFF_MAX)",
             ));
         }
         if self.batch_size == 0 || self.retry.max_attempts == 0 {
