@@ -59,7 +59,8 @@ proptest! {
                 if let Some(v) = env.get("DATABASE_URL").filter(|v| v.contains("://") && v.contains('@')) {
                     // The database password never appears in the error.
                     if let Some(password) = v.split("://").nth(1).and_then(|r| r.split('@').next()).and_then(|u| u.split(':').nth(1)) {
-                        if password.len() > 3 {
+                        let elsewhere = env.iter().any(|(k, v)| *k != "DATABASE_URL" && v.contains(password));
+                        if password.len() > 3 && !elsewhere {
                             prop_assert!(!msg.contains(password), "{msg}");
                         }
                     }
