@@ -473,11 +473,25 @@ impl Tx {
 /// the whole delivery back, inbox row included.
 #[async_trait]
 pub trait TxHandler: Send + Sync + 'static {
+    /// Slow work to do *before* the transaction begins: CPU-heavy computation or a remote
+    /// call. A transaction holds its locks (on SQLite the database's only write lock) for as
+    /// long as it is open, so such work inside `handle` delays every other writer, the relay's
+    /// bookkeeping included. Keep the result in the handler for `handle`, which runs next for
+    /// the same message unless the inbox finds it a duplicate.
+    async fn prepare(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
+        let _ = message;
+        Ok(())
+    }
+
     async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError>;
 }
 
 #[async_trait]
 impl<H: TxHandler + ?Sized> TxHandler for Arc<H> {
+    async fn prepare(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
+        (**self).prepare(message).await
+    }
+
     async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError> {
         (**self).handle(tx, message).await
     }
@@ -544,6 +558,7 @@ impl<H: TxHandler> InboxHandler<H> {
 #[async_trait]
 impl<H: TxHandler> MessageHandler for InboxHandler<H> {
     async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
+        self.handler.prepare(message).await?;
         let mut tx = self.db.begin().await?;
         if !self.try_begin(&mut tx, message).await? {
             tx.rollback().await?;

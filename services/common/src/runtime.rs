@@ -30,6 +30,12 @@ pub trait Service: Send + Sync + 'static {
     /// The topics it consumes.
     fn consumes(&self) -> &'static [&'static str];
 
+    /// Slow work for `event` before its transaction begins (see `TxHandler::prepare`).
+    async fn prepare(&self, event: &Envelope) -> Result<(), HandlerError> {
+        let _ = event;
+        Ok(())
+    }
+
     /// Applies one event: state changes and the events they cause, all in `tx`. Called once
     /// per event in effect (the inbox skips redeliveries).
     async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError>;
@@ -191,6 +197,10 @@ struct Dispatch(Arc<dyn Service>);
 
 #[async_trait]
 impl TxHandler for Dispatch {
+    async fn prepare(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
+        self.0.prepare(&Envelope::parse(message)?).await
+    }
+
     async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError> {
         let envelope = Envelope::parse(message)?;
         self.0.handle(tx, &envelope).await
