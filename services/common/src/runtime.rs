@@ -266,13 +266,13 @@ pub async fn start(
     }
     others.push(tokio::spawn(service.clone().background(shutdown.clone())));
     let mut bound = None;
-    if let (Some(addr), Some(router)) = (
-        http,
-        service.clone().router().or_else(|| Some(Router::new())),
-    ) {
+    if let Some(addr) = http {
         // Every served service also answers /metrics (Prometheus text) and /healthz.
         let metrics = obs.clone();
-        let router = router
+        let router = service
+            .clone()
+            .router()
+            .unwrap_or_default()
             .route(
                 "/metrics",
                 axum::routing::get(move || async move { metrics.encode() }),
