@@ -589,7 +589,13 @@ async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling()
         )
         .await;
     }
-    // Without NOTIFY the same write waits for the poll.
+    // Without NOTIFY the same write waits for the poll. First let the relay finish the last
+    // batch and go idle: straight after a batch it claims again, and would find the write.
+    wait_until(Duration::from_secs(5), "the relay is idle", || async {
+        db.store().stats().await.unwrap().pending == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let silent = event("n", 99);
     db.write("o-silent", std::slice::from_ref(&silent)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
