@@ -325,13 +325,6 @@ async fn start_phase(
     Ok(())
 }
 
-fn batch_id_of(env: &Envelope) -> Result<String, HandlerError> {
-    env.data["batch_id"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| HandlerError::poison(format!("{} without batch_id", env.event_type)))
-}
-
 #[async_trait]
 impl Service for BatchOrchestrator {
     fn name(&self) -> &'static str {
@@ -349,7 +342,7 @@ impl Service for BatchOrchestrator {
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        let batch_id = batch_id_of(env)?;
+        let batch_id = env.text("batch_id")?;
         let Some(batch) = lock_batch(tx, &batch_id).await? else {
             // Not ours (another orchestrator's batch on a shared cluster): nothing to do.
             tracing::debug!(

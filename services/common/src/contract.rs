@@ -110,6 +110,14 @@ impl Envelope {
         Ok(envelope)
     }
 
+    /// A required text field of the payload; a missing one is poison.
+    pub fn text(&self, field: &str) -> Result<String, HandlerError> {
+        self.data[field]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HandlerError::poison(format!("{} without {field}", self.event_type)))
+    }
+
     /// The payload as `T`; a payload of the wrong shape is poison.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         serde_json::from_value(self.data.clone()).map_err(|e| {

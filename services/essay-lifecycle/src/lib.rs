@@ -121,13 +121,6 @@ struct EssayResult {
     error_count: Option<i64>,
 }
 
-fn batch_id_of(env: &Envelope) -> Result<String, HandlerError> {
-    env.data["batch_id"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| HandlerError::poison(format!("{} without batch_id", env.event_type)))
-}
-
 impl EssayLifecycle {
     pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
@@ -722,7 +715,7 @@ impl Service for EssayLifecycle {
             topics::SPELLCHECK_PHASE_COMPLETED => return self.on_spellchecked(tx, env).await,
             _ => {}
         }
-        let batch_id = batch_id_of(env)?;
+        let batch_id = env.text("batch_id")?;
         let Some(batch) = self.lock_batch(tx, &batch_id).await? else {
             return Err(HandlerError::poison(format!(
                 "{} for unknown batch {batch_id}",

@@ -59,13 +59,6 @@ pub struct ResultAggregator {
     db: ServiceDb,
 }
 
-fn text_of(env: &Envelope, field: &str) -> Result<String, HandlerError> {
-    env.data[field]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| HandlerError::poison(format!("{} without {field}", env.event_type)))
-}
-
 impl ResultAggregator {
     pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
@@ -187,7 +180,7 @@ impl Service for ResultAggregator {
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        let batch_id = text_of(env, "batch_id")?;
+        let batch_id = env.text("batch_id")?;
         self.ensure_batch(tx, &batch_id).await?;
         match env.event_type.as_str() {
             topics::BATCH_ESSAYS_REGISTERED => {
@@ -203,13 +196,13 @@ impl Service for ResultAggregator {
                 }
             }
             topics::SLOT_ASSIGNED => {
-                let essay_id = text_of(env, "essay_id")?;
+                let essay_id = env.text("essay_id")?;
                 let filename = env.data["original_file_name"].as_str();
                 self.upsert_essay(tx, &essay_id, &batch_id, &[("filename", filename.into())])
                     .await?;
             }
             topics::SPELLCHECK_RESULTS => {
-                let essay_id = text_of(env, "essay_id")?;
+                let essay_id = env.text("essay_id")?;
                 self.upsert_essay(
                     tx,
                     &essay_id,
@@ -241,8 +234,8 @@ impl Service for ResultAggregator {
                 }
             }
             topics::PHASE_OUTCOME => {
-                let phase = text_of(env, "phase")?;
-                let status = text_of(env, "status")?;
+                let phase = env.text("phase")?;
+                let status = env.text("status")?;
                 tx.execute(
                     "INSERT INTO ra_phases (batch_id, phase, status) VALUES ($1, $2, $3)
                      ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status",
