@@ -191,7 +191,17 @@ impl Row {
     }
 }
 
-fn pg_row(row: &PgRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
+/// Reads every column of `row`: NULL as [`Value::Null`], anything else by its engine type name
+/// through `typed` (which answers `None` for a type that has no portable value).
+fn decode_row<R>(
+    row: &R,
+    columns: &Arc<[String]>,
+    typed: fn(&R, usize, &str) -> Result<Option<Value>, sqlx::Error>,
+) -> Result<Row, DbError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+{
     let mut values = Vec::with_capacity(columns.len());
     for (i, name) in columns.iter().enumerate() {
         let raw = row.try_get_raw(i)?;
@@ -200,24 +210,17 @@ fn pg_row(row: &PgRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
             continue;
         }
         let ty = raw.type_info().name().to_owned();
-        values.push(match ty.as_str() {
-            "INT8" => Value::Int(row.try_get::<i64, _>(i)?),
-            "INT4" => Value::Int(row.try_get::<i32, _>(i)?.into()),
-            "INT2" => Value::Int(row.try_get::<i16, _>(i)?.into()),
-            "BOOL" => Value::Int(row.try_get::<bool, _>(i)? as i64),
-            "FLOAT8" => Value::Float(row.try_get::<f64, _>(i)?),
-            "FLOAT4" => Value::Float(row.try_get::<f32, _>(i)?.into()),
-            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Value::Text(row.try_get::<String, _>(i)?),
-            "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(i)?.to_string()),
-            other => {
+        match typed(row, i, &ty)? {
+            Some(value) => values.push(value),
+            None => {
                 return Err(DbError::column(
                     name,
                     format!(
-                        "type {other} is not portable; cast it to BIGINT, DOUBLE PRECISION or TEXT"
+                        "type {ty} is not portable; cast it to BIGINT, DOUBLE PRECISION or TEXT"
                     ),
                 ))
             }
-        });
+        }
     }
     Ok(Row {
         columns: columns.clone(),
@@ -225,31 +228,27 @@ fn pg_row(row: &PgRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
     })
 }
 
-fn sqlite_row(row: &SqliteRow, columns: &Arc<[String]>) -> Result<Row, DbError> {
-    let mut values = Vec::with_capacity(columns.len());
-    for (i, name) in columns.iter().enumerate() {
-        let raw = row.try_get_raw(i)?;
-        if raw.is_null() {
-            values.push(Value::Null);
-            continue;
-        }
-        let ty = raw.type_info().name().to_owned();
-        values.push(match ty.as_str() {
-            "INTEGER" | "BOOLEAN" => Value::Int(row.try_get::<i64, _>(i)?),
-            "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
-            "TEXT" => Value::Text(row.try_get::<String, _>(i)?),
-            other => {
-                return Err(DbError::column(
-                    name,
-                    format!("type {other} is not portable"),
-                ))
-            }
-        });
-    }
-    Ok(Row {
-        columns: columns.clone(),
-        values,
-    })
+fn pg_value(row: &PgRow, i: usize, ty: &str) -> Result<Option<Value>, sqlx::Error> {
+    Ok(Some(match ty {
+        "INT8" => Value::Int(row.try_get::<i64, _>(i)?),
+        "INT4" => Value::Int(row.try_get::<i32, _>(i)?.into()),
+        "INT2" => Value::Int(row.try_get::<i16, _>(i)?.into()),
+        "BOOL" => Value::Int(row.try_get::<bool, _>(i)? as i64),
+        "FLOAT8" => Value::Float(row.try_get::<f64, _>(i)?),
+        "FLOAT4" => Value::Float(row.try_get::<f32, _>(i)?.into()),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Value::Text(row.try_get::<String, _>(i)?),
+        "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(i)?.to_string()),
+        _ => return Ok(None),
+    }))
+}
+
+fn sqlite_value(row: &SqliteRow, i: usize, ty: &str) -> Result<Option<Value>, sqlx::Error> {
+    Ok(Some(match ty {
+        "INTEGER" | "BOOLEAN" => Value::Int(row.try_get::<i64, _>(i)?),
+        "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
+        "TEXT" => Value::Text(row.try_get::<String, _>(i)?),
+        _ => return Ok(None),
+    }))
 }
 
 fn column_names<R: sqlx::Row>(rows: &[R]) -> Arc<[String]> {
@@ -280,7 +279,9 @@ async fn pg_fetch(
 ) -> Result<Vec<Row>, DbError> {
     let rows = bind_all!(sqlx::query(sql), params).fetch_all(conn).await?;
     let columns = column_names(&rows);
-    rows.iter().map(|r| pg_row(r, &columns)).collect()
+    rows.iter()
+        .map(|r| decode_row(r, &columns, pg_value))
+        .collect()
 }
 
 async fn sqlite_fetch(
@@ -290,7 +291,9 @@ async fn sqlite_fetch(
 ) -> Result<Vec<Row>, DbError> {
     let rows = bind_all!(sqlx::query(sql), params).fetch_all(conn).await?;
     let columns = column_names(&rows);
-    rows.iter().map(|r| sqlite_row(r, &columns)).collect()
+    rows.iter()
+        .map(|r| decode_row(r, &columns, sqlite_value))
+        .collect()
 }
 
 enum Writer {
