@@ -74,14 +74,64 @@ async fn pending(db: &TestSchema) -> u64 {
         .pending
 }
 
-/// Writes one event per call in its own transaction; returns (aggregate, seq, event).
-async fn write(db: &TestSchema, outbox: &PgOutbox, event: NewEvent) -> (String, i64, NewEvent) {
+/// An event as written: (aggregate, seq, event).
+type Written = (String, i64, NewEvent);
+
+/// Writes one event per call in its own transaction.
+async fn write(db: &TestSchema, outbox: &PgOutbox, event: NewEvent) -> Written {
     let mut tx = db.pool.begin().await.unwrap();
     let EnqueueOutcome::Inserted { seq } = outbox.enqueue(&mut tx, &event).await.unwrap() else {
         panic!("duplicate")
     };
     tx.commit().await.unwrap();
     (event.aggregate().id().to_owned(), seq, event)
+}
+
+/// How long the outage tests keep the broker away: `default` in CI, `OUTBOX_OUTAGE_SECS` for
+/// the long variants.
+fn outage_length(default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var("OUTBOX_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// The most attempts any event has used (0 while no attempt was burnt).
+async fn max_attempts(db: &TestSchema) -> i32 {
+    let n: Option<i32> = sqlx::query_scalar(&format!(
+        "SELECT max(attempts) FROM {}",
+        db.table("event_outbox")
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    n.unwrap_or(0)
+}
+
+/// Writes one event every 40 ms over 8 aggregates until `stop`; returns each write with the
+/// moment it committed.
+fn steady_writer(
+    db: &TestSchema,
+    topic: &Topic,
+    mut stop: oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<Vec<(Written, Instant)>> {
+    let (pool, schema, topic) = (db.pool.clone(), db.schema.clone(), topic.clone());
+    tokio::spawn(async move {
+        let db = TestSchema { pool, schema };
+        let outbox = PgOutbox::new(db.schema.clone());
+        let mut written = Vec::new();
+        let mut i = 0u32;
+        while stop.try_recv().is_err() {
+            let agg = AggregateRef::new("batch", format!("b{}", i % 8)).unwrap();
+            let e = NewEvent::new(topic.clone(), agg, format!("{{\"n\":{i}}}"));
+            written.push((write(&db, &outbox, e).await, Instant::now()));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        written
+    })
 }
 
 /// Per key, the first occurrences of event ids read back must follow enqueue order, and every
@@ -280,49 +330,23 @@ async fn a_frozen_broker_for_30_seconds_loses_nothing_and_burns_no_attempts() {
     let publisher = Arc::new(KafkaPublisher::new(kafka).unwrap());
     let relay = start_relay(&db, publisher.clone(), relay_config());
     // 32 s in CI; OUTBOX_OUTAGE_SECS=60 for the long variant.
-    let outage = Duration::from_secs(
-        std::env::var("OUTBOX_OUTAGE_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(32),
-    );
-
-    let writer = {
-        let (pool, schema, topic) = (db.pool.clone(), db.schema.clone(), topic.clone());
-        tokio::spawn(async move {
-            let db = TestSchema { pool, schema };
-            let outbox = PgOutbox::new(db.schema.clone());
-            let mut written = Vec::new();
-            let start = Instant::now();
-            let mut i = 0u32;
-            while start.elapsed() < outage + Duration::from_secs(4) {
-                let agg = AggregateRef::new("batch", format!("b{}", i % 8)).unwrap();
-                let e = NewEvent::new(topic.clone(), agg, format!("{{\"n\":{i}}}"));
-                written.push(write(&db, &outbox, e).await);
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            written
-        })
-    };
+    let outage = outage_length(32);
+    let (stop_writing, stop) = oneshot::channel::<()>();
+    let writer = steady_writer(&db, &topic, stop);
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.freeze();
     let frozen_at = Instant::now();
     let mut peak_pending = 0;
     while frozen_at.elapsed() < outage {
-        let max_attempts: Option<i32> = sqlx::query_scalar(&format!(
-            "SELECT max(attempts) FROM {}",
-            db.table("event_outbox")
-        ))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        assert_eq!(max_attempts.unwrap_or(0), 0, "an outage burnt an attempt");
+        assert_eq!(max_attempts(&db).await, 0, "an outage burnt an attempt");
         peak_pending = peak_pending.max(pending(&db).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     broker.thaw();
-    let written = writer.await.unwrap();
+    // Writes go on for a while after the outage, as before it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop_writing.send(());
+    let written: Vec<_> = writer.await.unwrap().into_iter().map(|(w, _)| w).collect();
     assert!(
         peak_pending > 300,
         "backlog grew during the outage: {peak_pending}"
@@ -417,35 +441,9 @@ async fn a_stopped_broker_loses_nothing_the_outbox_held() {
     kafka.delivery_timeout = Duration::from_secs(3);
     let publisher = Arc::new(KafkaPublisher::new(kafka).unwrap());
     let relay = start_relay(&db, publisher.clone(), relay_config());
-    let down_for = Duration::from_secs(
-        std::env::var("OUTBOX_OUTAGE_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(15),
-    );
-    let (stop_writing, mut stopped) = oneshot::channel::<()>();
-    let writer = {
-        let (pool, schema, topic) = (db.pool.clone(), db.schema.clone(), topic.clone());
-        tokio::spawn(async move {
-            let db = TestSchema { pool, schema };
-            let outbox = PgOutbox::new(db.schema.clone());
-            let mut written = Vec::new();
-            let mut i = 0u32;
-            while stopped.try_recv().is_err() {
-                let agg = AggregateRef::new("batch", format!("b{}", i % 8)).unwrap();
-                let w = write(
-                    &db,
-                    &outbox,
-                    NewEvent::new(topic.clone(), agg, format!("{{\"n\":{i}}}")),
-                )
-                .await;
-                written.push((w, Instant::now()));
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            written
-        })
-    };
+    let down_for = outage_length(15);
+    let (stop_writing, stop) = oneshot::channel::<()>();
+    let writer = steady_writer(&db, &topic, stop);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let port = broker.kill();
     // Completions of deliveries acknowledged just before the kill may still land; then the
@@ -473,14 +471,7 @@ async fn a_stopped_broker_loses_nothing_the_outbox_held() {
         || async { pending(&db).await == 0 },
     )
     .await;
-    let max_attempts: Option<i32> = sqlx::query_scalar(&format!(
-        "SELECT max(attempts) FROM {}",
-        db.table("event_outbox")
-    ))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(max_attempts.unwrap_or(0), 0, "an outage burnt an attempt");
+    assert_eq!(max_attempts(&db).await, 0, "an outage burnt an attempt");
     let report = relay.stop().await;
     assert_eq!((report.rejected_attempts, report.dead_lettered), (0, 0));
     assert!(report.outage_pauses > 0);
