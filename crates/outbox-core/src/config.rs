@@ -11,6 +11,7 @@
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
 //! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
 //! | `batch_size` | `OUTBOX_BATCH_SIZE` | `2000` | events claimed and published per round |
+//! | `pipeline` | `OUTBOX_PIPELINE` | `true` | claim the next batch and settle the previous one while a batch is published |
 //! | `poll_min` | `OUTBOX_POLL_MIN` | `50ms` | first poll interval after the outbox ran empty |
 //! | `poll_max` | `OUTBOX_POLL_MAX` | `1s` | longest poll interval (it doubles while idle) |
 //! | `lease` | `OUTBOX_LEASE` | `30s` | partition lease; a crashed relay's work moves after it |
@@ -64,6 +65,9 @@ pub enum ConfigError {
 pub struct RelayConfig {
     pub service: String,
     pub batch_size: usize,
+    /// Overlap the database work of neighbouring batches with the publish of one (see the
+    /// relay's docs); `false` runs claim, publish, settle strictly one after the other.
+    pub pipeline: bool,
     pub poll_min: Duration,
     pub poll_max: Duration,
     pub lease: Duration,
@@ -81,6 +85,7 @@ impl Default for RelayConfig {
         Self {
             service: "outbox".into(),
             batch_size: 2000,
+            pipeline: true,
             poll_min: Duration::from_millis(50),
             poll_max: Duration::from_secs(1),
             lease: Duration::from_secs(30),
@@ -175,6 +180,7 @@ const KEYS: &[Key] = &[
     key("service", "OUTBOX_SERVICE"),
     key("metrics_addr", "OUTBOX_METRICS_ADDR"),
     key("batch_size", "OUTBOX_BATCH_SIZE"),
+    key("pipeline", "OUTBOX_PIPELINE"),
     key("poll_min", "OUTBOX_POLL_MIN"),
     key("poll_max", "OUTBOX_POLL_MAX"),
     key("lease", "OUTBOX_LEASE"),
@@ -290,6 +296,13 @@ impl Settings {
         if let Some(v) = take("batch_size") {
             r.batch_size = parse_count(&v, 1, 10_000)?;
         }
+        if let Some(v) = take("pipeline") {
+            r.pipeline = parse_with(&v, "true or false", |x| match x {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            })?;
+        }
         if let Some(v) = take("poll_min") {
             r.poll_min = parse_duration(&v, Duration::from_millis(1))?;
         }
@@ -399,11 +412,12 @@ fn parse_file(text: &str, path: &str) -> Result<Vec<(&'static str, Raw)>, Config
         let value = match v {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
             other => {
                 return Err(ConfigError::Invalid {
                     key: format!("{k} (in {path})"),
                     value: other.to_string(),
-                    reason: "expected a string or an integer".into(),
+                    reason: "expected a string, an integer or a boolean".into(),
                 })
             }
         };

@@ -12,6 +12,10 @@
 //!   A crashed relay's leases expire and are taken over. Every change a relay makes to an
 //!   event is fenced by its lease, so a relay frozen past its lease changes nothing when it
 //!   wakes up.
+//! - **Pipelined, still in order.** While one batch is published, the previous one is written
+//!   back and the next one is claimed, leaving out the events still in flight. An event is
+//!   completed only if no earlier event of its aggregate in those overlapping batches went
+//!   undelivered; otherwise it stays pending and is sent again after that event.
 //! - **Outage is not failure.** A publisher that reports the broker unavailable pauses the
 //!   relay, which probes again with growing backoff; no attempt is counted.
 //!
@@ -23,7 +27,7 @@
 //! - Order is the order of the table's sequence within one aggregate. Stores make that equal
 //!   to commit order (the PostgreSQL store serialises writers of one aggregate).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -68,7 +72,10 @@ pub struct RelayReport {
     pub rejected_attempts: u64,
     pub dead_lettered: u64,
     pub outage_pauses: u64,
+    /// Batches claimed while the previous one was being published (the pipeline at work).
+    pub claimed_ahead: u64,
     /// Where the time went (a coarse profile): claiming, publishing, writing outcomes back.
+    /// With the pipeline on the three overlap, so their sum exceeds the time spent.
     pub time_claiming: Duration,
     pub time_publishing: Duration,
     pub time_settling: Duration,
@@ -317,19 +324,121 @@ enum Pause {
     StoreError(Duration),
 }
 
+/// A batch as claimed, with the lease each event was claimed under.
+struct Claimed {
+    batch: Vec<OutboxMessage>,
+    fences: Vec<Fenced>,
+    claimed_at: Instant,
+}
+
+impl Claimed {
+    fn seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        self.batch.iter().map(|m| m.seq)
+    }
+}
+
+/// A published batch whose outcomes are not yet written back.
+struct Published {
+    claimed: Claimed,
+    resolution: Resolution,
+    acked_after: Duration,
+}
+
+/// What one settle did, added to the report afterwards (settling runs beside other stages).
+#[derive(Default)]
+struct Settled {
+    published: u64,
+    rejected_attempts: u64,
+    dead_lettered: u64,
+    time: Duration,
+}
+
 impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
 
+    /// Claims a batch from the partitions held now, leaving out `in_flight`.
+    async fn claim(&self, in_flight: &[i64]) -> Result<(Claimed, Duration), crate::StoreError> {
+        let started = Instant::now();
+        let batch = self
+            .relay
+            .store
+            .claim_excluding(&self.held, self.relay.config.batch_size, in_flight)
+            .await?;
+        let fences = batch
+            .iter()
+            .map(|m| Fenced {
+                seq: m.seq,
+                lease: self
+                    .held
+                    .iter()
+                    .find(|l| l.partition == m.partition)
+                    .copied()
+                    // Not ours (a store bug): the fence fails and nothing is changed.
+                    .unwrap_or(PartitionLease {
+                        partition: m.partition,
+                        fence: -1,
+                    }),
+            })
+            .collect();
+        Ok((
+            Claimed {
+                batch,
+                fences,
+                claimed_at: started,
+            },
+            started.elapsed(),
+        ))
+    }
+
+    fn add_settled(&mut self, s: Settled) {
+        self.report.published += s.published;
+        self.report.rejected_attempts += s.rejected_attempts;
+        self.report.dead_lettered += s.dead_lettered;
+        self.report.time_settling += s.time;
+    }
+
+    /// Writes back a batch on a sequential path (no pipeline, outage, shutdown, empty claim).
+    async fn settle_now(&mut self, published: Option<Published>) {
+        if let Some(p) = published {
+            let s = settle(self.relay, &self.shared, &p).await;
+            self.add_settled(s);
+        }
+        self.show_in_flight(&[]);
+    }
+
+    fn show_in_flight(&self, batches: &[&Claimed]) {
+        let mut a = self.shared.activity.lock().expect("activity lock");
+        a.in_flight.clear();
+        for c in batches {
+            for m in &c.batch {
+                bump(&mut a.in_flight, m.topic.as_str());
+            }
+        }
+    }
+
+    /// The loop. With `pipeline`, each round publishes one batch while the previous batch is
+    /// written back and the next one is claimed (past both of them); without it, claim,
+    /// publish and settle run one after the other.
+    ///
+    /// Order per aggregate holds across overlapping batches: a claim returns events in
+    /// sequence order, and an event whose aggregate has an undelivered earlier event in one of
+    /// the two batches before it (whose outcome the claim could not see yet) is not completed;
+    /// it is sent again after that event (see [`Recent`]).
     async fn run(&mut self) {
-        let cfg = &self.relay.config;
+        let cfg = self.relay.config.clone();
         let rebalance_every = cfg.lease / 3;
         let mut last_rebalance: Option<Instant> = None;
         let mut last_sweep = Instant::now();
         let mut idle = cfg.poll_min;
         let mut outage = Backoff::new(cfg.outage_backoff_min, cfg.outage_backoff_max);
         let mut store_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Claimed while the previous batch was being published.
+        let mut ahead: Option<Claimed> = None;
+        // Published, not yet written back.
+        let mut unsettled: Option<Published> = None;
+        let mut recent = Recent::default();
 
         while !self.stopping() {
             self.shared.stamp();
@@ -352,57 +461,124 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
                 self.sweep_retained().await;
             }
             if self.held.is_empty() {
+                self.settle_now(unsettled.take()).await;
+                ahead = None;
+                recent.clear();
                 self.pause(Pause::Idle(cfg.poll_max.min(rebalance_every)))
                     .await;
                 continue;
             }
 
-            let claimed_at = Instant::now();
-            let batch = match self.relay.store.claim(&self.held, cfg.batch_size).await {
-                Ok(batch) => {
-                    store_backoff.reset();
-                    self.report.time_claiming += claimed_at.elapsed();
-                    batch
-                }
-                Err(e) => {
-                    tracing::warn!(relay = %self.relay.id, error = %e, "claim failed; retrying");
-                    self.pause(Pause::StoreError(store_backoff.next_delay()))
-                        .await;
-                    continue;
+            let current = match ahead.take() {
+                Some(c) => c,
+                None => {
+                    let in_flight: Vec<i64> =
+                        unsettled.iter().flat_map(|p| p.claimed.seqs()).collect();
+                    match self.claim(&in_flight).await {
+                        Ok((c, took)) => {
+                            store_backoff.reset();
+                            self.report.time_claiming += took;
+                            c
+                        }
+                        Err(e) => {
+                            tracing::warn!(relay = %self.relay.id, error = %e, "claim failed; retrying");
+                            self.settle_now(unsettled.take()).await;
+                            recent.clear();
+                            self.pause(Pause::StoreError(store_backoff.next_delay()))
+                                .await;
+                            continue;
+                        }
+                    }
                 }
             };
-            if batch.is_empty() {
-                self.pause(Pause::Idle(idle)).await;
-                idle = (idle * 2).min(cfg.poll_max);
+            if current.batch.is_empty() {
+                let had_work = unsettled.is_some();
+                self.settle_now(unsettled.take()).await;
+                recent.clear();
+                if !had_work {
+                    self.pause(Pause::Idle(idle)).await;
+                    idle = (idle * 2).min(cfg.poll_max);
+                }
                 continue;
             }
             idle = cfg.poll_min;
 
             self.shared.stamp();
-            {
-                let mut a = self.shared.activity.lock().expect("activity lock");
-                a.in_flight.clear();
-                for m in &batch {
-                    bump(&mut a.in_flight, m.topic.as_str());
+            let showing: Vec<&Claimed> = std::iter::once(&current)
+                .chain(unsettled.as_ref().map(|p| &p.claimed))
+                .collect();
+            self.show_in_flight(&showing);
+            // Claim ahead only after a full batch: otherwise the table is (nearly) drained and
+            // the next round's claim sees everything committed meanwhile anyway.
+            let claim_ahead = cfg.pipeline && current.batch.len() >= cfg.batch_size;
+            let in_flight: Vec<i64> = if claim_ahead {
+                current
+                    .seqs()
+                    .chain(unsettled.iter().flat_map(|p| p.claimed.seqs()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let previous = unsettled.take();
+            let publish = async {
+                let started = Instant::now();
+                let outcomes = publish_unless_held_back(
+                    self.relay.publisher.as_ref(),
+                    &current.batch,
+                    &recent,
+                )
+                .await;
+                (outcomes, started.elapsed())
+            };
+            let write_back = async {
+                match &previous {
+                    Some(p) => settle(self.relay, &self.shared, p).await,
+                    None => Settled::default(),
                 }
-            }
-            let publishing = Instant::now();
-            let outcomes = self.relay.publisher.publish(&batch).await;
-            self.report.time_publishing += publishing.elapsed();
+            };
+            let claim_next = async {
+                if claim_ahead {
+                    Some(self.claim(&in_flight).await)
+                } else {
+                    None
+                }
+            };
+            let ((outcomes, publish_time), settled, next) =
+                tokio::join!(publish, write_back, claim_next);
+            self.report.time_publishing += publish_time;
+            self.add_settled(settled);
             self.shared.stamp();
-            let acked_after = claimed_at.elapsed();
-            let resolution = resolve(&batch, &outcomes, &cfg.retry);
-            let settling = Instant::now();
-            self.settle(&batch, &resolution, acked_after).await;
-            self.report.time_settling += settling.elapsed();
-            self.shared
-                .activity
-                .lock()
-                .expect("activity lock")
-                .in_flight
-                .clear();
+            match next {
+                Some(Ok((c, took))) => {
+                    self.report.time_claiming += took;
+                    if !c.batch.is_empty() {
+                        self.report.claimed_ahead += 1;
+                    }
+                    ahead = Some(c);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(relay = %self.relay.id, error = %e, "claim failed; retrying");
+                }
+                None => {}
+            }
 
-            match resolution.outage {
+            let acked_after = current.claimed_at.elapsed();
+            let resolution = resolve(&current.batch, &outcomes, &cfg.retry);
+            recent.push(&current.batch, &resolution);
+            let outage_reason = resolution.outage.clone();
+            unsettled = Some(Published {
+                claimed: current,
+                resolution,
+                acked_after,
+            });
+            if !cfg.pipeline || outage_reason.is_some() {
+                // Nothing stays in flight across a pause (or at all, without the pipeline).
+                self.settle_now(unsettled.take()).await;
+                ahead = None;
+                recent.clear();
+            }
+
+            match outage_reason {
                 Some(reason) => {
                     self.report.outage_pauses += 1;
                     if let Some(m) = &self.relay.metrics {
@@ -422,103 +598,7 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
                 None => {}
             }
         }
-    }
-
-    /// Writes the outcome of one batch back to the store, retrying store errors a few times
-    /// (an uncompleted delivery is only re-sent later, but a re-send is a duplicate).
-    async fn settle(&mut self, batch: &[OutboxMessage], r: &Resolution, acked_after: Duration) {
-        let fence_of = |i: usize| -> Fenced {
-            let m = &batch[i];
-            let lease = self
-                .held
-                .iter()
-                .find(|l| l.partition == m.partition)
-                .copied()
-                .unwrap_or(PartitionLease {
-                    partition: m.partition,
-                    fence: -1,
-                });
-            Fenced { seq: m.seq, lease }
-        };
-        let delivered: Vec<Fenced> = r.delivered.iter().map(|&i| fence_of(i)).collect();
-        let failures: Vec<FailedAttempt> = r
-            .rejected
-            .iter()
-            .map(|rej| FailedAttempt {
-                event: fence_of(rej.index),
-                attempts: rej.attempts,
-                error: rej.reason.clone(),
-                next: rej.next.clone(),
-            })
-            .collect();
-        let retain = self.relay.config.retention > Duration::ZERO;
-        let store = &self.relay.store;
-        let relay = self.relay.id;
-
-        if !delivered.is_empty() {
-            let mut tries = 0;
-            loop {
-                match store.complete(relay, &delivered, retain).await {
-                    Ok(n) => {
-                        self.report.published += n;
-                        {
-                            let mut a = self.shared.activity.lock().expect("activity lock");
-                            for &i in &r.delivered {
-                                bump(&mut a.published, batch[i].topic.as_str());
-                            }
-                        }
-                        if n < delivered.len() as u64 {
-                            tracing::info!(%relay, completed = n, delivered = delivered.len(), "some partitions changed hands; the new holder re-sends the rest");
-                        }
-                        if let Some(m) = &self.relay.metrics {
-                            m.published(n);
-                            for &i in &r.delivered {
-                                m.commit_to_ack(
-                                    (batch[i].age_at_claim + acked_after).as_secs_f64(),
-                                );
-                            }
-                        }
-                        break;
-                    }
-                    Err(e) if tries < 5 => {
-                        tries += 1;
-                        tracing::warn!(%relay, error = %e, "completing delivered events failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(%relay, error = %e, "could not complete delivered events; they will be sent again");
-                        break;
-                    }
-                }
-            }
-        }
-        if !failures.is_empty() {
-            let dead = failures
-                .iter()
-                .filter(|f| f.next == AfterFailure::Dead)
-                .count() as u64;
-            for f in &failures {
-                tracing::warn!(%relay, seq = f.event.seq, attempts = f.attempts, error = %f.error, dead = (f.next == AfterFailure::Dead), "publish rejected");
-            }
-            match store.record_failures(relay, &failures).await {
-                Ok(_) => {
-                    self.report.rejected_attempts += failures.len() as u64;
-                    self.report.dead_lettered += dead;
-                    if let Some(m) = &self.relay.metrics {
-                        m.failures(FailureReason::Rejected, failures.len() as u64);
-                        m.dead_lettered(dead);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%relay, error = %e, "recording rejected attempts failed; they will be retried without counting")
-                }
-            }
-        }
-        if r.unavailable > 0 {
-            if let Some(m) = &self.relay.metrics {
-                m.failures(FailureReason::Unavailable, r.unavailable as u64);
-            }
-        }
+        self.settle_now(unsettled.take()).await;
     }
 
     /// Takes this relay's fair share of partitions and gives back any excess.
@@ -581,6 +661,196 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             _ = self.stop.changed() => {}
         }
     }
+}
+
+/// Writes the outcome of one batch back to the store, retrying store errors a few times
+/// (an uncompleted delivery is only re-sent later, but a re-send is a duplicate).
+async fn settle<S: RelayStore, P: Publisher>(
+    relay: &Relay<S, P>,
+    shared: &Shared,
+    p: &Published,
+) -> Settled {
+    let started = Instant::now();
+    let mut out = Settled::default();
+    let (batch, fences, r) = (&p.claimed.batch, &p.claimed.fences, &p.resolution);
+    let delivered: Vec<Fenced> = r.delivered.iter().map(|&i| fences[i]).collect();
+    let failures: Vec<FailedAttempt> = r
+        .rejected
+        .iter()
+        .map(|rej| FailedAttempt {
+            event: fences[rej.index],
+            attempts: rej.attempts,
+            error: rej.reason.clone(),
+            next: rej.next.clone(),
+        })
+        .collect();
+    let retain = relay.config.retention > Duration::ZERO;
+    let store = &relay.store;
+    let id = relay.id;
+
+    if !delivered.is_empty() {
+        let mut tries = 0;
+        loop {
+            match store.complete(id, &delivered, retain).await {
+                Ok(n) => {
+                    out.published += n;
+                    {
+                        let mut a = shared.activity.lock().expect("activity lock");
+                        for &i in &r.delivered {
+                            bump(&mut a.published, batch[i].topic.as_str());
+                        }
+                    }
+                    if n < delivered.len() as u64 {
+                        tracing::info!(relay = %id, completed = n, delivered = delivered.len(), "some partitions changed hands; the new holder re-sends the rest");
+                    }
+                    if let Some(m) = &relay.metrics {
+                        m.published(n);
+                        for &i in &r.delivered {
+                            m.commit_to_ack((batch[i].age_at_claim + p.acked_after).as_secs_f64());
+                        }
+                    }
+                    break;
+                }
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    tracing::warn!(relay = %id, error = %e, "completing delivered events failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                }
+                Err(e) => {
+                    tracing::error!(relay = %id, error = %e, "could not complete delivered events; they will be sent again");
+                    break;
+                }
+            }
+        }
+    }
+    if !failures.is_empty() {
+        let dead = failures
+            .iter()
+            .filter(|f| f.next == AfterFailure::Dead)
+            .count() as u64;
+        for f in &failures {
+            tracing::warn!(relay = %id, seq = f.event.seq, attempts = f.attempts, error = %f.error, dead = (f.next == AfterFailure::Dead), "publish rejected");
+        }
+        match store.record_failures(id, &failures).await {
+            Ok(_) => {
+                out.rejected_attempts += failures.len() as u64;
+                out.dead_lettered += dead;
+                if let Some(m) = &relay.metrics {
+                    m.failures(FailureReason::Rejected, failures.len() as u64);
+                    m.dead_lettered(dead);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(relay = %id, error = %e, "recording rejected attempts failed; they will be retried without counting")
+            }
+        }
+    }
+    if r.unavailable > 0 {
+        if let Some(m) = &relay.metrics {
+            m.failures(FailureReason::Unavailable, r.unavailable as u64);
+        }
+    }
+    out.time = started.elapsed();
+    out
+}
+
+/// Undelivered events of the last two batches, per aggregate. A pipelined claim runs while
+/// those batches are published and written back, so it cannot see their failures (a retry
+/// time not yet stored) and may return later events of the same aggregates: those must wait.
+#[derive(Default)]
+struct Recent {
+    batches: std::collections::VecDeque<HashMap<AggregateRef, Vec<i64>>>,
+}
+
+impl Recent {
+    /// The batches a claim can overlap: the one being published and the one being settled.
+    const DEPTH: usize = 2;
+
+    fn push(&mut self, batch: &[OutboxMessage], r: &Resolution) {
+        let mut undelivered: HashMap<AggregateRef, Vec<i64>> = HashMap::new();
+        if r.delivered.len() < batch.len() {
+            let delivered: HashSet<usize> = r.delivered.iter().copied().collect();
+            for (i, m) in batch.iter().enumerate() {
+                if !delivered.contains(&i) {
+                    undelivered
+                        .entry(m.aggregate.clone())
+                        .or_default()
+                        .push(m.seq);
+                }
+            }
+        }
+        self.batches.push_front(undelivered);
+        self.batches.truncate(Self::DEPTH);
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.iter().all(HashMap::is_empty)
+    }
+
+    /// Which events of `batch` must wait: an earlier event of their aggregate is undelivered
+    /// and not sent again, ahead of them, in this batch. Empty when none must.
+    fn held_back(&self, batch: &[OutboxMessage]) -> Vec<bool> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let in_batch: HashSet<i64> = batch.iter().map(|m| m.seq).collect();
+        let mask: Vec<bool> = batch
+            .iter()
+            .map(|m| {
+                self.batches.iter().any(|b| {
+                    b.get(&m.aggregate).is_some_and(|seqs| {
+                        seqs.iter().any(|&s| s < m.seq && !in_batch.contains(&s))
+                    })
+                })
+            })
+            .collect();
+        if mask.contains(&true) {
+            mask
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Publishes `batch` except the events [`Recent`] holds back, which are not offered to the
+/// broker at all (so it never sees them ahead of the event they wait for) and come back
+/// [`PublishOutcome::Skipped`].
+async fn publish_unless_held_back<P: Publisher>(
+    publisher: &P,
+    batch: &[OutboxMessage],
+    recent: &Recent,
+) -> Vec<PublishOutcome> {
+    let held = recent.held_back(batch);
+    if held.is_empty() {
+        return publisher.publish(batch).await;
+    }
+    let to_send: Vec<OutboxMessage> = batch
+        .iter()
+        .zip(&held)
+        .filter(|(_, &h)| !h)
+        .map(|(m, _)| m.clone())
+        .collect();
+    let mut sent = if to_send.is_empty() {
+        Vec::new()
+    } else {
+        publisher.publish(&to_send).await
+    }
+    .into_iter();
+    held.iter()
+        .map(|&h| {
+            if h {
+                PublishOutcome::Skipped
+            } else {
+                sent.next().unwrap_or_else(|| {
+                    PublishOutcome::unavailable("publisher returned too few outcomes")
+                })
+            }
+        })
+        .collect()
 }
 
 /// A rejected message and what to do with it.
@@ -765,6 +1035,70 @@ mod tests {
         assert!(r.rejected.is_empty());
         assert_eq!(r.unavailable, 1);
         assert_eq!(r.outage.as_deref(), Some("broker down"));
+    }
+
+    /// Delivers everything except the events named, and records what it was offered.
+    #[derive(Default)]
+    struct Offered {
+        reject: HashSet<i64>,
+        seen: std::sync::Mutex<Vec<i64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Publisher for Offered {
+        async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
+            let mut seen = self.seen.lock().unwrap();
+            batch
+                .iter()
+                .map(|m| {
+                    seen.push(m.seq);
+                    if self.reject.contains(&m.seq) {
+                        PublishOutcome::rejected("no")
+                    } else {
+                        PublishOutcome::Delivered
+                    }
+                })
+                .collect()
+        }
+    }
+
+    /// One relay round: publish (minus held-back events), resolve, remember.
+    async fn round(p: &Offered, batch: &[OutboxMessage], recent: &mut Recent) -> Vec<usize> {
+        let outcomes = publish_unless_held_back(p, batch, recent).await;
+        let r = resolve(batch, &outcomes, &RetryPolicy::default());
+        recent.push(batch, &r);
+        r.delivered
+    }
+
+    #[tokio::test]
+    async fn overlapping_batches_keep_an_aggregate_behind_its_undelivered_event() {
+        let rejecting = Offered {
+            reject: [1].into(),
+            ..Default::default()
+        };
+        let mut recent = Recent::default();
+        // Batch 1: A's first event is rejected; B flows.
+        let d = round(&rejecting, &[msg(1, "a", 0), msg(2, "b", 0)], &mut recent).await;
+        assert_eq!(d, vec![1]);
+        // Batch 2 was claimed before batch 1's retry time was stored: A's later event waits,
+        // and the broker is not even offered it.
+        let d = round(&rejecting, &[msg(3, "a", 0), msg(4, "b", 0)], &mut recent).await;
+        assert_eq!(d, vec![1], "seq 3 must not overtake seq 1");
+        assert_eq!(*rejecting.seen.lock().unwrap(), vec![1, 2, 4]);
+        // Batch 3 holds seq 1 again (now accepted) and a later A event: seq 1 goes, seq 5
+        // waits for seq 3.
+        let accepting = Offered::default();
+        let batch = [msg(1, "a", 1), msg(5, "a", 0), msg(6, "b", 0)];
+        let d = round(&accepting, &batch, &mut recent).await;
+        assert_eq!(d, vec![0, 2]);
+        assert_eq!(*accepting.seen.lock().unwrap(), vec![1, 6]);
+        // Batch 4 holds seq 3 and 5 again: both go, nothing undelivered is older.
+        let batch = [msg(3, "a", 0), msg(5, "a", 0)];
+        assert!(recent.held_back(&batch).is_empty());
+        assert_eq!(round(&accepting, &batch, &mut recent).await, vec![0, 1]);
+        assert!(!recent.is_empty(), "batch 3's seq 5 is still remembered");
+        round(&accepting, &batch, &mut recent).await;
+        assert!(recent.is_empty(), "only the last two batches count");
     }
 
     #[test]

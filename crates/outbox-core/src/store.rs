@@ -211,6 +211,27 @@ pub trait RelayStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError>;
 
+    /// Like [`RelayStore::claim`], leaving out the events in `in_flight` (batches a pipelined
+    /// relay is still publishing or settling, which are pending until settled).
+    ///
+    /// The default claims `limit + in_flight.len()` events and drops the excluded ones, which
+    /// keeps sequence order; stores override it to filter in the database.
+    async fn claim_excluding(
+        &self,
+        partitions: &[PartitionLease],
+        limit: usize,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        if in_flight.is_empty() {
+            return self.claim(partitions, limit).await;
+        }
+        let skip: std::collections::HashSet<i64> = in_flight.iter().copied().collect();
+        let mut batch = self.claim(partitions, limit + in_flight.len()).await?;
+        batch.retain(|m| !skip.contains(&m.seq));
+        batch.truncate(limit);
+        Ok(batch)
+    }
+
     /// Marks delivered events published: deletes them, or with `retain` keeps them (status
     /// `published`) for the retention window. Returns how many were changed; events whose
     /// lease is no longer held are left alone.
@@ -267,6 +288,9 @@ macro_rules! forward_relay_store {
             }
             async fn claim(&self, partitions: &[PartitionLease], limit: usize) -> Result<Vec<OutboxMessage>, StoreError> {
                 (**self).claim(partitions, limit).await
+            }
+            async fn claim_excluding(&self, partitions: &[PartitionLease], limit: usize, in_flight: &[i64]) -> Result<Vec<OutboxMessage>, StoreError> {
+                (**self).claim_excluding(partitions, limit, in_flight).await
             }
             async fn complete(&self, relay: RelayId, events: &[Fenced], retain: bool) -> Result<u64, StoreError> {
                 (**self).complete(relay, events, retain).await

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use outbox_core::{
     AfterFailure, AggregateRef, EventId, FailedAttempt, Fenced, Headers, OutboxMessage,
     OutboxStats, PartitionLease, PartitionNo, RelayActivity, RelayId, RelayStore, StoreError,
-    Topic,
+    Topic, PARTITIONS,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -33,9 +33,12 @@ struct Sql {
     acquire: String,
     release: String,
     deregister: String,
-    claim: String,
+    claim_all: String,
+    claim_some: String,
     complete_delete: String,
     complete_retain: String,
+    complete_delete_gated: String,
+    complete_retain_gated: String,
     fail: String,
     bury: String,
     purge: String,
@@ -54,6 +57,15 @@ impl Sql {
             "{p} p WHERE e.seq = f.seq AND e.partition_no = f.partition_no
                AND p.partition_no = f.partition_no AND p.owner = $1 AND p.fence = f.fence
                AND e.status = 'pending'"
+        );
+        // Checked once per statement (not joined per event): every lease of the batch is
+        // still ours under the same fence. Two to three times cheaper than the per-event join
+        // on 2,000 events; when a lease moved, `complete` falls back to the per-event check.
+        let all_held = format!(
+            "(SELECT count(*) FROM {p} p
+              JOIN unnest($3::int2[], $4::int8[]) AS f(partition_no, fence)
+                ON p.partition_no = f.partition_no AND p.fence = f.fence
+              WHERE p.owner = $1) = cardinality($3)"
         );
         Self {
             heartbeat: format!(
@@ -82,21 +94,8 @@ impl Sql {
                  WHERE owner = $1 AND partition_no = ANY($2)"
             ),
             deregister: format!("DELETE FROM {r} WHERE relay_id = $1"),
-            claim: format!(
-                "SELECT e.seq, e.event_id, e.aggregate_type, e.aggregate_id, e.partition_no,
-                        e.event_type, e.topic, e.message_key, e.headers, e.payload, e.attempts,
-                        EXTRACT(EPOCH FROM clock_timestamp() - e.created_at)::float8 AS age
-                 FROM {t} e
-                 WHERE e.status = 'pending' AND e.partition_no = ANY($1)
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {t} b
-                       WHERE b.status = 'pending' AND b.retry_at IS NOT NULL
-                         AND b.aggregate_type = e.aggregate_type
-                         AND b.aggregate_id = e.aggregate_id
-                         AND b.seq <= e.seq AND b.retry_at > now())
-                 ORDER BY e.seq
-                 LIMIT $2"
-            ),
+            claim_all: claim(&t, ""),
+            claim_some: claim(&t, "AND e.partition_no = ANY($3)"),
             complete_delete: format!(
                 "DELETE FROM {t} e
                  USING unnest($2::int8[], $3::int2[], $4::int8[]) AS f(seq, partition_no, fence),
@@ -106,6 +105,13 @@ impl Sql {
                 "UPDATE {t} e SET status = 'published', published_at = now(), retry_at = NULL
                  FROM unnest($2::int8[], $3::int2[], $4::int8[]) AS f(seq, partition_no, fence),
                  {fenced}"
+            ),
+            complete_delete_gated: format!(
+                "DELETE FROM {t} e WHERE e.seq = ANY($2) AND e.status = 'pending' AND {all_held}"
+            ),
+            complete_retain_gated: format!(
+                "UPDATE {t} e SET status = 'published', published_at = now(), retry_at = NULL
+                 WHERE e.seq = ANY($2) AND e.status = 'pending' AND {all_held}"
             ),
             fail: format!(
                 "UPDATE {t} e SET
@@ -145,6 +151,28 @@ impl Sql {
             live_activity: format!("SELECT activity FROM {r} WHERE expires_at > now()"),
         }
     }
+}
+
+/// The claim: pending events in sequence order, minus those in flight (`$2`, a hashed
+/// anti-join) and those behind a head waiting for its retry. `partition_filter` is empty when
+/// the relay holds every partition: filtering on all 64 costs more than the scan itself.
+fn claim(t: &str, partition_filter: &str) -> String {
+    format!(
+        "SELECT e.seq, e.event_id, e.aggregate_type, e.aggregate_id, e.partition_no,
+                e.event_type, e.topic, e.message_key, e.headers::text, e.payload, e.attempts,
+                EXTRACT(EPOCH FROM clock_timestamp() - e.created_at)::float8 AS age
+         FROM {t} e
+         WHERE e.status = 'pending' {partition_filter}
+           AND e.seq NOT IN (SELECT unnest($2::int8[]))
+           AND NOT EXISTS (
+               SELECT 1 FROM {t} b
+               WHERE b.status = 'pending' AND b.retry_at IS NOT NULL
+                 AND b.aggregate_type = e.aggregate_type
+                 AND b.aggregate_id = e.aggregate_id
+                 AND b.seq <= e.seq AND b.retry_at > now())
+         ORDER BY e.seq
+         LIMIT $1"
+    )
 }
 
 impl PgRelayStore {
@@ -285,13 +313,30 @@ impl RelayStore for PgRelayStore {
         partitions: &[PartitionLease],
         limit: usize,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let parts: Vec<i16> = partitions.iter().map(|l| l.partition as i16).collect();
-        let rows = sqlx::query(&self.sql.claim)
-            .bind(parts)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err("claim"))?;
+        self.claim_excluding(partitions, limit, &[]).await
+    }
+
+    async fn claim_excluding(
+        &self,
+        partitions: &[PartitionLease],
+        limit: usize,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = partitions.len() >= usize::from(PARTITIONS);
+        let sql = if all {
+            &self.sql.claim_all
+        } else {
+            &self.sql.claim_some
+        };
+        let mut query = sqlx::query(sql).bind(limit as i64).bind(in_flight);
+        if !all {
+            let parts: Vec<i16> = partitions.iter().map(|l| l.partition as i16).collect();
+            query = query.bind(parts);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(err("claim"))?;
         let mut batch = Vec::with_capacity(rows.len());
         for row in rows {
             match decode_message(&row) {
@@ -322,6 +367,31 @@ impl RelayStore for PgRelayStore {
         if events.is_empty() {
             return Ok(0);
         }
+        // Fast path: one fence check for the whole batch.
+        let mut leases: Vec<PartitionLease> = events.iter().map(|e| e.lease).collect();
+        leases.sort_by_key(|l| (l.partition, l.fence));
+        leases.dedup();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let held_parts: Vec<i16> = leases.iter().map(|l| l.partition as i16).collect();
+        let held_fences: Vec<i64> = leases.iter().map(|l| l.fence).collect();
+        let gated = if retain {
+            &self.sql.complete_retain_gated
+        } else {
+            &self.sql.complete_delete_gated
+        };
+        let fast = sqlx::query(gated)
+            .bind(relay.0)
+            .bind(&seqs)
+            .bind(held_parts)
+            .bind(held_fences)
+            .execute(&self.pool)
+            .await
+            .map_err(err("complete"))?
+            .rows_affected();
+        if fast == events.len() as u64 {
+            return Ok(fast);
+        }
+        // A lease moved (or some events changed under us): check each event's own lease.
         let (seqs, parts, fences) = fenced_arrays(events.iter().copied());
         let sql = if retain {
             &self.sql.complete_retain
@@ -336,7 +406,7 @@ impl RelayStore for PgRelayStore {
             .execute(&self.pool)
             .await
             .map_err(err("complete"))?;
-        Ok(done.rows_affected())
+        Ok(fast + done.rows_affected())
     }
 
     async fn record_failures(
@@ -439,9 +509,8 @@ fn decode_message(row: &sqlx::postgres::PgRow) -> Result<OutboxMessage, StoreErr
     let aggregate = AggregateRef::new(try_get("aggregate_type")?, try_get("aggregate_id")?)
         .map_err(|e| bad(format!("seq {seq}: {e}")))?;
     let topic = Topic::new(try_get("topic")?).map_err(|e| bad(format!("seq {seq}: {e}")))?;
-    let headers_json: serde_json::Value =
-        row.try_get("headers").map_err(err("claim: decode row"))?;
-    let headers: Headers = serde_json::from_value(headers_json)
+    let headers_json: &str = row.try_get("headers").map_err(err("claim: decode row"))?;
+    let headers: Headers = serde_json::from_str(headers_json)
         .map_err(|e| bad(format!("seq {seq}: headers are not a string map: {e}")))?;
     let payload: Vec<u8> = row.try_get("payload").map_err(err("claim: decode row"))?;
     let attempts: i32 = row.try_get("attempts").map_err(err("claim: decode row"))?;

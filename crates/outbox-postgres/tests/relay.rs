@@ -159,6 +159,54 @@ async fn order_per_aggregate_holds_with_interleaved_writers_failures_and_three_r
 }
 
 #[tokio::test]
+async fn a_pipelined_relay_keeps_order_when_rejections_fall_in_overlapping_batches() {
+    // A backlog first, so that every batch is full and the relay claims the next batch while
+    // one is published: the claim cannot see the retry time of a rejection in flight.
+    let db = TestDb::new().await;
+    let publisher = TestPublisher::new();
+    const AGGREGATES: usize = 12;
+    const TRANSACTIONS: usize = 60;
+    const PER_TX: usize = 20;
+    let mut expected: HashMap<String, Vec<EventId>> = HashMap::new();
+    for t in 0..TRANSACTIONS {
+        let events: Vec<_> = (0..PER_TX)
+            .map(|i| {
+                let n = t * PER_TX + i;
+                let agg = format!("agg-{}", n % AGGREGATES);
+                let e = event(&agg, n as u32);
+                if n % 37 == 5 {
+                    publisher.reject_times(e.event_id(), 1 + (n % 2) as u32);
+                }
+                expected.entry(agg).or_default().push(e.event_id());
+                e
+            })
+            .collect();
+        db.write(&format!("order-{t}"), &events).await;
+    }
+    let total = TRANSACTIONS * PER_TX;
+    let mut config = fast_config();
+    config.batch_size = 25;
+    assert!(config.pipeline, "the pipeline is on by default");
+    let relay = spawn_relay(&db, publisher.clone(), config);
+    wait_until(LIMIT, "backlog drained", || async {
+        db.count("true").await == 0
+    })
+    .await;
+    let report = relay.stop().await;
+    assert_order_per_aggregate(&publisher.delivered(), &expected);
+    assert_eq!(
+        report.published as usize, total,
+        "each event completed once"
+    );
+    assert!(report.rejected_attempts > 0);
+    assert!(
+        report.claimed_ahead > 10,
+        "the pipeline was not used: {report:?}"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn rejected_event_backs_off_exponentially_then_dies_without_blocking_others() {
     let db = TestDb::new().await;
     let publisher = TestPublisher::new();
