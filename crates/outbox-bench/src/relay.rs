@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
 use crate::db::BenchDb;
-use crate::stats::{header, row};
+use crate::stats::{header, median, row};
 
 /// Acknowledges everything at once: the relay's own cost, without a broker.
 pub struct NullPublisher;
@@ -345,94 +345,247 @@ async fn raw_produce(bootstrap: &str, events: usize, payload: usize) -> anyhow::
     Ok(events as f64 / start.elapsed().as_secs_f64())
 }
 
+/// One measured line of the table.
+#[derive(Clone, Copy)]
+enum Case {
+    RawOneStatement(i64),
+    RawTwoStatements(i64),
+    KafkaRaw,
+    /// The two raw limits at once: on one machine they share the CPU, as a relay's two
+    /// halves do. The rate is that of the slower one while both run.
+    RawBothAtOnce,
+    Relay {
+        label: &'static str,
+        relays: usize,
+        writers: usize,
+        pipeline: bool,
+        kafka: bool,
+    },
+}
+
+impl Case {
+    fn label(&self) -> String {
+        match self {
+            Case::RawOneStatement(b) => {
+                format!("PostgreSQL raw claim-and-delete (`DELETE ... RETURNING`), batch {b}")
+            }
+            Case::RawTwoStatements(b) => {
+                format!("PostgreSQL raw claim, then delete by seq, batch {b}")
+            }
+            Case::KafkaRaw => "Kafka raw produce (idempotent, acks=all)".into(),
+            Case::RawBothAtOnce => {
+                "PostgreSQL raw claim-then-delete and Kafka raw produce, both at once".into()
+            }
+            Case::Relay { label, .. } => (*label).into(),
+        }
+    }
+}
+
+const fn relay(
+    label: &'static str,
+    relays: usize,
+    writers: usize,
+    pipeline: bool,
+    kafka: bool,
+) -> Case {
+    Case::Relay {
+        label,
+        relays,
+        writers,
+        pipeline,
+        kafka,
+    }
+}
+
+/// What one round measured for one case.
+struct Measured {
+    rate: f64,
+    note: String,
+}
+
 pub async fn run(quick: bool) -> anyhow::Result<Value> {
-    let (events, aggregates, payload) = if quick {
-        (5_000, 100, 200)
+    let (events, aggregates, payload, rounds) = if quick {
+        (5_000, 100, 200, 1)
     } else {
-        (200_000, 1_000, 200)
+        (200_000, 1_000, 200, 3)
     };
-    header(
-        &format!("relay: drain {events} events over {aggregates} aggregates ({payload} B)"),
-        &["what", "events/s", "ratio to its limit"],
-    );
-    let db = BenchDb::postgres(16).await?;
-    let mut best_limit: f64 = 0.0;
-    for batch in [500, 2000] {
-        prefill(&db, events, aggregates, payload, "bench.null").await?;
-        let rate = raw_drain(&db, batch).await?;
-        row(&[
-            format!("PostgreSQL raw claim-and-delete, batch {batch}"),
-            format!("{rate:.0}"),
-            "limit".into(),
-        ]);
-        best_limit = best_limit.max(rate);
-    }
-    let mut two_step: f64 = 0.0;
-    for batch in [500, 2000] {
-        prefill(&db, events, aggregates, payload, "bench.null").await?;
-        let rate = raw_claim_then_delete(&db, batch).await?;
-        row(&[
-            format!("PostgreSQL raw claim, then delete by seq, batch {batch}"),
-            format!("{rate:.0}"),
-            "at-least-once limit".into(),
-        ]);
-        two_step = two_step.max(rate);
-    }
-    let mut results = json!({ "events": events, "aggregates": aggregates, "payload_bytes": payload,
-                              "pg_limit_per_sec": best_limit, "pg_two_statement_limit_per_sec": two_step });
-    for (label, relays, writers, pipeline) in [
-        (
+    let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+    let mut cases = vec![
+        Case::RawOneStatement(500),
+        Case::RawOneStatement(2000),
+        Case::RawTwoStatements(500),
+        Case::RawTwoStatements(2000),
+        relay(
             "relay, null publisher, sequential (pipeline off)",
             1,
             0,
             false,
+            false,
         ),
-        ("relay, null publisher", 1, 0, true),
-        ("2 relays, null publisher", 2, 0, true),
-        ("relay, null publisher, 4 writers inserting", 1, 4, true),
-    ] {
-        prefill(&db, events, aggregates, payload, "bench.null").await?;
-        let (rate, writer_rate, split) =
-            relay_drain(&db, Arc::new(NullPublisher), relays, writers, pipeline).await?;
-        let ratio = rate / best_limit;
-        let ratio2 = rate / two_step;
-        let extra = if writers > 0 {
-            format!(" (writers {writer_rate:.0} tx/s)")
-        } else {
-            String::new()
-        };
-        row(&[
-            format!("{label}{extra}"),
-            format!("{rate:.0}"),
-            format!("{ratio:.2} (one-statement), {ratio2:.2} (at-least-once); {split}"),
+        relay("relay, null publisher", 1, 0, true, false),
+        relay("2 relays, null publisher", 2, 0, true, false),
+        relay(
+            "relay, null publisher, 4 writers inserting",
+            1,
+            4,
+            true,
+            false,
+        ),
+    ];
+    if kafka.is_some() {
+        cases.extend([
+            Case::KafkaRaw,
+            Case::RawBothAtOnce,
+            relay(
+                "relay to Kafka, sequential (pipeline off)",
+                1,
+                0,
+                false,
+                true,
+            ),
+            relay("relay to Kafka", 1, 0, true, true),
         ]);
-        results[label] = json!({ "per_sec": rate, "ratio_to_pg_limit": ratio, "ratio_to_two_statement_limit": ratio2, "writer_tx_per_sec": writer_rate, "time_split": split });
     }
-    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-        let produce_limit = raw_produce(&bootstrap, events, payload).await?;
-        row(&[
-            "Kafka raw produce (idempotent, acks=all)".into(),
-            format!("{produce_limit:.0}"),
-            "limit".into(),
-        ]);
-        let limit = two_step.min(produce_limit);
-        results["kafka_limit_per_sec"] = json!(produce_limit);
-        let publisher = Arc::new(KafkaPublisher::new(KafkaConfig::new(&bootstrap))?);
-        for (label, pipeline) in [
-            ("relay to Kafka, sequential (pipeline off)", false),
-            ("relay to Kafka", true),
-        ] {
-            let topic = format!("bench.relay.{}", uuid::Uuid::new_v4().simple());
-            prefill(&db, events, aggregates, payload, &topic).await?;
-            let (rate, _, split) = relay_drain(&db, publisher.clone(), 1, 0, pipeline).await?;
-            row(&[
-                label.into(),
-                format!("{rate:.0}"),
-                format!("{:.2}; {split}", rate / limit),
-            ]);
-            results[label] =
-                json!({ "per_sec": rate, "ratio_to_min_limit": rate / limit, "time_split": split });
+    let db = BenchDb::postgres(16).await?;
+    let publisher: Option<Arc<KafkaPublisher>> = match &kafka {
+        Some(bootstrap) => Some(Arc::new(KafkaPublisher::new(KafkaConfig::new(bootstrap))?)),
+        None => None,
+    };
+    // measured[round][case]
+    let mut measured: Vec<Vec<Measured>> = Vec::new();
+    for round in 0..rounds {
+        eprintln!("relay bench: round {} of {rounds}", round + 1);
+        let mut this_round = Vec::new();
+        for case in &cases {
+            let m = match *case {
+                Case::RawOneStatement(batch) => {
+                    prefill(&db, events, aggregates, payload, "bench.null").await?;
+                    Measured {
+                        rate: raw_drain(&db, batch).await?,
+                        note: String::new(),
+                    }
+                }
+                Case::RawTwoStatements(batch) => {
+                    prefill(&db, events, aggregates, payload, "bench.null").await?;
+                    Measured {
+                        rate: raw_claim_then_delete(&db, batch).await?,
+                        note: String::new(),
+                    }
+                }
+                Case::KafkaRaw => Measured {
+                    rate: raw_produce(kafka.as_deref().expect("kafka case"), events, payload)
+                        .await?,
+                    note: String::new(),
+                },
+                Case::RawBothAtOnce => {
+                    prefill(&db, events, aggregates, payload, "bench.null").await?;
+                    let (pg, broker) = tokio::join!(
+                        raw_claim_then_delete(&db, 2000),
+                        raw_produce(kafka.as_deref().expect("kafka case"), events, payload)
+                    );
+                    let (pg, broker) = (pg?, broker?);
+                    Measured {
+                        rate: pg.min(broker),
+                        note: format!("PostgreSQL {pg:.0}/s, Kafka {broker:.0}/s while sharing"),
+                    }
+                }
+                Case::Relay {
+                    relays,
+                    writers,
+                    pipeline,
+                    kafka: to_kafka,
+                    ..
+                } => {
+                    let (topic, publisher): (String, Arc<dyn Publisher>) = if to_kafka {
+                        (
+                            format!("bench.relay.{}", uuid::Uuid::new_v4().simple()),
+                            publisher.clone().expect("kafka case"),
+                        )
+                    } else {
+                        ("bench.null".into(), Arc::new(NullPublisher))
+                    };
+                    prefill(&db, events, aggregates, payload, &topic).await?;
+                    let (rate, writer_rate, split) =
+                        relay_drain(&db, publisher, relays, writers, pipeline).await?;
+                    let note = if writers > 0 {
+                        format!("writers {writer_rate:.0} tx/s; {split}")
+                    } else {
+                        split
+                    };
+                    Measured { rate, note }
+                }
+            };
+            this_round.push(m);
         }
+        measured.push(this_round);
+    }
+
+    // Limits and ratios are taken within each round, then the median over rounds is shown.
+    let limit_of = |round: &[Measured], pick: &dyn Fn(&Case) -> bool| -> f64 {
+        cases
+            .iter()
+            .zip(round)
+            .filter(|(c, _)| pick(c))
+            .map(|(_, m)| m.rate)
+            .fold(0.0, f64::max)
+    };
+    let one = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawOneStatement(_)));
+    let two = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawTwoStatements(_)));
+    let broker = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::KafkaRaw));
+    let shared = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawBothAtOnce));
+    header(
+        &format!(
+            "relay: drain {events} events over {aggregates} aggregates ({payload} B), median of {rounds} round(s)"
+        ),
+        &["what", "events/s", "ratio to its limit (same round)", "notes (last round)"],
+    );
+    let mut results = json!({ "events": events, "aggregates": aggregates, "payload_bytes": payload, "rounds": rounds });
+    for (i, case) in cases.iter().enumerate() {
+        let rate = median(measured.iter().map(|r| r[i].rate).collect());
+        let note = measured
+            .last()
+            .map(|r| r[i].note.clone())
+            .unwrap_or_default();
+        let (ratio_text, ratios) = match case {
+            Case::RawOneStatement(_) => ("one-statement limit".to_string(), json!({})),
+            Case::RawTwoStatements(_) => ("at-least-once limit".to_string(), json!({})),
+            Case::KafkaRaw => ("broker limit".to_string(), json!({})),
+            Case::RawBothAtOnce => ("shared-machine limit".to_string(), json!({})),
+            Case::Relay { kafka: false, .. } => {
+                let r1 = median(measured.iter().map(|r| r[i].rate / one(r)).collect());
+                let r2 = median(measured.iter().map(|r| r[i].rate / two(r)).collect());
+                (
+                    format!("{r1:.2} of one-statement, {r2:.2} of at-least-once"),
+                    json!({ "ratio_to_pg_limit": r1, "ratio_to_two_statement_limit": r2 }),
+                )
+            }
+            Case::Relay { kafka: true, .. } => {
+                let r = median(
+                    measured
+                        .iter()
+                        .map(|m| m[i].rate / two(m).min(broker(m)))
+                        .collect(),
+                );
+                let rs = median(measured.iter().map(|m| m[i].rate / shared(m)).collect());
+                (
+                    format!("{r:.2} of min(at-least-once, broker); {rs:.2} of shared-machine"),
+                    json!({ "ratio_to_min_limit": r, "ratio_to_shared_machine_limit": rs }),
+                )
+            }
+        };
+        row(&[case.label(), format!("{rate:.0}"), ratio_text, note.clone()]);
+        let mut entry = json!({ "per_sec": rate, "notes": note });
+        if let (Some(e), Some(r)) = (entry.as_object_mut(), ratios.as_object()) {
+            e.extend(r.clone());
+        }
+        results[case.label()] = entry;
+    }
+    results["pg_limit_per_sec"] = json!(median(measured.iter().map(|r| one(r)).collect()));
+    results["pg_two_statement_limit_per_sec"] =
+        json!(median(measured.iter().map(|r| two(r)).collect()));
+    if kafka.is_some() {
+        results["kafka_limit_per_sec"] =
+            json!(median(measured.iter().map(|r| broker(r)).collect()));
     } else {
         println!("(Kafka rows skipped: KAFKA_BOOTSTRAP_SERVERS is not set)");
     }
