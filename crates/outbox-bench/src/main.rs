@@ -8,6 +8,7 @@
 //! Needs PostgreSQL at `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! the Kafka figures need `KAFKA_BOOTSTRAP_SERVERS`, the outage drain `OUTBOX_TEST_BROKER_BIN`.
 
+mod counting;
 mod db;
 mod latency;
 mod outage;

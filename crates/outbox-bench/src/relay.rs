@@ -4,18 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use outbox_core::{
-    FailedAttempt, Fenced, OutboxMessage, OutboxStats, PartitionLease, PartitionNo, PublishOutcome,
-    Publisher, Relay, RelayConfig, RelayId, RelayStore, StoreError,
-};
+use async_trait::async_trait;
+use outbox_core::{OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig, RelayStore};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_postgres::{PgOutbox, PgRelayStore};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
+use crate::counting::CountingStore;
 use crate::db::BenchDb;
 use crate::stats::{header, median, row};
 
@@ -116,91 +114,6 @@ async fn raw_claim_then_delete(db: &BenchDb, batch: i64) -> anyhow::Result<f64> 
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-/// The PostgreSQL store, counting completed events in memory: the run's end is seen without
-/// polling the table (a `count(*)` every few ms, in parallel workers, took a large share of
-/// the database's CPU away from the relay it was measuring).
-struct CountingStore {
-    inner: PgRelayStore,
-    completed: AtomicU64,
-}
-
-#[async_trait]
-impl RelayStore for CountingStore {
-    async fn heartbeat(
-        &self,
-        relay: RelayId,
-        name: &str,
-        lease: Duration,
-    ) -> Result<usize, StoreError> {
-        self.inner.heartbeat(relay, name, lease).await
-    }
-    async fn renew_leases(
-        &self,
-        relay: RelayId,
-        lease: Duration,
-    ) -> Result<Vec<PartitionLease>, StoreError> {
-        self.inner.renew_leases(relay, lease).await
-    }
-    async fn acquire_partitions(
-        &self,
-        relay: RelayId,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Vec<PartitionLease>, StoreError> {
-        self.inner.acquire_partitions(relay, max, lease).await
-    }
-    async fn release_partitions(
-        &self,
-        relay: RelayId,
-        partitions: &[PartitionNo],
-    ) -> Result<(), StoreError> {
-        self.inner.release_partitions(relay, partitions).await
-    }
-    async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
-        self.inner.deregister(relay).await
-    }
-    async fn claim(
-        &self,
-        partitions: &[PartitionLease],
-        limit: usize,
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
-        self.inner.claim(partitions, limit).await
-    }
-    async fn claim_excluding(
-        &self,
-        partitions: &[PartitionLease],
-        limit: usize,
-        in_flight: &[i64],
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
-        self.inner
-            .claim_excluding(partitions, limit, in_flight)
-            .await
-    }
-    async fn complete(
-        &self,
-        relay: RelayId,
-        events: &[Fenced],
-        retain: bool,
-    ) -> Result<u64, StoreError> {
-        let n = self.inner.complete(relay, events, retain).await?;
-        self.completed.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
-    }
-    async fn record_failures(
-        &self,
-        relay: RelayId,
-        failures: &[FailedAttempt],
-    ) -> Result<u64, StoreError> {
-        self.inner.record_failures(relay, failures).await
-    }
-    async fn purge_published(&self, retention: Duration, limit: usize) -> Result<u64, StoreError> {
-        self.inner.purge_published(retention, limit).await
-    }
-    async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        self.inner.stats().await
-    }
-}
-
 /// Drains with `relays` relays; returns events/s.
 async fn relay_drain(
     db: &BenchDb,
@@ -214,10 +127,7 @@ async fn relay_drain(
     };
     let pg = PgRelayStore::new(pool.clone(), schema);
     let before = pending(&pg).await;
-    let store = Arc::new(CountingStore {
-        inner: pg,
-        completed: AtomicU64::new(0),
-    });
+    let store = Arc::new(CountingStore::new(pg));
     let config = RelayConfig {
         service: "bench".into(),
         lease: Duration::from_secs(10),
@@ -273,7 +183,7 @@ async fn relay_drain(
     let mut published_at_stop = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let done = store.completed.load(Ordering::Relaxed);
+        let done = store.completed();
         if !stopped_writers && done >= before * 9 / 10 {
             let _ = writers_stop_tx.send(true);
             stopped_writers = true;

@@ -133,6 +133,11 @@ impl Bus {
         self.bump();
     }
 
+    /// Whether publishes are refused as an outage ([`Bus::pause`]).
+    pub fn is_paused(&self) -> bool {
+        self.inner.state.lock().unwrap().paused
+    }
+
     fn partition_for(&self, state: &mut State, key: Option<&str>) -> usize {
         let n = u64::from(self.inner.config.partitions);
         let h = match key {
@@ -344,6 +349,14 @@ impl Publisher for BusPublisher {
                 }
             })
             .collect()
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        if self.bus.is_paused() {
+            Err("the in-process bus is paused".into())
+        } else {
+            Ok(())
+        }
     }
 }
 

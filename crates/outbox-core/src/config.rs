@@ -19,7 +19,7 @@
 //! | `retry_cap` | `OUTBOX_RETRY_CAP` | `5m` | longest delay between attempts |
 //! | `max_attempts` | `OUTBOX_MAX_ATTEMPTS` | `5` | attempts before an event is dead |
 //! | `outage_backoff_min` | `OUTBOX_OUTAGE_BACKOFF_MIN` | `100ms` | first probe delay in an outage |
-//! | `outage_backoff_max` | `OUTBOX_OUTAGE_BACKOFF_MAX` | `10s` | longest probe delay in an outage |
+//! | `outage_backoff_max` | `OUTBOX_OUTAGE_BACKOFF_MAX` | `2s` | longest probe delay in an outage (a probe is one cheap request, see `Publisher::probe`) |
 //! | `retention` | `OUTBOX_RETENTION` | `0s` | keep published events this long (`0s`: delete at once) |
 //! | `retention_sweep_interval` | `OUTBOX_RETENTION_SWEEP_INTERVAL` | `1m` | how often old published rows are deleted |
 //! | `retention_sweep_batch` | `OUTBOX_RETENTION_SWEEP_BATCH` | `1000` | rows deleted per statement |
@@ -91,7 +91,7 @@ impl Default for RelayConfig {
             lease: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             outage_backoff_min: Duration::from_millis(100),
-            outage_backoff_max: Duration::from_secs(10),
+            outage_backoff_max: Duration::from_secs(2),
             retention: Duration::ZERO,
             retention_sweep_interval: Duration::from_secs(60),
             retention_sweep_batch: 1000,

@@ -46,6 +46,14 @@ impl PublishOutcome {
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome>;
+
+    /// Whether the broker answers now, asked by a relay paused by an outage before it sends a
+    /// batch again. A cheap round trip (Kafka: a metadata request) lets the relay probe often
+    /// and resume within moments of the broker's return, without claiming a batch per probe.
+    /// The default says yes: the next batch is the probe.
+    async fn probe(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -53,11 +61,17 @@ impl<P: Publisher + ?Sized> Publisher for std::sync::Arc<P> {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
         (**self).publish(batch).await
     }
+    async fn probe(&self) -> Result<(), String> {
+        (**self).probe().await
+    }
 }
 
 #[async_trait]
 impl<P: Publisher + ?Sized> Publisher for Box<P> {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
         (**self).publish(batch).await
+    }
+    async fn probe(&self) -> Result<(), String> {
+        (**self).probe().await
     }
 }

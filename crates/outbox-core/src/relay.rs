@@ -469,6 +469,17 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
                 continue;
             }
 
+            if outage.failures() > 0 {
+                // Paused by an outage: ask before claiming and sending a batch again.
+                if let Err(reason) = self.relay.publisher.probe().await {
+                    self.report.outage_pauses += 1;
+                    let delay = outage.next_delay();
+                    tracing::debug!(relay = %self.relay.id, %reason, ?delay, "broker still unavailable");
+                    self.pause(Pause::Outage(delay)).await;
+                    continue;
+                }
+            }
+
             let current = match ahead.take() {
                 Some(c) => c,
                 None => {

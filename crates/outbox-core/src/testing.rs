@@ -17,6 +17,7 @@ use crate::publisher::{PublishOutcome, Publisher};
 struct State {
     delivered: Vec<OutboxMessage>,
     calls: u64,
+    probes: u64,
     unavailable: bool,
     reject_always: HashSet<EventId>,
     reject_times: HashMap<EventId, u32>,
@@ -51,6 +52,11 @@ impl TestPublisher {
     /// How many times `publish` was called.
     pub fn calls(&self) -> u64 {
         self.with(|s| s.calls)
+    }
+
+    /// How many times a relay asked whether the broker is back.
+    pub fn probes(&self) -> u64 {
+        self.with(|s| s.probes)
     }
 
     /// How many times this event was offered to the publisher (any outcome).
@@ -132,6 +138,17 @@ impl Publisher for TestPublisher {
                     PublishOutcome::Delivered
                 })
                 .collect()
+        })
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        self.with(|s| {
+            s.probes += 1;
+            if s.unavailable {
+                Err("test broker is down".into())
+            } else {
+                Ok(())
+            }
         })
     }
 }

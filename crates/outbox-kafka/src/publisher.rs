@@ -53,18 +53,19 @@ impl KafkaPublisher {
         self.producer.read().unwrap().clone()
     }
 
-    /// Whether the cluster answers a metadata request (used to tell a dead broker from a
-    /// stuck producer).
-    async fn broker_answers(&self) -> bool {
+    /// Whether the cluster answers a metadata request (to tell a dead broker from a stuck
+    /// producer, and as the relay's probe during an outage).
+    async fn broker_answers(&self) -> Result<(), String> {
         let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(None, Duration::from_secs(3))
-                .is_ok()
+                .map(|_| ())
+                .map_err(|e| format!("metadata request failed: {e}"))
         })
         .await
-        .unwrap_or(false)
+        .unwrap_or_else(|e| Err(format!("metadata probe panicked: {e}")))
     }
 
     async fn note_stall(&self, all_timed_out: bool) {
@@ -73,7 +74,7 @@ impl KafkaPublisher {
             return;
         }
         let stalled = self.stalled_batches.fetch_add(1, Ordering::Relaxed) + 1;
-        if stalled < STALLED_BATCHES_BEFORE_CHECK || !self.broker_answers().await {
+        if stalled < STALLED_BATCHES_BEFORE_CHECK || self.broker_answers().await.is_err() {
             return;
         }
         self.rebuild("the broker answers but deliveries keep timing out");
@@ -238,5 +239,9 @@ impl Publisher for KafkaPublisher {
                 None => PublishOutcome::unavailable("no delivery report"),
             })
             .collect()
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        self.broker_answers().await
     }
 }

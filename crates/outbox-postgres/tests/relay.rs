@@ -305,8 +305,16 @@ async fn broker_outage_burns_no_attempts_and_loses_nothing() {
         db.write(&format!("o-{i}"), &[e]).await;
     }
     // Let the relay probe the dead broker for a while.
-    wait_until(LIMIT, "several probes", || async { publisher.calls() >= 5 }).await;
+    wait_until(LIMIT, "several probes", || async {
+        publisher.probes() >= 5
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        publisher.calls() <= 2,
+        "a paused relay probes instead of sending batch after batch: {} publishes",
+        publisher.calls()
+    );
     assert_eq!(db.count("status = 'pending'").await, 60);
     assert_eq!(
         db.count("attempts > 0 OR retry_at IS NOT NULL").await,
