@@ -282,3 +282,50 @@ pub fn inbox_dedupe<'a>(store: &'a dyn Store, transport: &'a dyn Transport) -> B
         assert!(effects.iter().all(|(_, n)| *n == 1), "{effects:?}");
     })
 }
+
+/// A pipelined relay claims past the batches it still has in flight: the store leaves those
+/// out and keeps sequence order, including events older than some in-flight ones.
+pub fn claim_excluding<'a>(store: &'a dyn Store, _: &'a dyn Transport) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let t = topic("claim");
+        let events: Vec<_> = (0..10)
+            .map(|i| event(&t, &format!("a{}", i % 4), i))
+            .collect();
+        store.commit(&events).await;
+        let relays = store.relay_store();
+        let relay = outbox_core::RelayId::new();
+        let held = relays
+            .acquire_partitions(relay, usize::from(outbox_core::PARTITIONS), LIMIT)
+            .await
+            .unwrap();
+        let ids = |batch: &[outbox_core::OutboxMessage]| -> Vec<EventId> {
+            batch.iter().map(|m| m.event_id).collect()
+        };
+        let first = relays.claim(&held, 4).await.unwrap();
+        assert_eq!(ids(&first), ids_of(&events[..4]));
+        let seqs: Vec<i64> = first.iter().map(|m| m.seq).collect();
+        let next = relays.claim_excluding(&held, 4, &seqs).await.unwrap();
+        assert_eq!(
+            ids(&next),
+            ids_of(&events[4..8]),
+            "in-flight events left out"
+        );
+        // Out of a gap: the first two and the fifth are in flight.
+        let gap = [seqs[0], seqs[1], next[0].seq];
+        let mixed = relays.claim_excluding(&held, 4, &gap).await.unwrap();
+        let expected = [&events[2..4], &events[5..7]].concat();
+        assert_eq!(
+            ids(&mixed),
+            ids_of(&expected),
+            "older events first, in order"
+        );
+        relays
+            .release_partitions(relay, &held.iter().map(|l| l.partition).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    })
+}
+
+fn ids_of(events: &[NewEvent]) -> Vec<EventId> {
+    events.iter().map(|e| e.event_id()).collect()
+}

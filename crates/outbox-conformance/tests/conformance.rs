@@ -47,3 +47,28 @@ conformance!(
     outage,
     inbox_dedupe
 );
+
+/// Store-level: the transport plays no part.
+mod claim_excluding {
+    use super::*;
+
+    #[tokio::test]
+    async fn postgres() {
+        run(
+            PgStore::boxed().await,
+            BusTransport::boxed(),
+            cases::claim_excluding,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        run(
+            SqliteStore::boxed().await,
+            BusTransport::boxed(),
+            cases::claim_excluding,
+        )
+        .await
+    }
+}

@@ -127,10 +127,12 @@ pub(crate) fn kafka_headers<'a>(
 
 /// The stored headers, plus `event_id` and `event_type` from the row when absent.
 fn headers_of(m: &OutboxMessage) -> OwnedHeaders {
-    let event_id = m.event_id.to_string();
+    // On the stack: this runs for every message of every batch.
+    let mut buf = uuid::Uuid::encode_buffer();
+    let event_id = m.event_id.as_uuid().hyphenated().encode_lower(&mut buf);
     let stored = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let missing = [
-        ("event_id", event_id.as_str()),
+        ("event_id", &*event_id),
         ("event_type", m.event_type.as_str()),
     ]
     .into_iter()
