@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use outbox_core::{
-    AggregateRef, EventId, NewEvent, OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig,
-    Topic, WakeSignal,
+    AggregateRef, EventId, NewEvent, OutboxMessage, PublishOutcome, Publisher, Relay, Topic,
+    WakeSignal,
 };
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_postgres::{PgOutbox, PgRelayStore};
@@ -76,7 +76,7 @@ async fn measure(
     let mut relay = Relay::new(
         PgRelayStore::new(pool.clone(), schema),
         recording.clone(),
-        RelayConfig::default(),
+        crate::relay_config()?,
     );
     let mut outbox = PgOutbox::new(schema.clone());
     let mut listener = None;
@@ -166,11 +166,12 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     } else {
         (&[100, 1000, 5000], Duration::from_secs(10))
     };
-    let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+    let cluster = crate::BenchKafka::connect();
+    let kafka = cluster.as_ref().map(|c| c.bootstrap.clone());
     let target = if kafka.is_some() {
         "Kafka delivery report"
     } else {
-        "null publisher (no KAFKA_BOOTSTRAP_SERVERS)"
+        "null publisher (no KAFKA_BOOTSTRAP_SERVERS or OUTBOX_TEST_BROKER_BIN)"
     };
     header(
         &format!("latency: commit to ack ({target})"),

@@ -98,3 +98,35 @@ fn machine() -> Value {
         .unwrap_or_default();
     json!({ "cpus": cpus, "cpu": model })
 }
+
+/// The relay's settings for a benchmark: the defaults, changed by the usual `OUTBOX_*`
+/// environment variables (e.g. `OUTBOX_BATCH_SIZE=5000`, `OUTBOX_PIPELINE=false`).
+fn relay_config() -> anyhow::Result<outbox_core::RelayConfig> {
+    Ok(outbox_core::Settings::from_env()?.relay)
+}
+
+/// The Kafka cluster a benchmark talks to: a private, fresh broker when `OUTBOX_TEST_BROKER_BIN`
+/// names one (a broker with memory storage slows down as earlier runs' messages pile up in
+/// it, which made later rows of a run look worse than earlier ones), else
+/// `KAFKA_BOOTSTRAP_SERVERS`, else none. Keep the value alive while the broker is used.
+struct BenchKafka {
+    bootstrap: String,
+    _private: Option<outbox_kafka::testing::TestBroker>,
+}
+
+impl BenchKafka {
+    fn connect() -> Option<Self> {
+        if std::env::var_os("OUTBOX_TEST_BROKER_BIN").is_some() {
+            let broker = outbox_kafka::testing::TestBroker::start();
+            return Some(Self {
+                bootstrap: broker.bootstrap(),
+                _private: Some(broker),
+            });
+        }
+        let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok()?;
+        Some(Self {
+            bootstrap,
+            _private: None,
+        })
+    }
+}

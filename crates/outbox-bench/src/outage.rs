@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use outbox_core::{AggregateRef, NewEvent, Relay, RelayConfig, Topic};
+use outbox_core::{AggregateRef, NewEvent, Relay, Topic};
 use outbox_kafka::testing::TestBroker;
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_postgres::{PgOutbox, PgRelayStore};
@@ -52,7 +52,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     let relay = Relay::new(
         store.clone(),
         Arc::new(KafkaPublisher::new(kafka)?),
-        RelayConfig::default(),
+        crate::relay_config()?,
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(relay.run(async move {

@@ -131,13 +131,10 @@ async fn relay_drain(
     let config = RelayConfig {
         service: "bench".into(),
         lease: Duration::from_secs(10),
-        batch_size: std::env::var("OUTBOX_BATCH_SIZE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(RelayConfig::default().batch_size),
         pipeline,
-        ..RelayConfig::default()
+        ..crate::relay_config()?
     };
+    mark("relay drain", "start");
     let start = Instant::now();
     let mut stops = Vec::new();
     let mut handles = Vec::new();
@@ -197,6 +194,7 @@ async fn relay_drain(
         }
     }
     let elapsed = start.elapsed();
+    mark("relay drain", "end");
     for s in stops {
         let _ = s.send(());
     }
@@ -307,6 +305,18 @@ const fn relay(
     }
 }
 
+/// With `OUTBOX_BENCH_MARKS=1`, prints the system uptime (the clock of `perf record -k
+/// CLOCK_MONOTONIC`) when a case starts and ends, so that a profile of the whole run can be
+/// cut to one case with `perf report --time start,end` (a case includes its prefill; the
+/// relay's drain alone is marked too).
+fn mark(label: &str, what: &str) {
+    if std::env::var_os("OUTBOX_BENCH_MARKS").is_some() {
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        let secs = uptime.split_whitespace().next().unwrap_or("?");
+        eprintln!("mark {secs} {what} {label}");
+    }
+}
+
 /// What one round measured for one case.
 struct Measured {
     rate: f64,
@@ -319,7 +329,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     } else {
         (200_000, 1_000, 200, 3)
     };
-    let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+    let kafka_wanted = std::env::var_os("OUTBOX_TEST_BROKER_BIN").is_some()
+        || std::env::var_os("KAFKA_BOOTSTRAP_SERVERS").is_some();
     let mut cases = vec![
         Case::RawOneStatement(500),
         Case::RawOneStatement(2000),
@@ -342,7 +353,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             false,
         ),
     ];
-    if kafka.is_some() {
+    if kafka_wanted {
         cases.extend([
             Case::KafkaRaw,
             Case::RawBothAtOnce,
@@ -357,16 +368,24 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
         ]);
     }
     let db = BenchDb::postgres(16).await?;
-    let publisher: Option<Arc<KafkaPublisher>> = match &kafka {
-        Some(bootstrap) => Some(Arc::new(KafkaPublisher::new(KafkaConfig::new(bootstrap))?)),
-        None => None,
-    };
     // measured[round][case]
     let mut measured: Vec<Vec<Measured>> = Vec::new();
     for round in 0..rounds {
         eprintln!("relay bench: round {} of {rounds}", round + 1);
+        // A fresh broker per round (when a private one can be started), and its publisher.
+        let cluster = if kafka_wanted {
+            crate::BenchKafka::connect()
+        } else {
+            None
+        };
+        let kafka = cluster.as_ref().map(|c| c.bootstrap.clone());
+        let publisher: Option<Arc<KafkaPublisher>> = match &kafka {
+            Some(bootstrap) => Some(Arc::new(KafkaPublisher::new(KafkaConfig::new(bootstrap))?)),
+            None => None,
+        };
         let mut this_round = Vec::new();
         for case in &cases {
+            mark(&case.label(), "start");
             let m = match *case {
                 Case::RawOneStatement(batch) => {
                     prefill(&db, events, aggregates, payload, "bench.null").await?;
@@ -425,6 +444,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                     Measured { rate, note }
                 }
             };
+            mark(&case.label(), "end");
             this_round.push(m);
         }
         measured.push(this_round);
@@ -493,11 +513,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     results["pg_limit_per_sec"] = json!(median(measured.iter().map(|r| one(r)).collect()));
     results["pg_two_statement_limit_per_sec"] =
         json!(median(measured.iter().map(|r| two(r)).collect()));
-    if kafka.is_some() {
+    if kafka_wanted {
         results["kafka_limit_per_sec"] =
             json!(median(measured.iter().map(|r| broker(r)).collect()));
     } else {
-        println!("(Kafka rows skipped: KAFKA_BOOTSTRAP_SERVERS is not set)");
+        println!("(Kafka rows skipped: neither OUTBOX_TEST_BROKER_BIN nor KAFKA_BOOTSTRAP_SERVERS is set)");
     }
     db.drop().await;
     Ok(results)
