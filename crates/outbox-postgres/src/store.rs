@@ -177,6 +177,26 @@ fn claim(t: &str, partition_filter: &str) -> String {
 }
 
 impl PgRelayStore {
+    /// Runs a `complete` statement: `$1` relay, `$2` seqs, `$3`/`$4` partitions and fences.
+    async fn run_fenced(
+        &self,
+        sql: &str,
+        relay: RelayId,
+        seqs: Vec<i64>,
+        parts: Vec<i16>,
+        fences: Vec<i64>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql)
+            .bind(relay.0)
+            .bind(seqs)
+            .bind(parts)
+            .bind(fences)
+            .execute(&self.pool)
+            .await
+            .map_err(err("complete"))?;
+        Ok(done.rows_affected())
+    }
+
     pub fn new(pool: PgPool, schema: &Schema) -> Self {
         Self {
             pool,
@@ -368,46 +388,28 @@ impl RelayStore for PgRelayStore {
         if events.is_empty() {
             return Ok(0);
         }
-        // Fast path: one fence check for the whole batch.
+        let (gated, per_event) = if retain {
+            (&self.sql.complete_retain_gated, &self.sql.complete_retain)
+        } else {
+            (&self.sql.complete_delete_gated, &self.sql.complete_delete)
+        };
+        // Fast path: one fence check for the whole batch, over its distinct leases.
         let mut leases: Vec<PartitionLease> = events.iter().map(|e| e.lease).collect();
         leases.sort_by_key(|l| (l.partition, l.fence));
         leases.dedup();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let held_parts: Vec<i16> = leases.iter().map(|l| l.partition as i16).collect();
-        let held_fences: Vec<i64> = leases.iter().map(|l| l.fence).collect();
-        let gated = if retain {
-            &self.sql.complete_retain_gated
-        } else {
-            &self.sql.complete_delete_gated
-        };
-        let fast = sqlx::query(gated)
-            .bind(relay.0)
-            .bind(&seqs)
-            .bind(held_parts)
-            .bind(held_fences)
-            .execute(&self.pool)
-            .await
-            .map_err(err("complete"))?
-            .rows_affected();
+        let (_, parts, fences) =
+            fenced_arrays(leases.iter().map(|&lease| Fenced { seq: 0, lease }));
+        let fast = self.run_fenced(gated, relay, seqs, parts, fences).await?;
         if fast == events.len() as u64 {
             return Ok(fast);
         }
         // A lease moved (or some events changed under us): check each event's own lease.
         let (seqs, parts, fences) = fenced_arrays(events.iter().copied());
-        let sql = if retain {
-            &self.sql.complete_retain
-        } else {
-            &self.sql.complete_delete
-        };
-        let done = sqlx::query(sql)
-            .bind(relay.0)
-            .bind(seqs)
-            .bind(parts)
-            .bind(fences)
-            .execute(&self.pool)
-            .await
-            .map_err(err("complete"))?;
-        Ok(fast + done.rows_affected())
+        Ok(fast
+            + self
+                .run_fenced(per_event, relay, seqs, parts, fences)
+                .await?)
     }
 
     async fn record_failures(
