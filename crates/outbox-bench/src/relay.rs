@@ -334,8 +334,10 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     let mut cases = vec![
         Case::RawOneStatement(500),
         Case::RawOneStatement(2000),
+        Case::RawOneStatement(5000),
         Case::RawTwoStatements(500),
         Case::RawTwoStatements(2000),
+        Case::RawTwoStatements(5000),
         relay(
             "relay, null publisher, sequential (pipeline off)",
             1,
@@ -409,7 +411,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                 Case::RawBothAtOnce => {
                     prefill(&db, events, aggregates, payload, "bench.null").await?;
                     let (pg, broker) = tokio::join!(
-                        raw_claim_then_delete(&db, 2000),
+                        raw_claim_then_delete(&db, crate::relay_config()?.batch_size as i64),
                         raw_produce(kafka.as_deref().expect("kafka case"), events, payload)
                     );
                     let (pg, broker) = (pg?, broker?);
