@@ -1,10 +1,9 @@
 //! Relay throughput against the physical limits measured in the same run: PostgreSQL's raw
 //! claim-and-delete rate for the same rows, and Kafka's raw produce rate for the same messages.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use outbox_core::{OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig, RelayStore};

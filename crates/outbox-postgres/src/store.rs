@@ -398,8 +398,8 @@ impl RelayStore for PgRelayStore {
         leases.sort_by_key(|l| (l.partition, l.fence));
         leases.dedup();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let (_, parts, fences) =
-            fenced_arrays(leases.iter().map(|&lease| Fenced { seq: 0, lease }));
+        let parts: Vec<i16> = leases.iter().map(|l| l.partition as i16).collect();
+        let fences: Vec<i64> = leases.iter().map(|l| l.fence).collect();
         let fast = self.run_fenced(gated, relay, seqs, parts, fences).await?;
         if fast == events.len() as u64 {
             return Ok(fast);
