@@ -33,9 +33,14 @@ impl BenchDb {
     }
 
     pub async fn sqlite() -> anyhow::Result<Self> {
+        Self::sqlite_with(outbox_sqlite::Durability::Full).await
+    }
+
+    pub async fn sqlite_with(durability: outbox_sqlite::Durability) -> anyhow::Result<Self> {
         let path =
             std::env::temp_dir().join(format!("outbox-bench-{}.db", uuid::Uuid::new_v4().simple()));
-        let pool = outbox_sqlite::connect(&format!("sqlite://{}", path.display())).await?;
+        let pool = outbox_sqlite::connect_with(&format!("sqlite://{}", path.display()), durability)
+            .await?;
         outbox_sqlite::migrate(&pool).await?;
         sqlx::raw_sql(
             "CREATE TABLE bench_orders (id INTEGER PRIMARY KEY AUTOINCREMENT,

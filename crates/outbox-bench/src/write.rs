@@ -154,12 +154,18 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             "c/b mean latency",
         ],
     );
-    for db_kind in ["postgres", "sqlite"] {
+    // "sqlite" commits durably (synchronous=FULL, the default with an external broker);
+    // "sqlite-normal" is synchronous=NORMAL (the in-process bus), to show what durability costs.
+    for db_kind in ["postgres", "sqlite", "sqlite-normal"] {
         for writers in [1usize, 4, 16] {
             for payload in [200usize, 2048] {
+                if db_kind == "sqlite-normal" && payload != 200 {
+                    continue;
+                }
                 let db = Arc::new(match db_kind {
                     "postgres" => BenchDb::postgres(writers as u32 + 2).await?,
-                    _ => BenchDb::sqlite().await?,
+                    "sqlite" => BenchDb::sqlite().await?,
+                    _ => BenchDb::sqlite_with(outbox_sqlite::Durability::Normal).await?,
                 });
                 let mut runs: Vec<Vec<Summary>> = vec![Vec::new(); 3];
                 // Warm-up: connections, caches, prepared statements.

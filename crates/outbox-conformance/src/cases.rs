@@ -329,3 +329,143 @@ pub fn claim_excluding<'a>(store: &'a dyn Store, _: &'a dyn Transport) -> BoxFut
 fn ids_of(events: &[NewEvent]) -> Vec<EventId> {
     events.iter().map(|e| e.event_id()).collect()
 }
+
+/// Store-level, with a test publisher: one relay partition's messages time out (a Kafka
+/// partition without a leader) while the broker takes everything else. The relay defers only
+/// the aggregates behind the stuck messages, counts no attempt, never pauses as a whole, and
+/// the other aggregates flow although the stuck backlog alone would fill every batch.
+pub fn one_stuck_partition<'a>(store: &'a dyn Store, _: &'a dyn Transport) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        use outbox_core::testing::TestPublisher;
+        let t = topic("stuck");
+        let stuck = AggregateRef::new("agg", "stuck").unwrap().partition();
+        // Committed first and three batches long: claimed first, it fills whole batches.
+        let blocked: Vec<_> = (0..60).map(|i| event(&t, "stuck", i)).collect();
+        let others: Vec<_> = (0..40)
+            .map(|i| format!("free-{i}"))
+            .filter(|a| AggregateRef::new("agg", a.as_str()).unwrap().partition() != stuck)
+            .flat_map(|a| (0..3).map(move |n| (a.clone(), n)))
+            .map(|(a, n)| event(&t, &a, n))
+            .collect();
+        store.commit(&blocked).await;
+        store.commit(&others).await;
+        let publisher = TestPublisher::new();
+        publisher.set_stuck_partitions([stuck], Duration::from_millis(50));
+        let cfg = RelayConfig {
+            batch_size: 20,
+            defer_min: Duration::from_millis(200),
+            defer_max: Duration::from_millis(400),
+            ..config()
+        };
+        let relay = Relay::new(store.relay_store(), publisher.clone(), cfg);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(relay.run(async move {
+            let _ = stopped.await;
+        }));
+        let delivered = |p: &TestPublisher| -> HashSet<EventId> {
+            p.delivered().iter().map(|m| m.event_id).collect()
+        };
+        wait_for(LIMIT, "every other aggregate published", || async {
+            let d = delivered(&publisher);
+            others.iter().all(|e| d.contains(&e.event_id()))
+        })
+        .await;
+        assert!(
+            blocked
+                .iter()
+                .all(|e| !delivered(&publisher).contains(&e.event_id())),
+            "nothing of the stuck partition was delivered"
+        );
+        let (status, attempts, error) = store.row(blocked[0].event_id()).await.unwrap();
+        assert_eq!(
+            (status.as_str(), attempts),
+            ("pending", 0),
+            "no attempt counted"
+        );
+        assert!(error.unwrap_or_default().contains("deferred"));
+        // The partition gets its leader back: the stuck aggregate follows, in order.
+        publisher.set_stuck_partitions([], Duration::ZERO);
+        wait_for(LIMIT, "the stuck aggregate published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        let _ = stop.send(());
+        let report = handle.await.unwrap();
+        assert_eq!(report.outage_pauses, 0, "the relay never paused as a whole");
+        assert!(report.deferred > 0);
+        assert_eq!((report.rejected_attempts, report.dead_lettered), (0, 0));
+        let received: Vec<IncomingMessage> = publisher
+            .delivered()
+            .iter()
+            .map(|m| IncomingMessage {
+                topic: m.topic.as_str().to_owned(),
+                partition: 0,
+                offset: m.seq,
+                key: Some(m.key.clone()),
+                payload: m.payload.clone(),
+                headers: [("event_id".to_owned(), m.event_id.to_string())].into(),
+            })
+            .collect();
+        assert_delivered_in_order(&received, &[blocked, others].concat());
+    })
+}
+
+/// Store-level: an `event_id` header naming another event is refused by `enqueue` (a handler
+/// copying incoming headers would make consumers drop the new event as a duplicate), and a
+/// row written around `enqueue` with one goes dead at once with the reason, its successor
+/// after it, while the relay carries on.
+pub fn foreign_event_id_header<'a>(
+    store: &'a dyn Store,
+    _: &'a dyn Transport,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        use outbox_core::testing::TestPublisher;
+        let t = topic("header");
+        let copied = event(&t, "h", 0).with_header("event_id", EventId::new().to_string());
+        let err = store.try_commit(&[copied]).await.unwrap_err();
+        assert!(err.contains("differs from the event's id"), "{err}");
+        // Its own id in the header is fine.
+        let own = event(&t, "h", 1);
+        let own = own
+            .clone()
+            .with_header("event_id", own.event_id().to_string());
+        let forged = event(&t, "h", 2);
+        let successor = event(&t, "h", 3);
+        let other = event(&t, "k", 0);
+        let all = [
+            own.clone(),
+            forged.clone(),
+            successor.clone(),
+            other.clone(),
+        ];
+        store.commit(&all).await;
+        let foreign = EventId::new();
+        store
+            .overwrite_headers(
+                forged.event_id(),
+                &format!("{{\"event_id\":\"{foreign}\"}}"),
+            )
+            .await;
+        let publisher = TestPublisher::new();
+        let relay = Relay::new(store.relay_store(), publisher.clone(), config());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(relay.run(async move {
+            let _ = stopped.await;
+        }));
+        wait_for(LIMIT, "the rest published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        let _ = stop.send(());
+        let report = handle.await.unwrap();
+        let (status, attempts, error) = store.row(forged.event_id()).await.unwrap();
+        assert_eq!((status.as_str(), attempts), ("dead", 1), "dead at once");
+        assert!(error.unwrap().contains("differs"), "the reason is kept");
+        assert_eq!(report.dead_lettered, 1);
+        let ids: Vec<EventId> = publisher.delivered().iter().map(|m| m.event_id).collect();
+        assert!(!ids.contains(&forged.event_id()) && !ids.contains(&foreign));
+        let pos = |id: EventId| ids.iter().position(|x| *x == id).unwrap();
+        assert!(pos(own.event_id()) < pos(successor.event_id()));
+        assert!(ids.contains(&other.event_id()));
+    })
+}

@@ -31,6 +31,11 @@ pub trait Store: Send + Sync {
     async fn commit(&self, events: &[NewEvent]);
     /// Writes a business row and `events`, then rolls back.
     async fn rollback(&self, events: &[NewEvent]);
+    /// Like `commit`, returning the store's error instead of panicking.
+    async fn try_commit(&self, events: &[NewEvent]) -> Result<(), String>;
+    /// Overwrites an event's stored headers (JSON object), as a writer going around
+    /// `enqueue` would.
+    async fn overwrite_headers(&self, id: EventId, headers_json: &str);
     /// `(status, attempts, last_error)` of an event still in the table.
     async fn row(&self, id: EventId) -> Option<(String, i64, Option<String>)>;
     /// A handler that applies one effect per event through this store's inbox.

@@ -31,7 +31,7 @@ impl PgStore {
         Box::new(Self { db })
     }
 
-    async fn write(&self, events: &[NewEvent], commit: bool) {
+    async fn write(&self, events: &[NewEvent], commit: bool) -> Result<(), String> {
         let mut tx = self.db.pool.begin().await.unwrap();
         sqlx::query(&format!(
             "INSERT INTO {} VALUES ($1)",
@@ -44,12 +44,13 @@ impl PgStore {
         PgOutbox::new(self.db.schema.clone())
             .enqueue_all(&mut tx, events)
             .await
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         if commit {
             tx.commit().await.unwrap();
         } else {
             tx.rollback().await.unwrap();
         }
+        Ok(())
     }
 }
 
@@ -92,11 +93,27 @@ impl Store for PgStore {
     }
 
     async fn commit(&self, events: &[NewEvent]) {
-        self.write(events, true).await
+        self.write(events, true).await.unwrap()
     }
 
     async fn rollback(&self, events: &[NewEvent]) {
-        self.write(events, false).await
+        self.write(events, false).await.unwrap()
+    }
+
+    async fn try_commit(&self, events: &[NewEvent]) -> Result<(), String> {
+        self.write(events, true).await
+    }
+
+    async fn overwrite_headers(&self, id: EventId, headers_json: &str) {
+        sqlx::query(&format!(
+            "UPDATE {} SET headers = $2::jsonb WHERE event_id = $1",
+            self.db.table("event_outbox")
+        ))
+        .bind(id.as_uuid())
+        .bind(headers_json)
+        .execute(&self.db.pool)
+        .await
+        .unwrap();
     }
 
     async fn row(&self, id: EventId) -> Option<(String, i64, Option<String>)> {
@@ -163,7 +180,7 @@ impl SqliteStore {
         Box::new(Self { pool, path })
     }
 
-    async fn write(&self, events: &[NewEvent], commit: bool) {
+    async fn write(&self, events: &[NewEvent], commit: bool) -> Result<(), String> {
         let mut tx = outbox_sqlite::begin(&self.pool).await.unwrap();
         sqlx::query("INSERT INTO orders VALUES (?)")
             .bind(uuid::Uuid::new_v4().to_string())
@@ -173,12 +190,13 @@ impl SqliteStore {
         SqliteOutbox::new()
             .enqueue_all(&mut tx, events)
             .await
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         if commit {
             tx.commit().await.unwrap();
         } else {
             tx.rollback().await.unwrap();
         }
+        Ok(())
     }
 }
 
@@ -218,11 +236,24 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, events: &[NewEvent]) {
-        self.write(events, true).await
+        self.write(events, true).await.unwrap()
     }
 
     async fn rollback(&self, events: &[NewEvent]) {
-        self.write(events, false).await
+        self.write(events, false).await.unwrap()
+    }
+
+    async fn try_commit(&self, events: &[NewEvent]) -> Result<(), String> {
+        self.write(events, true).await
+    }
+
+    async fn overwrite_headers(&self, id: EventId, headers_json: &str) {
+        sqlx::query("UPDATE event_outbox SET headers = ? WHERE event_id = ?")
+            .bind(headers_json)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .unwrap();
     }
 
     async fn row(&self, id: EventId) -> Option<(String, i64, Option<String>)> {

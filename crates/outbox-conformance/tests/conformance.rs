@@ -72,3 +72,24 @@ mod claim_excluding {
         .await
     }
 }
+
+/// Store-level cases with a test publisher in place of a transport.
+macro_rules! store_level {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[tokio::test]
+            async fn postgres() {
+                run(PgStore::boxed().await, BusTransport::boxed(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn sqlite() {
+                run(SqliteStore::boxed().await, BusTransport::boxed(), cases::$case).await
+            }
+        }
+    )*};
+}
+
+store_level!(one_stuck_partition, foreign_event_id_header);

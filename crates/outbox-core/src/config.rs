@@ -20,6 +20,8 @@
 //! | `max_attempts` | `OUTBOX_MAX_ATTEMPTS` | `5` | attempts before an event is dead |
 //! | `outage_backoff_min` | `OUTBOX_OUTAGE_BACKOFF_MIN` | `100ms` | first probe delay in an outage |
 //! | `outage_backoff_max` | `OUTBOX_OUTAGE_BACKOFF_MAX` | `2s` | longest probe delay in an outage (a probe is one cheap request, see `Publisher::probe`) |
+//! | `defer_min` | `OUTBOX_DEFER_MIN` | `1s` | first wait of an aggregate whose event the broker could not take while it took others (one partition unavailable); no attempt is counted |
+//! | `defer_max` | `OUTBOX_DEFER_MAX` | `1m` | longest such wait (it doubles while the partition stays unavailable) |
 //! | `retention` | `OUTBOX_RETENTION` | `0s` | keep published events this long (`0s`: delete at once) |
 //! | `retention_sweep_interval` | `OUTBOX_RETENTION_SWEEP_INTERVAL` | `1m` | how often old published rows are deleted |
 //! | `retention_sweep_batch` | `OUTBOX_RETENTION_SWEEP_BATCH` | `1000` | rows deleted per statement |
@@ -74,6 +76,10 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     pub outage_backoff_min: Duration,
     pub outage_backoff_max: Duration,
+    /// How long an aggregate waits when its event was unavailable while the broker took
+    /// others (a partition without a leader): from `defer_min`, doubling to `defer_max`.
+    pub defer_min: Duration,
+    pub defer_max: Duration,
     pub retention: Duration,
     pub retention_sweep_interval: Duration,
     pub retention_sweep_batch: usize,
@@ -92,6 +98,8 @@ impl Default for RelayConfig {
             retry: RetryPolicy::default(),
             outage_backoff_min: Duration::from_millis(100),
             outage_backoff_max: Duration::from_secs(2),
+            defer_min: Duration::from_secs(1),
+            defer_max: Duration::from_secs(60),
             retention: Duration::ZERO,
             retention_sweep_interval: Duration::from_secs(60),
             retention_sweep_batch: 1000,
@@ -189,6 +197,8 @@ const KEYS: &[Key] = &[
     key("max_attempts", "OUTBOX_MAX_ATTEMPTS"),
     key("outage_backoff_min", "OUTBOX_OUTAGE_BACKOFF_MIN"),
     key("outage_backoff_max", "OUTBOX_OUTAGE_BACKOFF_MAX"),
+    key("defer_min", "OUTBOX_DEFER_MIN"),
+    key("defer_max", "OUTBOX_DEFER_MAX"),
     key("retention", "OUTBOX_RETENTION"),
     key(
         "retention_sweep_interval",
@@ -327,6 +337,12 @@ impl Settings {
         if let Some(v) = take("outage_backoff_max") {
             r.outage_backoff_max = parse_duration(&v, Duration::from_millis(1))?;
         }
+        if let Some(v) = take("defer_min") {
+            r.defer_min = parse_duration(&v, Duration::from_millis(1))?;
+        }
+        if let Some(v) = take("defer_max") {
+            r.defer_max = parse_duration(&v, Duration::from_millis(1))?;
+        }
         if let Some(v) = take("retention") {
             r.retention = parse_duration(&v, Duration::ZERO)?;
         }
@@ -378,6 +394,13 @@ impl RelayConfig {
                 "outage_backoff_min",
                 fmt_duration(self.outage_backoff_min),
                 "must not exceed outage_backoff_max (OUTBOX_OUTAGE_BACKOFF_MAX)",
+            ));
+        }
+        if self.defer_min > self.defer_max {
+            return Err(invalid(
+                "defer_min",
+                fmt_duration(self.defer_min),
+                "must not exceed defer_max (OUTBOX_DEFER_MAX)",
             ));
         }
         if self.batch_size == 0 || self.retry.max_attempts == 0 {

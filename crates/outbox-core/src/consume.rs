@@ -71,9 +71,15 @@ impl IncomingMessage {
 pub enum HandlerError {
     /// The message can never be processed (undecodable, invalid): park it at once.
     Poison(Poison),
-    /// Something went wrong this time (database down, a dependency failed): retry with
+    /// Something went wrong this time (a dependency failed, a conflict): retry with
     /// backoff, park after the runner's maximum attempts.
     Retry(Box<dyn std::error::Error + Send + Sync>),
+    /// The consumer's own database (or another dependency without which nothing can be
+    /// processed) is unavailable: not the message's fault. Retried with capped backoff for as
+    /// long as it lasts, counting no attempt, so the message is never parked for it and
+    /// later events of its partition stay behind it. The inbox flow
+    /// ([`crate::inbox`]) turns its store's connection errors into this.
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl HandlerError {
@@ -84,6 +90,10 @@ impl HandlerError {
     pub fn retry(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Retry(error.into())
     }
+
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(error.into())
+    }
 }
 
 impl fmt::Display for HandlerError {
@@ -91,6 +101,7 @@ impl fmt::Display for HandlerError {
         match self {
             Self::Poison(p) => p.fmt(f),
             Self::Retry(e) => write!(f, "handler failed: {e}"),
+            Self::Unavailable(e) => write!(f, "unavailable, retrying until it returns: {e}"),
         }
     }
 }
@@ -168,6 +179,8 @@ pub struct ConsumerReport {
     pub duplicates: u64,
     pub handler_failures: u64,
     pub parked: u64,
+    /// Retries because the consumer's database was unavailable (no attempt counted).
+    pub unavailable_retries: u64,
 }
 
 /// What to do with a message after [`run_handler`].
@@ -182,8 +195,10 @@ pub enum Disposition {
 }
 
 /// Runs `handler` on `message`, retrying failures in place with backoff (the partition
-/// waits, which keeps order) up to `config.max_attempts`. Shared by every consumer runner so
-/// that all transports treat failures alike.
+/// waits, which keeps order) up to `config.max_attempts`; [`HandlerError::Unavailable`]
+/// counts no attempt and is retried (backoff capped at `retry_cap`) until the dependency
+/// returns or shutdown. Shared by every consumer runner so that all transports treat
+/// failures alike.
 pub async fn run_handler<H: MessageHandler + ?Sized>(
     handler: &H,
     message: &IncomingMessage,
@@ -192,10 +207,21 @@ pub async fn run_handler<H: MessageHandler + ?Sized>(
     report: &mut ConsumerReport,
 ) -> Disposition {
     let mut backoff = Backoff::new(config.retry_base, config.retry_cap);
+    let mut outage = Backoff::new(config.retry_base, config.retry_cap);
     let mut attempts = 0u32;
     loop {
         attempts += 1;
         match handler.handle(message).await {
+            Err(HandlerError::Unavailable(e)) => {
+                attempts -= 1;
+                report.unavailable_retries += 1;
+                let delay = outage.next_delay();
+                tracing::warn!(topic = %message.topic, offset = message.offset, error = %e, ?delay, "database unavailable; retrying without counting an attempt");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Disposition::Abandoned,
+                }
+            }
             Ok(handled) => {
                 match handled {
                     Handled::Processed => report.processed += 1,

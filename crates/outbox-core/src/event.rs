@@ -235,6 +235,14 @@ impl NewEvent {
         self
     }
 
+    /// Why this event must not be stored, if it must not: an `event_id` header that names
+    /// another id than the event's own. Consumers deduplicate by that header, so a handler
+    /// that copied an incoming message's headers onto a new event would make every consumer
+    /// drop the new event as a duplicate of the old one. Stores refuse such an event.
+    pub fn check(&self) -> Result<(), String> {
+        conflicting_event_id_header(&self.headers, self.event_id).map_or(Ok(()), Err)
+    }
+
     pub fn event_id(&self) -> EventId {
         self.event_id
     }
@@ -276,6 +284,18 @@ impl EnqueueOutcome {
     }
 }
 
+/// The complaint about an `event_id` header that differs from `event_id`, if it does.
+fn conflicting_event_id_header(headers: &Headers, event_id: EventId) -> Option<String> {
+    let header = headers.get("event_id")?;
+    match header.parse::<EventId>() {
+        Ok(id) if id == event_id => None,
+        _ => Some(format!(
+            "header event_id {header:?} differs from the event's id {event_id}: consumers would \
+             take it for another event (copied headers?); drop the header, the outbox adds it"
+        )),
+    }
+}
+
 /// A committed event claimed by a relay, as handed to a [`crate::Publisher`].
 #[derive(Clone, Debug)]
 pub struct OutboxMessage {
@@ -294,6 +314,14 @@ pub struct OutboxMessage {
     pub partition: PartitionNo,
     /// Time from insert to claim, by the database clock.
     pub age_at_claim: Duration,
+}
+
+impl OutboxMessage {
+    /// Why this stored message can never be published as it is, if it cannot: an `event_id`
+    /// header naming another id than the row's (written around `enqueue`, which refuses it).
+    pub fn malformed(&self) -> Option<String> {
+        conflicting_event_id_header(&self.headers, self.event_id)
+    }
 }
 
 #[cfg(test)]

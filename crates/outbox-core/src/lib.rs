@@ -18,6 +18,7 @@ pub mod admin;
 pub mod config;
 pub mod consume;
 pub mod event;
+pub mod inbox;
 pub mod metrics;
 pub mod partition;
 pub mod publisher;
@@ -36,6 +37,7 @@ pub use consume::{
 pub use event::{
     AggregateRef, EnqueueOutcome, EventId, Headers, InvalidName, NewEvent, OutboxMessage, Topic,
 };
+pub use inbox::{EffectHandler, Inbox, InboxStore, InboxStoreError};
 pub use metrics::{ConsumerMetrics, InboxMetrics, OutboxMetrics, TableMetrics};
 pub use partition::{PartitionNo, PARTITIONS};
 pub use publisher::{PublishOutcome, Publisher};

@@ -267,6 +267,7 @@ struct InboxFamilies {
     duplicates: Family<ConsumerLabels, Counter>,
     failures: Family<ConsumerLabels, Counter>,
     parked: Family<ConsumerLabels, Counter>,
+    unavailable: Family<ConsumerLabels, Counter>,
 }
 
 /// The inbox metric families of one registry.
@@ -283,6 +284,7 @@ impl InboxMetrics {
             duplicates: Family::default(),
             failures: Family::default(),
             parked: Family::default(),
+            unavailable: Family::default(),
         };
         registry.register(
             "inbox_processed",
@@ -303,6 +305,11 @@ impl InboxMetrics {
             "inbox_parked",
             "Messages parked on a dead-letter topic (poison or out of attempts)",
             f.parked.clone(),
+        );
+        registry.register(
+            "inbox_unavailable",
+            "Handler runs rolled back because the consumer's database was unavailable (retried without counting an attempt)",
+            f.unavailable.clone(),
         );
         Self {
             families: Arc::new(f),
@@ -338,6 +345,9 @@ impl ConsumerMetrics {
     }
     pub fn parked(&self) {
         self.families.parked.get_or_create(&self.labels).inc();
+    }
+    pub fn unavailable(&self) {
+        self.families.unavailable.get_or_create(&self.labels).inc();
     }
 }
 

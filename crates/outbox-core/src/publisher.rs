@@ -15,6 +15,9 @@ pub enum PublishOutcome {
     /// The broker could not be reached or did not answer in time. Not the event's fault: the
     /// relay pauses and probes, burning no attempt.
     Unavailable { reason: String },
+    /// Can never be delivered as stored (e.g. the relay found the row malformed): dead at
+    /// once, without further attempts. Publishers use `Rejected` for the broker's refusals.
+    Refused { reason: String },
     /// Not sent, because an earlier message of the same aggregate in this batch was rejected
     /// or not sent: sending it would let it overtake that message. No attempt is counted.
     Skipped,

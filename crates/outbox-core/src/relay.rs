@@ -72,6 +72,9 @@ pub struct RelayReport {
     pub rejected_attempts: u64,
     pub dead_lettered: u64,
     pub outage_pauses: u64,
+    /// Events put back for a while without counting an attempt, because the broker could not
+    /// take them while it took others (e.g. one partition without a leader).
+    pub deferred: u64,
     /// Batches claimed while the previous one was being published (the pipeline at work).
     pub claimed_ahead: u64,
     /// Where the time went (a coarse profile): claiming, publishing, writing outcomes back.
@@ -157,6 +160,7 @@ impl<S: RelayStore, P: Publisher> Relay<S, P> {
             stop: stop_rx,
             held: Vec::new(),
             report: RelayReport::default(),
+            deferrals: Deferrals::default(),
         };
         tokio::select! {
             _ = worker.run() => {}
@@ -315,6 +319,7 @@ struct Worker<'a, S, P> {
     stop: watch::Receiver<bool>,
     held: Vec<PartitionLease>,
     report: RelayReport,
+    deferrals: Deferrals,
 }
 
 /// Why the worker is waiting.
@@ -350,6 +355,7 @@ struct Settled {
     published: u64,
     rejected_attempts: u64,
     dead_lettered: u64,
+    deferred: u64,
     time: Duration,
 }
 
@@ -396,6 +402,7 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
         self.report.published += s.published;
         self.report.rejected_attempts += s.rejected_attempts;
         self.report.dead_lettered += s.dead_lettered;
+        self.report.deferred += s.deferred;
         self.report.time_settling += s.time;
     }
 
@@ -574,7 +581,15 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             }
 
             let acked_after = current.claimed_at.elapsed();
-            let resolution = resolve(&current.batch, &outcomes, &cfg.retry);
+            let mut resolution = resolve(&current.batch, &outcomes, &cfg.retry);
+            if resolution.outage.is_some() && self.only_part_unavailable(&resolution).await {
+                // The broker works but could not take these messages (a partition without a
+                // leader, say): put their aggregates back for a while, count no attempt, and
+                // keep the rest flowing instead of pausing everything.
+                self.deferrals.defer(&current.batch, &mut resolution, &cfg);
+            } else if !self.deferrals.is_empty() {
+                self.deferrals.forget_delivered(&current.batch, &resolution);
+            }
             recent.push(&current.batch, &resolution);
             let outage_reason = resolution.outage.clone();
             unsettled = Some(Published {
@@ -610,6 +625,15 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             }
         }
         self.settle_now(unsettled.take()).await;
+    }
+
+    /// Whether a batch with unavailable messages met a working broker: it delivered or
+    /// rejected other messages of the batch, or, when it took none, it answers the probe.
+    async fn only_part_unavailable(&self, r: &Resolution) -> bool {
+        if !r.delivered.is_empty() || !r.rejected.is_empty() {
+            return true;
+        }
+        self.relay.publisher.probe().await.is_ok()
     }
 
     /// Takes this relay's fair share of partitions and gives back any excess.
@@ -688,6 +712,7 @@ async fn settle<S: RelayStore, P: Publisher>(
     let failures: Vec<FailedAttempt> = r
         .rejected
         .iter()
+        .chain(&r.deferred)
         .map(|rej| FailedAttempt {
             event: fences[rej.index],
             attempts: rej.attempts,
@@ -739,15 +764,20 @@ async fn settle<S: RelayStore, P: Publisher>(
             .iter()
             .filter(|f| f.next == AfterFailure::Dead)
             .count() as u64;
-        for f in &failures {
+        let (rejected, deferred) = (r.rejected.len() as u64, r.deferred.len() as u64);
+        for f in &failures[..r.rejected.len()] {
             tracing::warn!(relay = %id, seq = f.event.seq, attempts = f.attempts, error = %f.error, dead = (f.next == AfterFailure::Dead), "publish rejected");
+        }
+        for f in &failures[r.rejected.len()..] {
+            tracing::info!(relay = %id, seq = f.event.seq, error = %f.error, "deferred without counting an attempt");
         }
         match store.record_failures(id, &failures).await {
             Ok(_) => {
-                out.rejected_attempts += failures.len() as u64;
+                out.rejected_attempts += rejected;
                 out.dead_lettered += dead;
+                out.deferred += deferred;
                 if let Some(m) = &relay.metrics {
-                    m.failures(FailureReason::Rejected, failures.len() as u64);
+                    m.failures(FailureReason::Rejected, rejected);
                     m.dead_lettered(dead);
                 }
             }
@@ -763,6 +793,56 @@ async fn settle<S: RelayStore, P: Publisher>(
     }
     out.time = started.elapsed();
     out
+}
+
+/// How long each aggregate waits after the broker could not take its event while it took
+/// others: from `defer_min`, doubling up to `defer_max` while it keeps failing, forgotten
+/// once the aggregate delivers. The wait is stored as the event's retry time with its
+/// attempts unchanged, so the claim leaves the aggregate out meanwhile and other aggregates
+/// fill the batches. A long wait matters because every batch that offers a stuck message
+/// waits for its delivery timeout.
+#[derive(Default)]
+struct Deferrals {
+    backoff: HashMap<AggregateRef, Backoff>,
+}
+
+impl Deferrals {
+    /// Beyond this many aggregates the memory is dropped (waits start again from the minimum).
+    const MAX_REMEMBERED: usize = 100_000;
+
+    fn is_empty(&self) -> bool {
+        self.backoff.is_empty()
+    }
+
+    /// Turns the batch's stalled messages into deferrals; the batch no longer counts as an
+    /// outage.
+    fn defer(&mut self, batch: &[OutboxMessage], r: &mut Resolution, cfg: &RelayConfig) {
+        self.forget_delivered(batch, r);
+        if self.backoff.len() > Self::MAX_REMEMBERED {
+            self.backoff.clear();
+        }
+        for (i, reason) in std::mem::take(&mut r.stalled) {
+            let msg = &batch[i];
+            let delay = self
+                .backoff
+                .entry(msg.aggregate.clone())
+                .or_insert_with(|| Backoff::new(cfg.defer_min, cfg.defer_max))
+                .next_delay();
+            r.deferred.push(Rejection {
+                index: i,
+                attempts: msg.attempts,
+                reason: format!("deferred {delay:?}, no attempt counted: {reason}"),
+                next: AfterFailure::RetryIn(delay),
+            });
+        }
+        r.outage = None;
+    }
+
+    fn forget_delivered(&mut self, batch: &[OutboxMessage], r: &Resolution) {
+        for &i in &r.delivered {
+            self.backoff.remove(&batch[i].aggregate);
+        }
+    }
 }
 
 /// Undelivered events of the last two batches, per aggregate. A pipelined claim runs while
@@ -829,20 +909,42 @@ impl Recent {
 
 /// Publishes `batch` except the events [`Recent`] holds back, which are not offered to the
 /// broker at all (so it never sees them ahead of the event they wait for) and come back
-/// [`PublishOutcome::Skipped`].
+/// [`PublishOutcome::Skipped`], and except malformed rows ([`OutboxMessage::malformed`]),
+/// which come back [`PublishOutcome::Refused`] with the later events of their aggregate
+/// skipped behind them.
 async fn publish_unless_held_back<P: Publisher>(
     publisher: &P,
     batch: &[OutboxMessage],
     recent: &Recent,
 ) -> Vec<PublishOutcome> {
     let held = recent.held_back(batch);
-    if held.is_empty() {
+    let refused: Vec<(usize, String)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.malformed().map(|reason| (i, reason)))
+        .collect();
+    if held.is_empty() && refused.is_empty() {
         return publisher.publish(batch).await;
+    }
+    let mut fixed: Vec<Option<PublishOutcome>> = held
+        .iter()
+        .map(|&h| h.then_some(PublishOutcome::Skipped))
+        .chain(std::iter::repeat(None))
+        .take(batch.len())
+        .collect();
+    for (i, reason) in refused {
+        fixed[i] = Some(PublishOutcome::Refused { reason });
+        let aggregate = &batch[i].aggregate;
+        for (later, m) in batch.iter().enumerate().skip(i + 1) {
+            if &m.aggregate == aggregate && fixed[later].is_none() {
+                fixed[later] = Some(PublishOutcome::Skipped);
+            }
+        }
     }
     let to_send: Vec<OutboxMessage> = batch
         .iter()
-        .zip(&held)
-        .filter(|(_, &h)| !h)
+        .zip(&fixed)
+        .filter(|(_, f)| f.is_none())
         .map(|(m, _)| m.clone())
         .collect();
     let mut sent = if to_send.is_empty() {
@@ -851,15 +953,14 @@ async fn publish_unless_held_back<P: Publisher>(
         publisher.publish(&to_send).await
     }
     .into_iter();
-    held.iter()
-        .map(|&h| {
-            if h {
-                PublishOutcome::Skipped
-            } else {
+    fixed
+        .into_iter()
+        .map(|f| {
+            f.unwrap_or_else(|| {
                 sent.next().unwrap_or_else(|| {
                     PublishOutcome::unavailable("publisher returned too few outcomes")
                 })
-            }
+            })
         })
         .collect()
 }
@@ -883,6 +984,10 @@ struct Resolution {
     unavailable: usize,
     /// The reason of the first unavailable outcome, if any.
     outage: Option<String>,
+    /// The first unavailable message of each aggregate (its later ones are blocked).
+    stalled: Vec<(usize, String)>,
+    /// Stalled messages put back for a while, attempts unchanged (see [`Deferrals`]).
+    deferred: Vec<Rejection>,
 }
 
 /// Applies the ordering rule: within an aggregate, nothing after the first message that was
@@ -925,9 +1030,19 @@ fn resolve(
                 });
                 blocked.insert(&msg.aggregate);
             }
+            PublishOutcome::Refused { reason } => {
+                r.rejected.push(Rejection {
+                    index: i,
+                    attempts: msg.attempts.saturating_add(1),
+                    reason,
+                    next: AfterFailure::Dead,
+                });
+                blocked.insert(&msg.aggregate);
+            }
             PublishOutcome::Unavailable { reason } => {
                 r.unavailable += 1;
-                r.outage.get_or_insert(reason);
+                r.outage.get_or_insert_with(|| reason.clone());
+                r.stalled.push((i, reason));
                 blocked.insert(&msg.aggregate);
             }
             PublishOutcome::Skipped => {

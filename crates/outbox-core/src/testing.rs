@@ -23,6 +23,8 @@ struct State {
     reject_times: HashMap<EventId, u32>,
     offered: HashMap<EventId, Vec<Instant>>,
     delay: Duration,
+    stuck: HashSet<crate::PartitionNo>,
+    stuck_timeout: Duration,
 }
 
 /// Records deliveries; see the module docs. Clones share state.
@@ -92,6 +94,20 @@ impl TestPublisher {
         });
     }
 
+    /// Messages of these relay partitions time out (`Unavailable` after `timeout`, as a Kafka
+    /// partition without a leader does) while every other message is delivered and the probe
+    /// answers. An empty set heals them.
+    pub fn set_stuck_partitions(
+        &self,
+        partitions: impl IntoIterator<Item = crate::PartitionNo>,
+        timeout: Duration,
+    ) {
+        self.with(|s| {
+            s.stuck = partitions.into_iter().collect();
+            s.stuck_timeout = timeout;
+        });
+    }
+
     /// Makes every `publish` call take at least this long (a slow broker).
     pub fn set_delay(&self, delay: Duration) {
         self.with(|s| s.delay = delay);
@@ -101,7 +117,19 @@ impl TestPublisher {
 #[async_trait]
 impl Publisher for TestPublisher {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
-        let delay = self.with(|s| s.delay);
+        let (mut delay, stuck_timeout) = self.with(|s| {
+            let stuck = batch.iter().any(|m| s.stuck.contains(&m.partition));
+            (
+                s.delay,
+                if stuck {
+                    s.stuck_timeout
+                } else {
+                    Duration::ZERO
+                },
+            )
+        });
+        // A batch with a stuck message waits for that message's delivery timeout.
+        delay = delay.max(stuck_timeout);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -122,6 +150,9 @@ impl Publisher for TestPublisher {
                         .push(Instant::now());
                     if s.unavailable {
                         return PublishOutcome::unavailable("test broker is down");
+                    }
+                    if s.stuck.contains(&m.partition) {
+                        return PublishOutcome::unavailable("test broker: delivery timed out");
                     }
                     if s.reject_always.contains(&m.event_id) {
                         blocked.insert(m.aggregate.clone());

@@ -44,6 +44,15 @@ impl Default for KafkaConfig {
     }
 }
 
+/// librdkafka properties the outbox's guarantees rest on, with the values they must keep:
+/// `acks=1` acknowledges a message the leader may lose on failover (after the relay deleted
+/// its row), and without idempotence a retried send can duplicate or reorder a key's messages.
+const GUARANTEED: &[(&str, &[&str], &str)] = &[
+    ("acks", &["all", "-1"], "all"),
+    ("request.required.acks", &["all", "-1"], "all"),
+    ("enable.idempotence", &["true"], "true"),
+];
+
 /// Property names whose values are secrets: never logged or printed.
 fn is_secret(name: &str) -> bool {
     name.contains("password") || name.contains("secret") || name.ends_with(".key.pem")
@@ -76,6 +85,24 @@ impl KafkaConfig {
     pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.insert(name.into(), value.into());
         self
+    }
+
+    /// Refuses properties that would weaken what the publisher guarantees (see `GUARANTEED`).
+    pub fn check_guarantees(&self) -> Result<(), KafkaConfigError> {
+        for (name, allowed, needed) in GUARANTEED {
+            if let Some(value) = self.properties.get(*name) {
+                if !allowed.contains(&value.trim().to_ascii_lowercase().as_str()) {
+                    return Err(KafkaConfigError {
+                        key: format!("KAFKA_PROPERTY_{}", name.to_ascii_uppercase().replace('.', "_")),
+                        value: value.clone(),
+                        reason: format!(
+                            "the outbox publishes with {name}={needed}: anything else can lose or reorder acknowledged events; remove the setting"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// From the process environment (see the table above).
@@ -126,6 +153,7 @@ impl KafkaConfig {
                 }
             }
         }
+        c.check_guarantees()?;
         Ok(c)
     }
 
@@ -174,6 +202,31 @@ mod tests {
             Some("hunter2"),
             "the secret still reaches librdkafka"
         );
+    }
+
+    #[test]
+    fn settings_that_would_lose_acknowledged_events_are_refused() {
+        for (key, value) in [
+            ("KAFKA_PROPERTY_ACKS", "1"),
+            ("KAFKA_PROPERTY_ACKS", "0"),
+            ("KAFKA_PROPERTY_REQUEST_REQUIRED_ACKS", "1"),
+            ("KAFKA_PROPERTY_ENABLE_IDEMPOTENCE", "false"),
+        ] {
+            let e = KafkaConfig::from_vars(vars(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("remove the setting"), "{e}");
+        }
+        // The values the publisher uses anyway are accepted.
+        let c = KafkaConfig::from_vars(vars(&[
+            ("KAFKA_PROPERTY_ACKS", "all"),
+            ("KAFKA_PROPERTY_ENABLE_IDEMPOTENCE", "true"),
+        ]))
+        .unwrap();
+        assert!(c.check_guarantees().is_ok());
+        // Set in code rather than the environment: refused when the publisher is built.
+        let c = KafkaConfig::new("127.0.0.1:9").with_property("acks", "1");
+        assert!(c.check_guarantees().is_err());
     }
 
     #[test]

@@ -9,10 +9,15 @@
 //!   `dlq_consumer_group`); only after the DLQ acknowledged it does the offset move on.
 //! - Shutdown finishes the message in hand (or abandons its retries uncommitted), commits the
 //!   processed offsets synchronously and leaves the group.
+//! - A rebalance that takes partitions away first commits what was processed on them
+//!   (synchronously, in the revocation callback) and forgets them: an offset is only ever
+//!   committed for a partition in the current assignment, so a consumer that lost a
+//!   partition can never rewind the group's position on it (which would redeliver, and
+//!   re-park, everything its new owner did since).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +27,10 @@ use outbox_core::retry::Backoff;
 use outbox_core::{
     ConsumerConfig, ConsumerMetrics, ConsumerReport, Disposition, IncomingMessage, MessageHandler,
 };
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -44,6 +52,81 @@ pub trait ConsumerHooks: Send + Sync + 'static {
 impl<T: ConsumerHooks> ConsumerHooks for Arc<T> {
     async fn before_offset_commit(&self, message: &IncomingMessage) {
         (**self).before_offset_commit(message).await
+    }
+}
+
+/// A partition of a topic.
+type TopicPartition = (String, i32);
+
+/// What this member holds: its assignment, and the last processed offset per partition.
+#[derive(Default)]
+struct Positions {
+    assigned: HashSet<TopicPartition>,
+    done: HashMap<TopicPartition, i64>,
+}
+
+impl Positions {
+    /// The offsets to commit for `partitions` (`None`: all held), forgetting them.
+    fn take(&mut self, partitions: Option<&HashSet<TopicPartition>>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        let keys: Vec<TopicPartition> = match partitions {
+            Some(p) => self
+                .done
+                .keys()
+                .filter(|k| p.contains(*k))
+                .cloned()
+                .collect(),
+            None => self.done.keys().cloned().collect(),
+        };
+        for key in keys {
+            if let Some(offset) = self.done.remove(&key) {
+                if self.assigned.contains(&key) {
+                    let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(offset + 1));
+                }
+            }
+        }
+        tpl
+    }
+}
+
+/// Tracks the assignment through rebalances (librdkafka calls it on the consuming task).
+struct Tracking {
+    positions: Arc<Mutex<Positions>>,
+}
+
+impl ClientContext for Tracking {}
+
+impl ConsumerContext for Tracking {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let revoked: HashSet<TopicPartition> = revoked
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let mut positions = self.positions.lock().expect("positions lock");
+        let tpl = positions.take(Some(&revoked));
+        positions.assigned.retain(|k| !revoked.contains(k));
+        drop(positions);
+        if tpl.count() > 0 {
+            // Still ours until this callback returns: commit what was processed on them.
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "committing revoked partitions failed; the inbox absorbs the redelivery");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            let mut positions = self.positions.lock().expect("positions lock");
+            for e in assigned.elements() {
+                positions
+                    .assigned
+                    .insert((e.topic().to_owned(), e.partition()));
+            }
+        }
     }
 }
 
@@ -82,7 +165,8 @@ impl KafkaConsumer {
         handler: H,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<ConsumerReport, KafkaError> {
-        let consumer: StreamConsumer = self
+        let positions = Arc::new(Mutex::new(Positions::default()));
+        let consumer: StreamConsumer<Tracking> = self
             .kafka
             .client_config()
             .set("group.id", &self.config.group_id)
@@ -90,7 +174,9 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create()?;
+            .create_with_context(Tracking {
+                positions: positions.clone(),
+            })?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let dlq: FutureProducer = self
@@ -106,7 +192,7 @@ impl KafkaConsumer {
             consumer: &consumer,
             dlq: &dlq,
             stop: stop_rx,
-            done: HashMap::new(),
+            positions: positions.clone(),
             report: ConsumerReport::default(),
         };
         let signal = async move {
@@ -119,12 +205,8 @@ impl KafkaConsumer {
             _ = signal => {}
         }
         let report = run.report.clone();
-        let done = std::mem::take(&mut run.done);
-        if !done.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), offset) in done {
-                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1));
-            }
+        let tpl = positions.lock().expect("positions lock").take(None);
+        if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 tracing::warn!(error = %e, "final offset commit failed; the inbox absorbs the redelivery");
             }
@@ -137,11 +219,12 @@ impl KafkaConsumer {
 
 struct Run<'a> {
     runner: &'a KafkaConsumer,
-    consumer: &'a StreamConsumer,
+    consumer: &'a StreamConsumer<Tracking>,
     dlq: &'a FutureProducer,
     stop: watch::Receiver<bool>,
-    /// Last processed offset per (topic, partition).
-    done: HashMap<(String, i32), i64>,
+    /// The assignment and the last processed offset per partition, shared with the
+    /// rebalance callbacks.
+    positions: Arc<Mutex<Positions>>,
     report: ConsumerReport,
 }
 
@@ -227,8 +310,17 @@ impl Run<'_> {
     }
 
     fn commit(&mut self, message: &IncomingMessage) {
-        self.done
-            .insert((message.topic.clone(), message.partition), message.offset);
+        let key = (message.topic.clone(), message.partition);
+        {
+            let mut positions = self.positions.lock().expect("positions lock");
+            if !positions.assigned.contains(&key) {
+                // Taken away while the message was in hand: its new owner decides the
+                // position; an older offset from here would rewind the group.
+                tracing::info!(topic = %message.topic, partition = message.partition, offset = message.offset, "partition no longer assigned; not committing");
+                return;
+            }
+            positions.done.insert(key, message.offset);
+        }
         let mut tpl = TopicPartitionList::new();
         let _ = tpl.add_partition_offset(
             &message.topic,

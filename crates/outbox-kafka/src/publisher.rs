@@ -34,7 +34,12 @@ pub struct KafkaPublisher {
 }
 
 impl KafkaPublisher {
+    /// Refuses a configuration that overrides `acks` or `enable.idempotence` (see
+    /// [`KafkaConfig::check_guarantees`]).
     pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
+        config
+            .check_guarantees()
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let producer = build_producer(&config)?;
         Ok(Self {
             config,
@@ -104,10 +109,12 @@ fn build_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("request.timeout.ms", request_timeout.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .set("linger.ms", "2");
-    // Explicit properties win over the defaults above.
+    // Explicit properties win over the defaults above, except the guarantees, which
+    // `check_guarantees` has refused to change.
     for (k, v) in &config.properties {
         cc.set(k, v);
     }
+    cc.set("enable.idempotence", "true").set("acks", "all");
     cc.create()
 }
 

@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{
-    ConsumerMetrics, EventId, Handled, HandlerError, IncomingMessage, MessageHandler, WakeSignal,
+    ConsumerMetrics, EffectHandler, EventId, Handled, HandlerError, Inbox, InboxStore,
+    InboxStoreError, IncomingMessage, MessageHandler, WakeSignal,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -48,6 +49,7 @@ use crate::Schema;
 pub struct PgInbox {
     pool: PgPool,
     insert: String,
+    seen: String,
     purge: String,
 }
 
@@ -59,6 +61,9 @@ impl PgInbox {
             insert: format!(
                 "INSERT INTO {t} (consumer, event_id, event_type, topic, partition_no, msg_offset)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+            ),
+            seen: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE consumer = $1 AND event_id = $2)"
             ),
             purge: format!(
                 "DELETE FROM {t} WHERE (consumer, event_id) IN (
@@ -89,6 +94,19 @@ impl PgInbox {
             .execute(&mut **tx)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether `consumer` has processed `event_id` (committed), read outside a transaction.
+    pub async fn has_processed(
+        &self,
+        consumer: &str,
+        event_id: EventId,
+    ) -> Result<bool, OutboxError> {
+        Ok(sqlx::query_scalar(&self.seen)
+            .bind(consumer)
+            .bind(event_id.as_uuid())
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Deletes up to `limit` inbox rows older than `retention`; returns how many.
@@ -151,86 +169,92 @@ pub trait PgHandler: Send + Sync + 'static {
     ) -> Result<(), HandlerError>;
 }
 
-/// Wraps a [`PgHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
-/// handler, commit; a duplicate skips the handler.
-pub struct PgInboxHandler<H> {
-    pool: PgPool,
-    inbox: PgInbox,
-    consumer: String,
-    handler: H,
-    metrics: Option<ConsumerMetrics>,
-    wake: Option<WakeSignal>,
+#[async_trait]
+impl InboxStore for PgInbox {
+    type Tx = Transaction<'static, Postgres>;
+
+    async fn seen(&self, consumer: &str, event_id: EventId) -> Result<bool, InboxStoreError> {
+        Ok(self.has_processed(consumer, event_id).await?)
+    }
+
+    async fn begin(&self) -> Result<Self::Tx, InboxStoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<bool, InboxStoreError> {
+        Ok(self.try_begin(tx, consumer, event_id, message).await?)
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.commit().await?)
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.rollback().await?)
+    }
+
+    fn is_unavailable(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::unavailable::in_chain_link(error)
+    }
 }
+
+/// A [`PgHandler`] as the core inbox flow's handler.
+pub struct PgEffects<H>(H);
+
+#[async_trait]
+impl<H: PgHandler> EffectHandler<Transaction<'static, Postgres>> for PgEffects<H> {
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError> {
+        self.0.handle(tx, &InboxEvent { event_id, message }).await
+    }
+}
+
+/// Wraps a [`PgHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
+/// handler, commit; a duplicate skips the handler. The flow is `outbox_core::inbox`'s:
+/// a lost or refused connection, a pool timeout or a shutting-down server is
+/// `HandlerError::Unavailable` (retried without counting attempts), not a handler failure.
+pub struct PgInboxHandler<H>(Inbox<PgInbox, PgEffects<H>>);
 
 impl<H: PgHandler> PgInboxHandler<H> {
     pub fn new(pool: PgPool, schema: Schema, consumer: impl Into<String>, handler: H) -> Self {
-        Self {
-            inbox: PgInbox::new(pool.clone(), &schema),
-            pool,
-            consumer: consumer.into(),
-            handler,
-            metrics: None,
-            wake: None,
-        }
+        Self(Inbox::new(
+            PgInbox::new(pool, &schema),
+            consumer,
+            PgEffects(handler),
+        ))
     }
 
-    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
-        self.metrics = Some(metrics);
-        self
+    pub fn with_metrics(self, metrics: ConsumerMetrics) -> Self {
+        Self(self.0.with_metrics(metrics))
     }
 
     /// Wake this relay after each commit (handlers that enqueue events).
-    pub fn with_wake_signal(mut self, wake: WakeSignal) -> Self {
-        self.wake = Some(wake);
-        self
+    pub fn with_wake_signal(self, wake: WakeSignal) -> Self {
+        Self(self.0.with_wake_signal(wake))
     }
 
     pub fn consumer(&self) -> &str {
-        &self.consumer
+        self.0.consumer()
     }
 
     pub fn handler(&self) -> &H {
-        &self.handler
+        &self.0.handler().0
     }
 }
 
 #[async_trait]
 impl<H: PgHandler> MessageHandler for PgInboxHandler<H> {
     async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
-        let event_id = message.event_id()?;
-        let mut tx = self.pool.begin().await.map_err(HandlerError::retry)?;
-        let first = self
-            .inbox
-            .try_begin(&mut tx, &self.consumer, event_id, message)
-            .await
-            .map_err(HandlerError::retry)?;
-        if !first {
-            tx.rollback().await.map_err(HandlerError::retry)?;
-            if let Some(m) = &self.metrics {
-                m.duplicate();
-            }
-            return Ok(Handled::Duplicate);
-        }
-        let event = InboxEvent { event_id, message };
-        match self.handler.handle(&mut tx, &event).await {
-            Ok(()) => {
-                tx.commit().await.map_err(HandlerError::retry)?;
-                if let Some(w) = &self.wake {
-                    w.wake();
-                }
-                if let Some(m) = &self.metrics {
-                    m.processed();
-                }
-                Ok(Handled::Processed)
-            }
-            Err(e) => {
-                // Dropping the transaction rolls it back; say so explicitly.
-                let _ = tx.rollback().await;
-                if let Some(m) = &self.metrics {
-                    m.handler_failure();
-                }
-                Err(e)
-            }
-        }
+        self.0.handle(message).await
     }
 }

@@ -50,6 +50,7 @@ mod outbox;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod unavailable;
 
 pub use check::{check_schema, SchemaMismatch};
 pub use error::OutboxError;
@@ -57,6 +58,7 @@ pub use inbox::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteOrdering};
 pub use store::PgRelayStore;
+pub use unavailable::is_unavailable;
 
 /// A validated schema name; the only configurable identifier that reaches SQL text.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use outbox_core::partition::aggregate_lock_key;
-use outbox_core::{EnqueueOutcome, EventId, NewEvent, TableMetrics, WakeSignal};
+use outbox_core::{AggregateRef, EnqueueOutcome, EventId, NewEvent, TableMetrics, WakeSignal};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -17,6 +17,15 @@ use crate::Schema;
 pub(crate) const AGGREGATE_LOCK_CLASS: i32 = 0x0b0c_0001;
 
 /// How sequence order is made to match commit order within an aggregate.
+///
+/// # Lock order
+/// With [`WriteOrdering::LockAggregate`], writers take one transaction-scoped lock per
+/// aggregate. Two transactions that take the locks of the same aggregates in different
+/// orders can deadlock (PostgreSQL detects it and aborts one). The order is: ascending
+/// `outbox_core::partition::aggregate_lock_key`. [`PgOutbox::enqueue_all`] and
+/// [`PgOutbox::lock_aggregates`] follow it; separate [`PgOutbox::enqueue`] calls lock in call
+/// order, so a transaction that enqueues for several aggregates one call at a time should
+/// call `lock_aggregates` with all of them first (later `enqueue`s find their locks held).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriteOrdering {
     /// `enqueue` takes a transaction-scoped advisory lock on the aggregate before the row gets
@@ -38,6 +47,7 @@ struct Inner {
     options: Options,
     insert_one: String,
     insert_many: String,
+    lock_many: String,
 }
 
 #[derive(Clone)]
@@ -104,13 +114,15 @@ impl PgOutbox {
              ON CONFLICT DO NOTHING
              RETURNING seq"
         );
+        // The documented lock order: ascending lock key (see `WriteOrdering`).
+        let lock_in_order = format!(
+            "SELECT count(*) AS n FROM (
+                 SELECT pg_advisory_xact_lock({AGGREGATE_LOCK_CLASS}, k)
+                 FROM (SELECT DISTINCT k FROM unnest($1::int4[]) AS k ORDER BY k) AS keys
+             ) AS l"
+        );
         let lock_many = match ordering {
-            WriteOrdering::LockAggregate => format!(
-                "SELECT count(*) AS n FROM (
-                     SELECT pg_advisory_xact_lock({AGGREGATE_LOCK_CLASS}, k)
-                     FROM (SELECT DISTINCT k FROM unnest($1::int4[]) AS k ORDER BY k) AS keys
-                 ) AS l"
-            ),
+            WriteOrdering::LockAggregate => lock_in_order.clone(),
             WriteOrdering::CallerSerialises => "SELECT cardinality($1::int4[]) AS n".to_owned(),
         };
         let insert_many = format!(
@@ -144,6 +156,7 @@ impl PgOutbox {
                 options,
                 insert_one,
                 insert_many,
+                lock_many: lock_in_order,
             }),
         }
     }
@@ -210,6 +223,30 @@ impl PgOutbox {
             }
             None => EnqueueOutcome::Duplicate,
         })
+    }
+
+    /// Takes the writer locks of `aggregates` in the documented lock order (see
+    /// [`WriteOrdering`]), for a transaction that then enqueues for several aggregates in
+    /// separate calls: without it, two such transactions (or one and an `enqueue_all`) that
+    /// touch the same aggregates in different orders can deadlock. A no-op with
+    /// [`WriteOrdering::CallerSerialises`].
+    pub async fn lock_aggregates(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        aggregates: &[AggregateRef],
+    ) -> Result<(), OutboxError> {
+        if self.inner.options.ordering == WriteOrdering::CallerSerialises || aggregates.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<i32> = aggregates
+            .iter()
+            .map(|a| aggregate_lock_key(a.kind(), a.id()))
+            .collect();
+        sqlx::query(&self.inner.lock_many)
+            .bind(keys)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     /// Inserts many events with one statement, in the given order. Returns one outcome per
@@ -305,7 +342,12 @@ impl PgOutbox {
     }
 }
 
+/// The headers to store, after [`NewEvent::check`] (refusing a foreign `event_id` header).
 fn headers_json(event: &NewEvent) -> Result<serde_json::Value, OutboxError> {
+    event.check().map_err(|reason| OutboxError::InvalidEvent {
+        event_id: event.event_id().to_string(),
+        reason,
+    })?;
     serde_json::to_value(event.headers()).map_err(|e| OutboxError::InvalidEvent {
         event_id: event.event_id().to_string(),
         reason: format!("headers are not serialisable: {e}"),

@@ -3,139 +3,17 @@
 //! is down, the relay reconnects by itself, and every event whose commit succeeded is
 //! published.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_core::testing::{wait_until, TestPublisher};
 use outbox_core::{AggregateRef, EventId, NewEvent, Relay, RelayConfig, Topic};
+use outbox_postgres::testing::Cluster;
 use outbox_postgres::{migrate, PgOutbox, PgRelayStore, Schema};
 use sqlx::postgres::PgPoolOptions;
 
-/// The machine's PostgreSQL binaries (`OUTBOX_TEST_PG_BIN`, else the newest
-/// `/usr/lib/postgresql/*/bin`).
-fn pg_bin() -> PathBuf {
-    if let Some(dir) = std::env::var_os("OUTBOX_TEST_PG_BIN") {
-        return dir.into();
-    }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL binaries under /usr/lib/postgresql (or set OUTBOX_TEST_PG_BIN)")
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|p| p.join("pg_ctl").exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().expect("a PostgreSQL installation with pg_ctl")
-}
-
-/// A throw-away cluster; root runs its tools as the `postgres` user, as PostgreSQL requires.
-struct Cluster {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn run(&self, tool: &str, args: &[&str]) {
-        let exe = self.bin.join(tool);
-        let as_root = running_as_root();
-        let mut cmd = if as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        let out = cmd.args(args).output().expect("run a PostgreSQL tool");
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn create() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let dir = std::env::temp_dir().join(format!("outbox-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        if running_as_root() {
-            let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(ok.success());
-        }
-        let c = Self {
-            bin: pg_bin(),
-            dir,
-            port,
-        };
-        let data = c.data();
-        c.run(
-            "initdb",
-            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
-        );
-        c.start();
-        c
-    }
-
-    fn data(&self) -> String {
-        self.dir.join("data").display().to_string()
-    }
-
-    fn start(&self) {
-        let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
-            self.port,
-            self.dir.display()
-        );
-        let log = self.dir.join("log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
-        );
-    }
-
-    fn stop(&self) {
-        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stop()));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn running_as_root() -> bool {
-    // The effective uid, without a libc dependency: /proc says it.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_under_load_loses_nothing_committed() {
-    if !Path::new("/usr/lib/postgresql").exists()
-        && std::env::var_os("OUTBOX_TEST_PG_BIN").is_none()
-    {
-        panic!("needs PostgreSQL binaries: install PostgreSQL or set OUTBOX_TEST_PG_BIN");
-    }
     let cluster = Cluster::create();
     let pool = PgPoolOptions::new()
         .max_connections(8)

@@ -443,6 +443,73 @@ async fn a_relay_frozen_past_its_lease_cannot_complete_or_fail_taken_over_events
     db.drop().await;
 }
 
+/// The race the lease lock closes: a stale relay's fenced statement whose snapshot predates a
+/// take-over. A trigger holds the stale relay's "dead" update in flight while another relay
+/// takes the partition over (its lease expired) and claims. Without the share lock on the
+/// lease, the new owner claimed the still-pending event and the stale update then marked it
+/// dead under it; with it, the take-over waits (it skips the locked partition) and never
+/// sees the event pending.
+#[tokio::test]
+async fn a_stale_relays_statement_in_flight_cannot_mark_dead_what_a_new_owner_claimed() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let e = event("race", 1);
+    db.write("o-1", std::slice::from_ref(&e)).await;
+    let lease = Duration::from_millis(300);
+    let stale = RelayId::new();
+    let held = store.acquire_partitions(stale, 64, lease).await.unwrap();
+    let batch = store.claim(&held, 10).await.unwrap();
+    let stale_fenced = Fenced {
+        seq: batch[0].seq,
+        lease: *held
+            .iter()
+            .find(|l| l.partition == batch[0].partition)
+            .unwrap(),
+    };
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {schema}.slow_dead() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.status = 'dead' THEN PERFORM pg_sleep(1.5); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER slow_dead BEFORE UPDATE ON {table}
+             FOR EACH ROW EXECUTE FUNCTION {schema}.slow_dead();",
+        schema = format!("\"{}\"", db.schema.name()),
+        table = db.table("event_outbox"),
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let failing = {
+        let store = store.clone();
+        let failure = outbox_core::FailedAttempt {
+            event: stale_fenced,
+            attempts: 5,
+            error: "stale".into(),
+            next: outbox_core::AfterFailure::Dead,
+        };
+        tokio::spawn(async move { store.record_failures(stale, &[failure]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fresh = RelayId::new();
+    let taken = store
+        .acquire_partitions(fresh, 64, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let claimed = store.claim(&taken, 10).await.unwrap();
+    let marked = failing.await.unwrap().unwrap();
+    let dead = db.count("status = 'dead'").await == 1;
+    let claimed_by_new_owner = claimed.iter().any(|m| m.event_id == e.event_id());
+    assert!(
+        !(dead && claimed_by_new_owner),
+        "the new owner claimed an event that the stale relay then marked dead"
+    );
+    assert_eq!(
+        marked, 1,
+        "the stale relay still held the lease when it locked it"
+    );
+    assert!(!claimed_by_new_owner && dead);
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn relays_share_partitions_fairly_and_release_them_on_shutdown() {
     let db = TestDb::new().await;

@@ -256,3 +256,108 @@ async fn schema_names_from_configuration_cannot_inject_sql() {
         );
     }
 }
+
+/// Two aggregates whose lock keys sort `(low, high)`.
+fn aggregates_in_lock_order() -> (String, String) {
+    let key = |id: &str| outbox_core::partition::aggregate_lock_key("order", id);
+    let (a, b) = ("lock-a".to_owned(), "lock-b".to_owned());
+    if key(&a) < key(&b) {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// `enqueue` locks in call order and `enqueue_all` in lock-key order: a transaction that
+/// enqueues `high` then `low` one call at a time deadlocks against an `enqueue_all` of both
+/// (PostgreSQL aborts one). With `lock_aggregates` first, both follow the documented order:
+/// the second transaction waits, and both commit, in sequence order.
+#[tokio::test]
+async fn lock_aggregates_gives_separate_enqueues_the_order_enqueue_all_uses() {
+    let db = TestDb::new().await;
+    let outbox = db.outbox();
+    let (low, high) = aggregates_in_lock_order();
+    let agg = |id: &str| outbox_core::AggregateRef::new("order", id).unwrap();
+
+    // Without the helper: the documented hazard, to show what the helper is for.
+    let mut t1 = db.pool.begin().await.unwrap();
+    outbox.enqueue(&mut t1, &event(&high, 1)).await.unwrap();
+    let all = {
+        let (pool, outbox, low, high) =
+            (db.pool.clone(), outbox.clone(), low.clone(), high.clone());
+        tokio::spawn(async move {
+            let mut t2 = pool.begin().await.unwrap();
+            let r = outbox
+                .enqueue_all(&mut t2, &[event(&low, 2), event(&high, 2)])
+                .await;
+            match r {
+                Ok(_) => t2.commit().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second = outbox.enqueue(&mut t1, &event(&low, 1)).await;
+    let first_failed = second.is_err();
+    if first_failed {
+        drop(t1);
+    } else {
+        t1.commit().await.unwrap();
+    }
+    let other = all.await.unwrap();
+    let messages = format!("{second:?} {other:?}");
+    assert!(
+        first_failed || other.is_err(),
+        "expected a deadlock: {messages}"
+    );
+    assert!(messages.contains("deadlock"), "{messages}");
+    sqlx::raw_sql(&format!("TRUNCATE {}", db.table("event_outbox")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // With it: same calls, no deadlock.
+    let mut t1 = db.pool.begin().await.unwrap();
+    outbox
+        .lock_aggregates(&mut t1, &[agg(&high), agg(&low)])
+        .await
+        .unwrap();
+    outbox.enqueue(&mut t1, &event(&high, 1)).await.unwrap();
+    let all = {
+        let (pool, outbox, low, high) =
+            (db.pool.clone(), outbox.clone(), low.clone(), high.clone());
+        tokio::spawn(async move {
+            let mut t2 = pool.begin().await.unwrap();
+            outbox
+                .enqueue_all(&mut t2, &[event(&low, 2), event(&high, 2)])
+                .await
+                .unwrap();
+            t2.commit().await.unwrap();
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !all.is_finished(),
+        "the batch waits for the first transaction"
+    );
+    outbox.enqueue(&mut t1, &event(&low, 1)).await.unwrap();
+    t1.commit().await.unwrap();
+    all.await.unwrap();
+    // Sequence order is commit order per aggregate: the first transaction's events first.
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+        "SELECT aggregate_id, convert_from(payload, 'UTF8')::jsonb FROM {} ORDER BY seq",
+        db.table("event_outbox")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for id in [&low, &high] {
+        let ns: Vec<i64> = rows
+            .iter()
+            .filter(|(a, _)| a == id)
+            .map(|(_, p)| p["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, vec![1, 2], "{id}");
+    }
+    db.drop().await;
+}

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{
-    ConsumerMetrics, EventId, Handled, HandlerError, IncomingMessage, MessageHandler, WakeSignal,
+    ConsumerMetrics, EffectHandler, EventId, Handled, HandlerError, Inbox, InboxStore,
+    InboxStoreError, IncomingMessage, MessageHandler, WakeSignal,
 };
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
@@ -46,6 +47,21 @@ impl SqliteInbox {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Whether `consumer` has processed `event_id` (committed), read outside a transaction.
+    pub async fn has_processed(
+        &self,
+        consumer: &str,
+        event_id: EventId,
+    ) -> Result<bool, SqliteOutboxError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM event_inbox WHERE consumer = ? AND event_id = ?)",
+        )
+        .bind(consumer)
+        .bind(event_id.to_string())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Deletes up to `limit` inbox rows older than `retention`.
     pub async fn purge_older_than(
         &self,
@@ -81,82 +97,90 @@ pub trait SqliteHandler: Send + Sync + 'static {
     ) -> Result<(), HandlerError>;
 }
 
-/// Wraps a [`SqliteHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
-/// handler, commit; a duplicate skips the handler.
-pub struct SqliteInboxHandler<H> {
-    pool: SqlitePool,
-    inbox: SqliteInbox,
-    consumer: String,
-    handler: H,
-    metrics: Option<ConsumerMetrics>,
-    wake: Option<WakeSignal>,
+#[async_trait]
+impl InboxStore for SqliteInbox {
+    type Tx = Transaction<'static, Sqlite>;
+
+    async fn seen(&self, consumer: &str, event_id: EventId) -> Result<bool, InboxStoreError> {
+        Ok(self.has_processed(consumer, event_id).await?)
+    }
+
+    /// `BEGIN IMMEDIATE`: the write lock up front, so the record never fails on an upgrade.
+    async fn begin(&self) -> Result<Self::Tx, InboxStoreError> {
+        Ok(crate::begin(&self.pool).await?)
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<bool, InboxStoreError> {
+        Ok(self.try_begin(tx, consumer, event_id, message).await?)
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.commit().await?)
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.rollback().await?)
+    }
+
+    fn is_unavailable(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        error
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(crate::is_unavailable)
+    }
 }
+
+/// A [`SqliteHandler`] as the core inbox flow's handler.
+pub struct SqliteEffects<H>(H);
+
+#[async_trait]
+impl<H: SqliteHandler> EffectHandler<Transaction<'static, Sqlite>> for SqliteEffects<H> {
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError> {
+        self.0
+            .handle(tx, &SqliteInboxEvent { event_id, message })
+            .await
+    }
+}
+
+/// Wraps a [`SqliteHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
+/// handler, commit; a duplicate skips the handler (the flow of `outbox_core::inbox`).
+pub struct SqliteInboxHandler<H>(Inbox<SqliteInbox, SqliteEffects<H>>);
 
 impl<H: SqliteHandler> SqliteInboxHandler<H> {
     pub fn new(pool: SqlitePool, consumer: impl Into<String>, handler: H) -> Self {
-        Self {
-            inbox: SqliteInbox::new(pool.clone()),
-            pool,
-            consumer: consumer.into(),
-            handler,
-            metrics: None,
-            wake: None,
-        }
+        Self(Inbox::new(
+            SqliteInbox::new(pool),
+            consumer,
+            SqliteEffects(handler),
+        ))
     }
 
-    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
-        self.metrics = Some(metrics);
-        self
+    pub fn with_metrics(self, metrics: ConsumerMetrics) -> Self {
+        Self(self.0.with_metrics(metrics))
     }
 
-    pub fn with_wake_signal(mut self, wake: WakeSignal) -> Self {
-        self.wake = Some(wake);
-        self
+    pub fn with_wake_signal(self, wake: WakeSignal) -> Self {
+        Self(self.0.with_wake_signal(wake))
     }
 
     pub fn handler(&self) -> &H {
-        &self.handler
+        &self.0.handler().0
     }
 }
 
 #[async_trait]
 impl<H: SqliteHandler> MessageHandler for SqliteInboxHandler<H> {
     async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
-        let event_id = message.event_id()?;
-        let mut tx = crate::begin(&self.pool)
-            .await
-            .map_err(HandlerError::retry)?;
-        let first = self
-            .inbox
-            .try_begin(&mut tx, &self.consumer, event_id, message)
-            .await
-            .map_err(HandlerError::retry)?;
-        if !first {
-            tx.rollback().await.map_err(HandlerError::retry)?;
-            if let Some(m) = &self.metrics {
-                m.duplicate();
-            }
-            return Ok(Handled::Duplicate);
-        }
-        let event = SqliteInboxEvent { event_id, message };
-        match self.handler.handle(&mut tx, &event).await {
-            Ok(()) => {
-                tx.commit().await.map_err(HandlerError::retry)?;
-                if let Some(w) = &self.wake {
-                    w.wake();
-                }
-                if let Some(m) = &self.metrics {
-                    m.processed();
-                }
-                Ok(Handled::Processed)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                if let Some(m) = &self.metrics {
-                    m.handler_failure();
-                }
-                Err(e)
-            }
-        }
+        self.0.handle(message).await
     }
 }

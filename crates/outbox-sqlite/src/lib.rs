@@ -53,19 +53,69 @@ pub enum SqliteOutboxError {
 pub(crate) const NOW_MS: &str =
     "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)";
 
+/// How hard a commit holds on to the disk (SQLite's `synchronous` in WAL mode).
+///
+/// | | a commit survives | costs |
+/// |---|---|---|
+/// | [`Durability::Full`] (default) | a process crash and a power loss or OS crash | an fsync of the WAL per commit |
+/// | [`Durability::Normal`] | a process crash; a power loss may take the last commits back | nothing per commit |
+///
+/// `Normal` is safe only where nothing outside this file can have acted on a commit that a
+/// power loss takes back. With an external broker something can: an event the relay
+/// published (and Kafka acknowledged) whose state change then vanishes, or a consumer's inbox
+/// row that vanishes after its offset was committed, so the effect is lost for good. Keep
+/// `Normal` for the in-process bus, whose log is in memory and dies with the process anyway.
+/// BENCHMARKS.md has the write cost of each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    #[default]
+    Full,
+    Normal,
+}
+
 /// Opens (creating if missing) a SQLite database in WAL mode with a busy timeout, suitable
-/// for writers and relays in one process.
+/// for writers and relays in one process, with durable commits ([`Durability::Full`]).
 pub async fn connect(url: &str) -> Result<SqlitePool, SqliteOutboxError> {
+    connect_with(url, Durability::Full).await
+}
+
+/// Like [`connect`], with the durability of commits chosen (see [`Durability`]).
+pub async fn connect_with(
+    url: &str,
+    durability: Durability,
+) -> Result<SqlitePool, SqliteOutboxError> {
+    let synchronous = match durability {
+        Durability::Full => SqliteSynchronous::Full,
+        Durability::Normal => SqliteSynchronous::Normal,
+    };
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
     Ok(SqlitePoolOptions::new()
         .max_connections(8)
         .connect_with(options)
         .await?)
+}
+
+/// Whether `error` says the database cannot be used now rather than that a statement failed:
+/// busy or locked past the busy timeout, out of memory, an I/O error, the disk full, the file
+/// unopenable or read-only, or the pool gone or timed out.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Extended result codes carry the primary code in their low byte.
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14)),
+        _ => false,
+    }
 }
 
 /// Begins a write transaction that holds SQLite's write lock from the start

@@ -37,6 +37,12 @@ impl SqliteOutbox {
         event: &NewEvent,
     ) -> Result<EnqueueOutcome, SqliteOutboxError> {
         let event_id = event.event_id().to_string();
+        event
+            .check()
+            .map_err(|reason| SqliteOutboxError::InvalidEvent {
+                event_id: event_id.clone(),
+                reason,
+            })?;
         if let Some(key) = event.idempotency_key() {
             let admitted = sqlx::query(&format!(
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)

@@ -12,6 +12,7 @@ use outbox_core::{
 };
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
 use outbox_postgres::{PgRelayStore, Schema};
+pub use outbox_sqlite::Durability;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, SqlitePool};
 
@@ -46,15 +47,41 @@ pub enum Database {
 impl Database {
     /// Connects by URL scheme, applies the embedded migrations and verifies the schema.
     /// `schema` applies to PostgreSQL (one schema per service); SQLite has one file per service.
+    /// SQLite commits are durable ([`Durability::Full`]); see [`Database::open_for`].
     pub async fn open(url: &str, schema: &str) -> Result<Self, BackendError> {
-        let db = Self::connect(url, schema).await?;
+        Self::open_with(url, schema, Durability::Full).await
+    }
+
+    /// Like [`Database::open`] for a service that publishes to and consumes from `broker`:
+    /// SQLite commits are durable unless the broker is the in-process bus, whose log dies
+    /// with the process anyway (see [`Durability`]).
+    pub async fn open_for(url: &str, schema: &str, broker: &Broker) -> Result<Self, BackendError> {
+        Self::open_with(url, schema, broker.sqlite_durability()).await
+    }
+
+    /// Like [`Database::open`] with SQLite's commit durability chosen (PostgreSQL ignores it).
+    pub async fn open_with(
+        url: &str,
+        schema: &str,
+        durability: Durability,
+    ) -> Result<Self, BackendError> {
+        let db = Self::connect_with(url, schema, durability).await?;
         db.migrate().await?;
         db.check().await?;
         Ok(db)
     }
 
-    /// Connects by URL scheme, changing nothing.
+    /// Connects by URL scheme, changing nothing (SQLite with durable commits).
     pub async fn connect(url: &str, schema: &str) -> Result<Self, BackendError> {
+        Self::connect_with(url, schema, Durability::Full).await
+    }
+
+    /// Connects by URL scheme with SQLite's commit durability chosen, changing nothing.
+    pub async fn connect_with(
+        url: &str,
+        schema: &str,
+        durability: Durability,
+    ) -> Result<Self, BackendError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let schema = Schema::new(schema)?;
             // Unqualified names resolve to the service's schema first (see `portable`). A
@@ -77,7 +104,7 @@ impl Database {
             Ok(Self::Postgres { pool, schema })
         } else if url.starts_with("sqlite:") {
             Ok(Self::Sqlite {
-                pool: outbox_sqlite::connect(url).await?,
+                pool: outbox_sqlite::connect_with(url, durability).await?,
             })
         } else {
             Err(BackendError::UnsupportedUrl(redact_url(url)))
@@ -177,6 +204,15 @@ impl Broker {
                     .await?
             }
         })
+    }
+
+    /// The SQLite durability a service on this broker needs: only with the in-process bus
+    /// can nothing outside the process have acted on a commit a power loss takes back.
+    pub fn sqlite_durability(&self) -> Durability {
+        match self {
+            Self::Memory(_) => Durability::Normal,
+            Self::Kafka(_) => Durability::Full,
+        }
     }
 
     pub fn kind(&self) -> &'static str {

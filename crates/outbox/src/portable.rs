@@ -34,8 +34,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use outbox_core::{
-    ConsumerMetrics, EnqueueOutcome, Handled, HandlerError, IncomingMessage, MessageHandler,
-    NewEvent, TableMetrics, WakeSignal,
+    ConsumerMetrics, EffectHandler, EnqueueOutcome, EventId, Handled, HandlerError, Inbox,
+    InboxStore, InboxStoreError, IncomingMessage, MessageHandler, NewEvent, TableMetrics,
+    WakeSignal,
 };
 use outbox_postgres::{PgInbox, PgOutbox};
 use outbox_sqlite::{SqliteInbox, SqliteOutbox};
@@ -453,6 +454,19 @@ impl Tx {
         })
     }
 
+    /// Takes the writer locks of `aggregates` in the documented order before a transaction
+    /// enqueues for several of them in separate calls (see
+    /// `outbox_postgres::WriteOrdering`); SQLite has one writer at a time and needs none.
+    pub async fn lock_aggregates(
+        &mut self,
+        aggregates: &[outbox_core::AggregateRef],
+    ) -> Result<(), DbError> {
+        if let (TxInner::Postgres(tx), Writer::Postgres(w)) = (&mut self.inner, &*self.writer) {
+            w.lock_aggregates(tx, aggregates).await?;
+        }
+        Ok(())
+    }
+
     /// Commits, then wakes the relay.
     pub async fn commit(self) -> Result<(), DbError> {
         match (self.inner, &*self.writer) {
@@ -500,91 +514,127 @@ impl<H: TxHandler + ?Sized> TxHandler for Arc<H> {
     }
 }
 
-enum Inbox {
+enum InboxTable {
     Postgres(PgInbox),
     Sqlite(SqliteInbox),
 }
 
-/// Wraps a [`TxHandler`] with the inbox: begin, record `(consumer, event_id)`, run the
-/// handler, commit. A redelivered event finds its row and skips the handler.
-pub struct InboxHandler<H> {
+/// The inbox table of a [`ServiceDb`], as the core inbox flow's store ([`Tx`] transactions).
+pub struct ServiceInbox {
     db: ServiceDb,
-    inbox: Inbox,
-    consumer: String,
-    handler: H,
-    metrics: Option<ConsumerMetrics>,
+    table: InboxTable,
 }
+
+impl ServiceInbox {
+    pub fn new(db: ServiceDb) -> Self {
+        let table = match db.database() {
+            Database::Postgres { pool, schema } => {
+                InboxTable::Postgres(PgInbox::new(pool.clone(), schema))
+            }
+            Database::Sqlite { pool } => InboxTable::Sqlite(SqliteInbox::new(pool.clone())),
+        };
+        Self { db, table }
+    }
+}
+
+#[async_trait]
+impl InboxStore for ServiceInbox {
+    type Tx = Tx;
+
+    async fn seen(&self, consumer: &str, event_id: EventId) -> Result<bool, InboxStoreError> {
+        Ok(match &self.table {
+            InboxTable::Postgres(i) => i.has_processed(consumer, event_id).await?,
+            InboxTable::Sqlite(i) => i.has_processed(consumer, event_id).await?,
+        })
+    }
+
+    async fn begin(&self) -> Result<Tx, InboxStoreError> {
+        Ok(self.db.begin().await?)
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Tx,
+        consumer: &str,
+        event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<bool, InboxStoreError> {
+        Ok(match (&self.table, &mut tx.inner) {
+            (InboxTable::Postgres(i), TxInner::Postgres(t)) => {
+                i.try_begin(t, consumer, event_id, message).await?
+            }
+            (InboxTable::Sqlite(i), TxInner::Sqlite(t)) => {
+                i.try_begin(t, consumer, event_id, message).await?
+            }
+            _ => unreachable!("the inbox and the transaction come from one database"),
+        })
+    }
+
+    /// Commits, then wakes the relay.
+    async fn commit(&self, tx: Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.commit().await?)
+    }
+
+    async fn rollback(&self, tx: Tx) -> Result<(), InboxStoreError> {
+        Ok(tx.rollback().await?)
+    }
+
+    fn is_unavailable(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        error
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(|e| match &self.table {
+                InboxTable::Postgres(_) => outbox_postgres::is_unavailable(e),
+                InboxTable::Sqlite(_) => outbox_sqlite::is_unavailable(e),
+            })
+    }
+}
+
+/// A [`TxHandler`] as the core inbox flow's handler.
+pub struct TxEffects<H>(H);
+
+#[async_trait]
+impl<H: TxHandler> EffectHandler<Tx> for TxEffects<H> {
+    fn prepares(&self) -> bool {
+        true
+    }
+
+    async fn prepare(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
+        self.0.prepare(message).await
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        _event_id: EventId,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError> {
+        self.0.handle(tx, message).await
+    }
+}
+
+/// Wraps a [`TxHandler`] with the inbox (the flow of `outbox_core::inbox`): `prepare` unless
+/// the inbox already holds the event, then begin, record `(consumer, event_id)`, run the
+/// handler, commit. A redelivered event runs neither `prepare` nor `handle` again; the
+/// service database's outages are retried without counting attempts.
+pub struct InboxHandler<H>(Inbox<ServiceInbox, TxEffects<H>>);
 
 impl<H: TxHandler> InboxHandler<H> {
     pub fn new(db: ServiceDb, consumer: impl Into<String>, handler: H) -> Self {
-        let inbox = match db.database() {
-            Database::Postgres { pool, schema } => {
-                Inbox::Postgres(PgInbox::new(pool.clone(), schema))
-            }
-            Database::Sqlite { pool } => Inbox::Sqlite(SqliteInbox::new(pool.clone())),
-        };
-        Self {
-            db,
-            inbox,
-            consumer: consumer.into(),
-            handler,
-            metrics: None,
-        }
+        Self(Inbox::new(
+            ServiceInbox::new(db),
+            consumer,
+            TxEffects(handler),
+        ))
     }
 
-    pub fn with_metrics(mut self, metrics: ConsumerMetrics) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    async fn try_begin(
-        &self,
-        tx: &mut Tx,
-        message: &IncomingMessage,
-    ) -> Result<bool, HandlerError> {
-        let event_id = message.event_id()?;
-        let first = match (&self.inbox, &mut tx.inner) {
-            (Inbox::Postgres(i), TxInner::Postgres(t)) => i
-                .try_begin(t, &self.consumer, event_id, message)
-                .await
-                .map_err(HandlerError::retry)?,
-            (Inbox::Sqlite(i), TxInner::Sqlite(t)) => i
-                .try_begin(t, &self.consumer, event_id, message)
-                .await
-                .map_err(HandlerError::retry)?,
-            _ => unreachable!("the inbox and the transaction come from one database"),
-        };
-        Ok(first)
+    pub fn with_metrics(self, metrics: ConsumerMetrics) -> Self {
+        Self(self.0.with_metrics(metrics))
     }
 }
 
 #[async_trait]
 impl<H: TxHandler> MessageHandler for InboxHandler<H> {
     async fn handle(&self, message: &IncomingMessage) -> Result<Handled, HandlerError> {
-        self.handler.prepare(message).await?;
-        let mut tx = self.db.begin().await?;
-        if !self.try_begin(&mut tx, message).await? {
-            tx.rollback().await?;
-            if let Some(m) = &self.metrics {
-                m.duplicate();
-            }
-            return Ok(Handled::Duplicate);
-        }
-        match self.handler.handle(&mut tx, message).await {
-            Ok(()) => {
-                tx.commit().await?;
-                if let Some(m) = &self.metrics {
-                    m.processed();
-                }
-                Ok(Handled::Processed)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                if let Some(m) = &self.metrics {
-                    m.handler_failure();
-                }
-                Err(e)
-            }
-        }
+        self.0.handle(message).await
     }
 }

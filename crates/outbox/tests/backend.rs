@@ -99,3 +99,37 @@ async fn the_memory_broker_carries_relayed_events_to_the_shared_bus() {
     assert_eq!(kafka.kind(), "kafka");
     remove(&path);
 }
+
+/// SQLite's `synchronous` as the pool's connections run it (2 = FULL, 1 = NORMAL).
+async fn synchronous(db: &Database) -> i64 {
+    let Database::Sqlite { pool } = db else {
+        panic!("sqlite expected")
+    };
+    sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_commits_are_durable_unless_the_broker_is_in_process() {
+    let (url, path) = temp_db();
+    // With an external broker a commit that a power loss takes back may already have been
+    // published or had its offset committed: every commit must reach the disk.
+    let kafka = Broker::Kafka(outbox::kafka::KafkaConfig::new("127.0.0.1:9"));
+    let db = Database::open_for(&url, "x", &kafka).await.unwrap();
+    assert_eq!(synchronous(&db).await, 2, "FULL with Kafka");
+    let db = Database::open(&url, "x").await.unwrap();
+    assert_eq!(synchronous(&db).await, 2, "FULL by default");
+    let pool = outbox::sqlite::connect(&url).await.unwrap();
+    let raw: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(raw, 2, "the store's own connect is durable too");
+    // The in-process bus forgets everything with the process: NORMAL loses nothing more.
+    let memory = Broker::from_setting(&BrokerSetting::Memory, Bus::default()).unwrap();
+    let db = Database::open_for(&url, "x", &memory).await.unwrap();
+    assert_eq!(synchronous(&db).await, 1, "NORMAL with the in-process bus");
+    remove(&path);
+}

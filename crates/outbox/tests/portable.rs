@@ -1,6 +1,7 @@
 //! The portable unit of work: `prepare` runs before the inbox transaction (so it can take the
 //! write lock itself, proving none is held), `handle` once per event, and a redelivery skips
-//! `handle`.
+//! both (a remote judge in `prepare` is not paid twice); poison is recognised before
+//! `prepare` runs.
 
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +70,22 @@ async fn prepare_runs_outside_the_transaction_and_handle_once_per_event() {
     assert_eq!(inbox.handle(&message).await.unwrap(), Handled::Duplicate);
     assert_eq!(
         *recorder.calls.lock().unwrap(),
-        ["prepare", "handle", "prepare"]
+        ["prepare", "handle"],
+        "the redelivery ran neither prepare nor handle"
+    );
+    let poison = IncomingMessage {
+        headers: Default::default(),
+        payload: bytes::Bytes::from_static(b"not an envelope"),
+        ..message.clone()
+    };
+    assert!(matches!(
+        inbox.handle(&poison).await,
+        Err(HandlerError::Poison(_))
+    ));
+    assert_eq!(
+        recorder.calls.lock().unwrap().len(),
+        2,
+        "poison is refused before prepare runs"
     );
     let n = db
         .fetch_optional("SELECT n FROM effects WHERE id = 0", &[])

@@ -152,19 +152,25 @@ impl Observability {
     }
 }
 
-/// Opens the database of `service`: connect, migrate the outbox, count into `obs`.
+/// Opens the database of `service`: connect, migrate the outbox, count into `obs`. SQLite
+/// commits are durable unless `broker` is the in-process bus (see `outbox::backend::Durability`).
 pub async fn open_database(
     location: &DataLocation,
     service: &str,
+    broker: &Broker,
     obs: &Observability,
 ) -> Result<ServiceDb, StartError> {
     if let DataLocation::SqliteDir(dir) = location {
         std::fs::create_dir_all(dir)
             .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let database = Database::open(&location.url_for(service), &location.schema_for(service))
-        .await
-        .map_err(|e| err(format!("{service}: {e}")))?;
+    let database = Database::open_for(
+        &location.url_for(service),
+        &location.schema_for(service),
+        broker,
+    )
+    .await
+    .map_err(|e| err(format!("{service}: {e}")))?;
     let metrics = obs.outbox.table(service, "event_outbox");
     Ok(ServiceDb::with_parts(
         database,

@@ -139,7 +139,7 @@ impl Platform {
         let obs = Observability::default();
         let mut built = Vec::new();
         for (short, full, _) in SERVICES {
-            let db = runtime::open_database(location, full, &obs).await?;
+            let db = runtime::open_database(location, full, &broker, &obs).await?;
             built.push(AnyService::build(short, db, options).await?);
         }
         let mut running = Vec::new();
@@ -292,7 +292,7 @@ pub async fn serve(
         .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
     runtime::prepare_broker(&broker).await?;
     let obs = Observability::default();
-    let db = runtime::open_database(location, full, &obs).await?;
+    let db = runtime::open_database(location, full, &broker, &obs).await?;
     let service = AnyService::build(short, db.clone(), &Options::default()).await?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
     let running = runtime::start(service.service(), db, &broker, &obs, Some(addr)).await?;
