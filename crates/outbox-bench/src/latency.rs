@@ -41,19 +41,23 @@ impl Publisher for Recording {
     }
 }
 
+/// How the relay learns of commits: the first as a relay inside the writers' process, the
+/// others as a relay in a process of its own (`outbox relay`, a sidecar) would.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wake {
     Nudge,
     Poll,
+    Watch,
     Notify,
 }
 
 impl Wake {
     fn name(self) -> &'static str {
         match self {
-            Self::Nudge => "in-process nudge",
-            Self::Poll => "poll only (50 ms..1 s)",
-            Self::Notify => "LISTEN/NOTIFY",
+            Self::Nudge => "in-process: commit nudge",
+            Self::Poll => "sidecar: poll only (50 ms..1 s)",
+            Self::Watch => "sidecar: sequence watch (10 ms), default",
+            Self::Notify => "sidecar: LISTEN/NOTIFY (writers opt in)",
         }
     }
 }
@@ -86,6 +90,15 @@ async fn measure(
             outbox = outbox.with_wake_signal(wake.clone());
         }
         Wake::Poll => {}
+        Wake::Watch => {
+            relay = relay.with_wake_signal(wake.clone());
+            listener = Some(tokio::spawn(outbox_postgres::watch_for_commits(
+                pool.clone(),
+                schema.clone(),
+                wake.clone(),
+                Duration::from_millis(10),
+            )));
+        }
         Wake::Notify => {
             relay = relay.with_wake_signal(wake.clone());
             outbox = outbox.with_notify(true);
@@ -186,7 +199,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     );
     let mut out = Vec::new();
     for &rate in rates {
-        for mode in [Wake::Nudge, Wake::Poll, Wake::Notify] {
+        for mode in [Wake::Nudge, Wake::Poll, Wake::Watch, Wake::Notify] {
             let inner: Arc<dyn Publisher> = match &kafka {
                 Some(b) => Arc::new(KafkaPublisher::new(KafkaConfig::new(b))?),
                 None => Arc::new(NullPublisher),

@@ -10,6 +10,7 @@
 
 mod counting;
 mod db;
+mod gauges;
 mod latency;
 mod outage;
 mod relay;
@@ -44,6 +45,8 @@ enum Command {
     Latency,
     /// Backlog and drain time after a broker outage under load.
     Outage,
+    /// The relay's table gauges under a pending backlog, against a full count.
+    Gauges,
     /// All of the above.
     All,
 }
@@ -71,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Command::Outage) {
         results.insert("outage".into(), outage::run(quick).await?);
+    }
+    if run(Command::Gauges) {
+        results.insert("gauges".into(), gauges::run(quick).await?);
     }
     let report = json!({
         "quick": quick,

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use outbox::backend::{Broker, Database};
 use outbox::bus::Bus;
-use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings};
+use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings, WakeSetting};
 
 /// Operate a transactional outbox: migrate and check the schema, inspect status, handle dead
 /// letters, replay retained events, and run the relay.
@@ -337,7 +337,29 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let relay = Relay::new(store, Arc::clone(&publisher), settings.relay).with_metrics(metrics);
+    // Writers in other processes cannot wake this relay directly: watch for their commits.
+    let wake = relay.wake_signal();
+    let interval = settings.wake_interval;
+    let watcher = match (settings.wake, &db) {
+        (WakeSetting::Poll, _) => None,
+        (WakeSetting::Watch, Database::Postgres { pool, schema }) => Some(tokio::spawn(
+            outbox::postgres::watch_for_commits(pool.clone(), schema.clone(), wake, interval),
+        )),
+        (WakeSetting::Watch, Database::Sqlite { pool }) => Some(tokio::spawn(
+            outbox::sqlite::watch_for_commits(pool.clone(), wake, interval),
+        )),
+        (WakeSetting::Notify, Database::Postgres { pool, schema }) => Some(tokio::spawn(
+            outbox::postgres::listen_for_commits(pool.clone(), schema.clone(), wake),
+        )),
+        (WakeSetting::Notify, Database::Sqlite { .. }) => {
+            anyhow::bail!("OUTBOX_WAKE=notify needs PostgreSQL; on SQLite use watch (the default)")
+        }
+    };
+    tracing::info!(wake = ?settings.wake, ?interval, "relay wake-up");
     let report = relay.run(shutdown_signal()).await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
     tracing::info!(?report, "relay finished");
     Ok(())
 }

@@ -39,7 +39,7 @@ async fn pending(db: &TestSchema) -> i64 {
 }
 
 #[tokio::test]
-async fn sigkill_mid_batch_loses_nothing_and_duplicates_only_the_batch_in_flight() {
+async fn sigkill_mid_batch_loses_nothing_and_resends_at_most_the_two_batches_in_flight() {
     let bootstrap = shared_bootstrap();
     let db = TestSchema::create().await;
     let db_url = std::env::var("DATABASE_URL")
@@ -108,9 +108,11 @@ async fn sigkill_mid_batch_loses_nothing_and_duplicates_only_the_batch_in_flight
     }
     assert_eq!(copies.len(), EVENTS, "no event lost");
     let duplicated = copies.values().filter(|c| c.len() > 1).count();
+    // With the pipeline two batches are in flight at a kill: one published and not yet
+    // written back, one being published.
     assert!(
-        duplicated <= BATCH,
-        "only the batch in flight may be re-sent, {duplicated} events were"
+        duplicated <= 2 * BATCH,
+        "only the two batches in flight may be re-sent, {duplicated} events were"
     );
     for c in copies.values() {
         assert!(

@@ -9,6 +9,8 @@
 //! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
 //! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus) or a Kafka bootstrap list `host:port[,host:port]` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
+//! | `wake` | `OUTBOX_WAKE` | `watch` | how a relay in its own process (`outbox relay`) learns of commits besides polling: `watch` (reads the outbox sequence, or SQLite's `data_version`, every `wake_interval`; writers do nothing), `notify` (LISTEN; writers must enqueue with NOTIFY, which costs them throughput), `poll` (polling alone) |
+//! | `wake_interval` | `OUTBOX_WAKE_INTERVAL` | `10ms` | how often `watch` looks |
 //! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
 //! | `batch_size` | `OUTBOX_BATCH_SIZE` | `2000` | events claimed and published per round |
 //! | `pipeline` | `OUTBOX_PIPELINE` | `true` | claim the next batch and settle the previous one while a batch is published |
@@ -117,6 +119,19 @@ pub enum BrokerSetting {
     Kafka(String),
 }
 
+/// How a relay in its own process learns that writers committed (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WakeSetting {
+    /// Read the outbox's sequence (PostgreSQL) or `data_version` (SQLite) every
+    /// `wake_interval`: low latency, nothing asked of writers.
+    #[default]
+    Watch,
+    /// LISTEN for the NOTIFY that writers opted into (`PgOutbox::with_notify`).
+    Notify,
+    /// Poll alone (`poll_min` doubling to `poll_max` while idle).
+    Poll,
+}
+
 /// Everything a service or the relay binary reads at start.
 #[derive(Clone, PartialEq)]
 pub struct Settings {
@@ -124,6 +139,8 @@ pub struct Settings {
     pub schema: String,
     pub broker: BrokerSetting,
     pub metrics_addr: SocketAddr,
+    pub wake: WakeSetting,
+    pub wake_interval: Duration,
     pub relay: RelayConfig,
 }
 
@@ -134,6 +151,8 @@ impl Default for Settings {
             schema: "public".into(),
             broker: BrokerSetting::Memory,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            wake: WakeSetting::Watch,
+            wake_interval: Duration::from_millis(10),
             relay: RelayConfig::default(),
         }
     }
@@ -149,6 +168,8 @@ impl fmt::Debug for Settings {
             .field("schema", &self.schema)
             .field("broker", &self.broker)
             .field("metrics_addr", &self.metrics_addr)
+            .field("wake", &self.wake)
+            .field("wake_interval", &self.wake_interval)
             .field("relay", &self.relay)
             .finish()
     }
@@ -187,6 +208,8 @@ const KEYS: &[Key] = &[
     key("broker", "OUTBOX_BROKER"),
     key("service", "OUTBOX_SERVICE"),
     key("metrics_addr", "OUTBOX_METRICS_ADDR"),
+    key("wake", "OUTBOX_WAKE"),
+    key("wake_interval", "OUTBOX_WAKE_INTERVAL"),
     key("batch_size", "OUTBOX_BATCH_SIZE"),
     key("pipeline", "OUTBOX_PIPELINE"),
     key("poll_min", "OUTBOX_POLL_MIN"),
@@ -302,6 +325,17 @@ impl Settings {
         }
         if let Some(v) = take("metrics_addr") {
             s.metrics_addr = parse_with(&v, "an address like 127.0.0.1:9464", |x| x.parse().ok())?;
+        }
+        if let Some(v) = take("wake") {
+            s.wake = parse_with(&v, "watch, notify or poll", |x| match x {
+                "watch" => Some(WakeSetting::Watch),
+                "notify" => Some(WakeSetting::Notify),
+                "poll" => Some(WakeSetting::Poll),
+                _ => None,
+            })?;
+        }
+        if let Some(v) = take("wake_interval") {
+            s.wake_interval = parse_duration(&v, Duration::from_millis(1))?;
         }
         if let Some(v) = take("batch_size") {
             r.batch_size = parse_count(&v, 1, 10_000)?;

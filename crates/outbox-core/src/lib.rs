@@ -29,7 +29,7 @@ pub mod store;
 pub mod testing;
 
 pub use admin::{EventFilter, EventRecord, OutboxAdmin, TopicStatus};
-pub use config::{BrokerSetting, ConfigError, RelayConfig, Settings};
+pub use config::{BrokerSetting, ConfigError, RelayConfig, Settings, WakeSetting};
 pub use consume::{
     ConsumerConfig, ConsumerReport, Disposition, Handled, HandlerError, IncomingMessage,
     MessageHandler, Poison,

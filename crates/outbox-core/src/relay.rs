@@ -17,7 +17,11 @@
 //!   completed only if no earlier event of its aggregate in those overlapping batches went
 //!   undelivered; otherwise it stays pending and is sent again after that event.
 //! - **Outage is not failure.** A publisher that reports the broker unavailable pauses the
-//!   relay, which probes again with growing backoff; no attempt is counted.
+//!   relay, which probes again with growing backoff; no attempt is counted. When the broker
+//!   took other messages of the batch, or answers the probe although it took none, the
+//!   trouble is those messages' partitions (a Kafka partition without a leader): only their
+//!   aggregates wait ([`RelayConfig::defer_min`] doubling to `defer_max`, stored as a retry
+//!   time with the attempts unchanged) and everything else keeps flowing.
 //!
 //! # Limits
 //! - Delivery is at least once: a consumer sees duplicates after crashes, lease take-overs or

@@ -8,16 +8,23 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox_core::{AggregateRef, OutboxMessage, PublishOutcome, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::classify::{classify, ErrorClass};
 use crate::config::KafkaConfig;
 
 /// Batches in a row whose every message timed out before the publisher checks whether the
-/// broker answers at all; if it does, the producer is stuck (e.g. its producer id was lost in
-/// a broker restart) and is rebuilt.
+/// broker answers at all; if it does and the timeouts span the whole cluster, the producer is
+/// stuck (e.g. its producer id was lost in a broker restart) and is rebuilt. Timeouts on
+/// some partitions only are those partitions' trouble (no leader): the relay defers their
+/// aggregates, and a rebuild would not help.
 const STALLED_BATCHES_BEFORE_CHECK: u32 = 2;
+
+/// Stalled batches in a row after which the producer is rebuilt whatever the timeouts
+/// spanned (a stuck producer that only writes to one partition looks like a stuck
+/// partition; with the relay's deferrals between them this takes minutes, not seconds).
+const STALLED_BATCHES_BEFORE_REBUILD_ANYWAY: u32 = 8;
 
 /// Publishes outbox messages with an idempotent producer (`enable.idempotence=true`,
 /// `acks=all`): the stored payload as value, the message key as key, and the stored headers
@@ -73,16 +80,53 @@ impl KafkaPublisher {
         .unwrap_or_else(|e| Err(format!("metadata probe panicked: {e}")))
     }
 
-    async fn note_stall(&self, all_timed_out: bool) {
-        if !all_timed_out {
+    /// Whether the partitions in `timed_out` have their leaders on every broker of the
+    /// cluster and are more than one: the mark of a stuck producer rather than of a stuck
+    /// partition. An error when the cluster does not answer.
+    async fn timeouts_span_the_cluster(
+        &self,
+        timed_out: HashSet<(String, i32)>,
+    ) -> Result<bool, String> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(3))
+                .map_err(|e| format!("metadata request failed: {e}"))?;
+            let brokers: HashSet<i32> = metadata.brokers().iter().map(|b| b.id()).collect();
+            let leaders: HashSet<i32> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .filter(|p| timed_out.contains(&(t.name().to_owned(), p.id())))
+                        .map(|p| p.leader())
+                })
+                .collect();
+            Ok(timed_out.len() > 1 && brokers.iter().all(|b| leaders.contains(b)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("metadata probe panicked: {e}")))
+    }
+
+    async fn note_stall(&self, stalled_on: Option<HashSet<(String, i32)>>) {
+        let Some(timed_out) = stalled_on else {
             self.stalled_batches.store(0, Ordering::Relaxed);
             return;
-        }
+        };
         let stalled = self.stalled_batches.fetch_add(1, Ordering::Relaxed) + 1;
-        if stalled < STALLED_BATCHES_BEFORE_CHECK || self.broker_answers().await.is_err() {
+        if stalled < STALLED_BATCHES_BEFORE_CHECK {
             return;
         }
-        self.rebuild("the broker answers but deliveries keep timing out");
+        match self.timeouts_span_the_cluster(timed_out).await {
+            Ok(true) => self.rebuild("the broker answers but deliveries time out everywhere"),
+            Ok(false) if stalled >= STALLED_BATCHES_BEFORE_REBUILD_ANYWAY => {
+                self.rebuild("the broker answers but deliveries keep timing out")
+            }
+            // Some partitions only (the relay defers them), or the cluster is down.
+            Ok(false) | Err(_) => {}
+        }
     }
 
     /// Replaces the producer; messages in flight on the old one have already been reported.
@@ -202,15 +246,17 @@ impl Publisher for KafkaPublisher {
         let reports = futures::future::join_all(deliveries).await;
         let mut delivered = 0usize;
         let mut timed_out = 0usize;
+        let mut timed_out_on: HashSet<(String, i32)> = HashSet::new();
         for (i, report) in indexes.into_iter().zip(reports) {
             verdicts[i] = Some(match report {
                 Ok(Ok(_)) => {
                     delivered += 1;
                     Verdict::Known(PublishOutcome::Delivered)
                 }
-                Ok(Err((e, _))) => {
+                Ok(Err((e, unsent))) => {
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                         timed_out += 1;
+                        timed_out_on.insert((unsent.topic().to_owned(), unsent.partition()));
                     }
                     match classify(&e) {
                         ErrorClass::Outage => {
@@ -232,7 +278,8 @@ impl Publisher for KafkaPublisher {
         if let Some((code, reason)) = producer.client().fatal_error() {
             self.rebuild(&format!("producer fatal error {code:?}: {reason}"));
         } else {
-            self.note_stall(sent > 0 && timed_out == sent).await;
+            let stalled = sent > 0 && timed_out == sent;
+            self.note_stall(stalled.then_some(timed_out_on)).await;
         }
 
         verdicts

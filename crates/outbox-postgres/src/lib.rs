@@ -51,14 +51,16 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod unavailable;
+mod watch;
 
 pub use check::{check_schema, SchemaMismatch};
 pub use error::OutboxError;
 pub use inbox::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteOrdering};
-pub use store::PgRelayStore;
+pub use store::{PgRelayStore, STATS_EXACT_UP_TO};
 pub use unavailable::is_unavailable;
+pub use watch::watch_for_commits;
 
 /// A validated schema name; the only configurable identifier that reaches SQL text.
 #[derive(Clone, Debug, PartialEq, Eq)]

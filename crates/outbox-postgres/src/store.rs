@@ -19,6 +19,13 @@ use uuid::Uuid;
 
 use crate::Schema;
 
+/// Counts in `stats` are exact up to this many rows per state; above it they are estimated,
+/// so that the relay's gauges (read every few seconds) cost the same with a backlog of a
+/// million events as with none: pending from the span of the pending sequence numbers (an
+/// upper bound, close for a backlog), the others from PostgreSQL's statistics of their
+/// partial indexes (as of the last autovacuum or ANALYZE).
+pub const STATS_EXACT_UP_TO: i64 = 10_000;
+
 /// The relay's view of `<schema>.event_outbox`. Cheap to clone.
 #[derive(Clone)]
 pub struct PgRelayStore {
@@ -143,17 +150,38 @@ impl Sql {
                      WHERE status = 'published' AND published_at < now() - $1 {ms}
                      ORDER BY published_at LIMIT $2)"
             ),
+            // Bounded work whatever the backlog: each count reads at most `STATS_EXACT_UP_TO`
+            // index entries (the partial indexes); beyond that the count is estimated (see
+            // `stats`). The oldest pending event is the head of the pending index.
+            // Each count follows its partial index in index order (`ORDER BY` the index's
+            // columns, bitmap scans off, see `stats`), so that a planner without fresh
+            // statistics cannot pick a scan of the whole table instead.
             stats: format!(
-                "SELECT count(*) FILTER (WHERE status = 'pending'),
-                        count(*) FILTER (WHERE status = 'pending' AND retry_at IS NOT NULL),
-                        count(*) FILTER (WHERE status = 'dead'),
-                        count(*) FILTER (WHERE status = 'published'),
-                        EXTRACT(EPOCH FROM clock_timestamp()
-                                - min(created_at) FILTER (WHERE status = 'pending'))::float8,
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE status = 'pending'
+                                               ORDER BY seq LIMIT {cap}) c),
+                        (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE status = 'pending'
+                                               AND retry_at IS NOT NULL
+                                               ORDER BY aggregate_type, aggregate_id, seq
+                                               LIMIT {cap}) c),
+                        (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE status = 'dead'
+                                               ORDER BY seq LIMIT {cap}) c),
+                        (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE status = 'published'
+                                               ORDER BY published_at LIMIT {cap}) c),
+                        EXTRACT(EPOCH FROM clock_timestamp() - (
+                            SELECT created_at FROM {t} WHERE status = 'pending'
+                            ORDER BY seq LIMIT 1))::float8,
                         (SELECT count(*) FROM {r} WHERE expires_at > now()),
-                        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = '{t}'::regclass),
-                        pg_total_relation_size('{t}'::regclass)
-                 FROM {t}"
+                        pg_stat_get_dead_tuples('{t}'::regclass),
+                        pg_total_relation_size('{t}'::regclass),
+                        (SELECT seq FROM {t} WHERE status = 'pending' ORDER BY seq DESC LIMIT 1)
+                        - (SELECT seq FROM {t} WHERE status = 'pending' ORDER BY seq LIMIT 1) + 1,
+                        (SELECT reltuples FROM pg_class WHERE oid = '{retry_idx}'::regclass)::float8,
+                        (SELECT reltuples FROM pg_class WHERE oid = '{dead_idx}'::regclass)::float8,
+                        (SELECT reltuples FROM pg_class WHERE oid = '{published_idx}'::regclass)::float8",
+                cap = STATS_EXACT_UP_TO,
+                retry_idx = schema.table("event_outbox_retry_idx"),
+                dead_idx = schema.table("event_outbox_dead_idx"),
+                published_idx = schema.table("event_outbox_published_idx"),
             ),
             report_activity: format!("UPDATE {r} SET activity = $2 WHERE relay_id = $1"),
             live_activity: format!("SELECT activity FROM {r} WHERE expires_at > now()"),
@@ -468,13 +496,41 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = sqlx::query(&self.sql.stats)
-            .fetch_one(&self.pool)
+        // Planner statistics lag a backlog written since the last ANALYZE (a million rows
+        // estimated at a thousand), and a bitmap scan of the whole pending index then looks
+        // cheap: with bitmap scans off for this read-only transaction, every count walks its
+        // partial index in order and stops at the cap (a sequential scan is priced by the
+        // table's real size and not chosen).
+        let mut tx = self.pool.begin().await.map_err(err("stats"))?;
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
             .await
             .map_err(err("stats"))?;
+        let row = sqlx::query(&self.sql.stats)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("stats"))?;
+        tx.rollback().await.map_err(err("stats"))?;
         let count = |i: usize| -> Result<u64, StoreError> {
             Ok(row.try_get::<i64, _>(i).map_err(err("stats"))?.max(0) as u64)
         };
+        let estimate = |i: usize| -> Result<u64, StoreError> {
+            let n: Option<f64> = row.try_get(i).map_err(err("stats"))?;
+            Ok(n.unwrap_or(0.0).max(0.0) as u64)
+        };
+        // At the cap the exact count stopped reading: estimate, never below the cap.
+        let capped = |exact: u64, estimated: u64| -> u64 {
+            if exact < STATS_EXACT_UP_TO as u64 {
+                exact
+            } else {
+                estimated.max(exact)
+            }
+        };
+        let span: Option<i64> = row.try_get(8).map_err(err("stats"))?;
+        let pending = capped(count(0)?, span.unwrap_or(0).max(0) as u64);
+        let retrying = capped(count(1)?, estimate(9)?);
+        let dead = capped(count(2)?, estimate(10)?);
+        let published_retained = capped(count(3)?, estimate(11)?);
         let age: Option<f64> = row.try_get(4).map_err(err("stats"))?;
         let activity = self.live_activity().await?.total();
         let dead_tuples: Option<i64> = row.try_get(6).map_err(err("stats"))?;
@@ -484,10 +540,10 @@ impl RelayStore for PgRelayStore {
             table_bytes: table_bytes.map(|n| n.max(0) as u64),
             in_flight: activity.in_flight,
             published_last_minute: activity.published_last_minute,
-            pending: count(0)?,
-            retrying: count(1)?,
-            dead: count(2)?,
-            published_retained: count(3)?,
+            pending,
+            retrying,
+            dead,
+            published_retained,
             oldest_pending_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
             live_relays: count(5)?,
         })

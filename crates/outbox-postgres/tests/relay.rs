@@ -676,11 +676,12 @@ async fn a_malformed_row_is_parked_dead_instead_of_stalling_its_partition() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling() {
-    let db = TestDb::new().await;
-    let publisher = TestPublisher::new();
-    // Polling so slow that only a notification can explain a prompt delivery.
+/// A relay whose polling is so slow (20 s) that only a wake-up can explain a prompt
+/// delivery, and the signal that wakes it.
+fn slowly_polling_relay(
+    db: &TestDb,
+    publisher: &TestPublisher,
+) -> (RunningRelay, outbox_core::WakeSignal) {
     let config = RelayConfig {
         poll_min: Duration::from_secs(20),
         poll_max: Duration::from_secs(20),
@@ -689,7 +690,28 @@ async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling()
     let wake = outbox_core::WakeSignal::new();
     let relay = outbox_core::Relay::new(db.store(), publisher.clone(), config)
         .with_wake_signal(wake.clone());
-    let running = spawn(relay);
+    (spawn(relay), wake)
+}
+
+/// Once the relay is idle, a write that nothing announces waits for the 20 s poll.
+async fn assert_an_unannounced_write_waits(db: &TestDb, publisher: &TestPublisher) {
+    // Straight after a batch the relay claims again and would find the write: let it idle.
+    wait_until(Duration::from_secs(5), "the relay is idle", || async {
+        db.store().stats().await.unwrap().pending == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let silent = event("n", 99);
+    db.write("o-silent", std::slice::from_ref(&silent)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(publisher.offered(silent.event_id()), 0);
+}
+
+#[tokio::test]
+async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling() {
+    let db = TestDb::new().await;
+    let publisher = TestPublisher::new();
+    let (running, wake) = slowly_polling_relay(&db, &publisher);
     let listener = tokio::spawn(outbox_postgres::listen_for_commits(
         db.pool.clone(),
         db.schema.clone(),
@@ -712,18 +734,84 @@ async fn opt_in_listen_notify_wakes_a_relay_in_another_process_without_polling()
         )
         .await;
     }
-    // Without NOTIFY the same write waits for the poll. First let the relay finish the last
-    // batch and go idle: straight after a batch it claims again, and would find the write.
-    wait_until(Duration::from_secs(5), "the relay is idle", || async {
-        db.store().stats().await.unwrap().pending == 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let silent = event("n", 99);
-    db.write("o-silent", std::slice::from_ref(&silent)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(publisher.offered(silent.event_id()), 0);
+    // Without NOTIFY the same write waits for the poll.
+    assert_an_unannounced_write_waits(&db, &publisher).await;
     listener.abort();
     running.stop().await;
+    db.drop().await;
+}
+
+/// The sidecar's default wake-up: with polling too slow to matter, writers that do nothing
+/// special (no NOTIFY, no shared wake signal) get their events published promptly because the
+/// sequence watch sees the sequence move; a writer that commits 40 ms after its insert is
+/// caught by the watch's re-wakes; without the watch the same write waits for the poll.
+#[tokio::test]
+async fn the_sequence_watch_wakes_a_sidecar_relay_without_anything_from_writers() {
+    let db = TestDb::new().await;
+    let publisher = TestPublisher::new();
+    let (running, wake) = slowly_polling_relay(&db, &publisher);
+    let watch = tokio::spawn(outbox_postgres::watch_for_commits(
+        db.pool.clone(),
+        db.schema.clone(),
+        wake,
+        Duration::from_millis(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writer = db.outbox();
+    for round in 0..3u32 {
+        let e = event("w", round);
+        let mut tx = db.pool.begin().await.unwrap();
+        writer.enqueue(&mut tx, &e).await.unwrap();
+        // The insert moved the sequence before the commit: a claim right away finds nothing.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        tx.commit().await.unwrap();
+        wait_until(
+            Duration::from_secs(5),
+            "a watched relay publishes promptly",
+            || async { publisher.offered(e.event_id()) == 1 },
+        )
+        .await;
+    }
+    // Only the watch explains the prompt deliveries.
+    watch.abort();
+    assert_an_unannounced_write_waits(&db, &publisher).await;
+    running.stop().await;
+    db.drop().await;
+}
+
+/// Past `STATS_EXACT_UP_TO` rows per state the gauges stop counting (bounded work every
+/// `stats_interval` whatever the backlog) and estimate: pending from the span of the pending
+/// sequence numbers, which is exact for a dense backlog; never below the cap.
+#[tokio::test]
+async fn stats_count_exactly_up_to_the_cap_and_estimate_a_larger_backlog() {
+    let db = TestDb::new().await;
+    let n = outbox_postgres::STATS_EXACT_UP_TO + 2_000;
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_id, aggregate_type, aggregate_id, partition_no, event_type,
+                         topic, message_key, payload)
+         SELECT gen_random_uuid(), 'order', 'o-' || (i % 100), 0::int2, 't', 't', 'k', '\\x00'
+         FROM generate_series(1, $1) AS i",
+        db.table("event_outbox")
+    ))
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let stats = db.store().stats().await.unwrap();
+    assert_eq!(
+        stats.pending, n as u64,
+        "a dense backlog is estimated exactly"
+    );
+    assert!(stats.oldest_pending_age.is_some());
+    // Publishing a stretch in the middle leaves a gap: the estimate is an upper bound.
+    sqlx::raw_sql(&format!(
+        "DELETE FROM {} WHERE seq % 2 = 0",
+        db.table("event_outbox")
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let pending = db.store().stats().await.unwrap().pending;
+    assert_eq!(pending, (n / 2) as u64, "below the cap again: exact");
     db.drop().await;
 }

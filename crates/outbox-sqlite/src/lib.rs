@@ -25,6 +25,7 @@ mod admin;
 mod inbox;
 mod outbox;
 mod store;
+mod watch;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -35,6 +36,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 pub use inbox::{SqliteHandler, SqliteInbox, SqliteInboxEvent, SqliteInboxHandler};
 pub use outbox::SqliteOutbox;
 pub use store::SqliteRelayStore;
+pub use watch::watch_for_commits;
 
 /// Errors of the SQLite outbox.
 #[derive(Debug, thiserror::Error)]
