@@ -632,12 +632,22 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
     }
 
     /// Whether a batch with unavailable messages met a working broker: it delivered or
-    /// rejected other messages of the batch, or, when it took none, it answers the probe.
+    /// rejected other messages of the batch, or, when it took none, it answers the probe
+    /// promptly. A probe that succeeds only slowly met a broker coming back from an outage
+    /// (frozen, restarting), which the relay-wide pause handles.
     async fn only_part_unavailable(&self, r: &Resolution) -> bool {
+        /// A healthy cluster answers a metadata request in milliseconds.
+        const PROMPT: Duration = Duration::from_secs(1);
         if !r.delivered.is_empty() || !r.rejected.is_empty() {
             return true;
         }
-        self.relay.publisher.probe().await.is_ok()
+        // The publish that brought us here may have waited for a delivery timeout: that is
+        // progress, not a wedged loop, as far as the lease keeper is concerned.
+        self.shared.stamp();
+        let asked = Instant::now();
+        let answered = self.relay.publisher.probe().await.is_ok();
+        self.shared.stamp();
+        answered && asked.elapsed() < PROMPT
     }
 
     /// Takes this relay's fair share of partitions and gives back any excess.
