@@ -104,7 +104,7 @@ impl KafkaPublisher {
                         .map(|p| p.leader())
                 })
                 .collect();
-            Ok(timed_out.len() > 1 && brokers.iter().all(|b| leaders.contains(b)))
+            Ok(spans_the_cluster(&brokers, &leaders, timed_out.len()))
         })
         .await
         .unwrap_or_else(|e| Err(format!("metadata probe panicked: {e}")))
@@ -141,6 +141,12 @@ impl KafkaPublisher {
             Err(e) => tracing::error!(error = %e, "rebuilding the Kafka producer failed"),
         }
     }
+}
+
+/// The rule for a stuck producer: the timed-out partitions are more than one and their
+/// leaders include every broker of the cluster.
+fn spans_the_cluster(brokers: &HashSet<i32>, leaders: &HashSet<i32>, partitions: usize) -> bool {
+    partitions > 1 && !brokers.is_empty() && brokers.is_subset(leaders)
 }
 
 fn build_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
@@ -299,5 +305,25 @@ impl Publisher for KafkaPublisher {
 
     async fn probe(&self) -> Result<(), String> {
         self.broker_answers().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_timeouts_on_every_broker_and_several_partitions_mean_a_stuck_producer() {
+        let set = |ids: &[i32]| ids.iter().copied().collect::<HashSet<i32>>();
+        // One partition without a leader: its trouble, not the producer's.
+        assert!(!spans_the_cluster(&set(&[1, 2, 3]), &set(&[2]), 1));
+        // Several partitions, all led by one of three brokers: that broker's trouble.
+        assert!(!spans_the_cluster(&set(&[1, 2, 3]), &set(&[2]), 4));
+        // Every broker's partitions time out: the producer is stuck.
+        assert!(spans_the_cluster(&set(&[1, 2, 3]), &set(&[1, 2, 3]), 6));
+        // A one-broker cluster: more than one partition is needed to tell.
+        assert!(!spans_the_cluster(&set(&[1]), &set(&[1]), 1));
+        assert!(spans_the_cluster(&set(&[1]), &set(&[1]), 2));
+        assert!(!spans_the_cluster(&set(&[]), &set(&[]), 2));
     }
 }
