@@ -83,7 +83,7 @@ impl OutboxMetrics {
         );
         registry.register(
             "outbox_retrying_events",
-            "Pending events waiting for a retry after a rejected attempt",
+            "Pending events waiting for a retry (after a rejected attempt, or deferred while their partition was unavailable)",
             f.retrying.clone(),
         );
         registry.register(

@@ -102,7 +102,8 @@ pub struct FailedAttempt {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OutboxStats {
     pub pending: u64,
-    /// Pending events waiting for a retry after a rejected attempt.
+    /// Pending events waiting for a retry: after a rejected attempt, or deferred (their
+    /// partition was unavailable while the broker took others; no attempt counted).
     pub retrying: u64,
     pub dead: u64,
     /// Published events kept for the retention window (0 when published rows are deleted).
