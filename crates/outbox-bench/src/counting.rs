@@ -68,6 +68,9 @@ impl RelayStore for CountingStore {
     async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
         self.inner.deregister(relay).await
     }
+    async fn take_over_instance(&self, relay: RelayId, name: &str) -> Result<u64, StoreError> {
+        self.inner.take_over_instance(relay, name).await
+    }
     async fn claim(
         &self,
         partitions: &[PartitionLease],

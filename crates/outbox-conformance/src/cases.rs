@@ -469,3 +469,68 @@ pub fn foreign_event_id_header<'a>(
         assert!(ids.contains(&other.event_id()));
     })
 }
+
+/// Store-level: a relay process killed (its task aborted: leases and heartbeat left behind)
+/// and started again under the same instance name takes its partitions back at once, where
+/// any other relay waits for the lease (30 s here) to run out.
+pub fn restarted_instance_takes_its_partitions_back<'a>(
+    store: &'a dyn Store,
+    _: &'a dyn Transport,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        use outbox_core::testing::TestPublisher;
+        let t = topic("instance");
+        let publisher = TestPublisher::new();
+        let with_instance = |instance: &str| RelayConfig {
+            instance: Some(instance.into()),
+            lease: Duration::from_secs(30),
+            ..config()
+        };
+        let start = |cfg: RelayConfig| {
+            let relay = Relay::new(store.relay_store(), publisher.clone(), cfg);
+            tokio::spawn(relay.run(std::future::pending::<()>()))
+        };
+        let first = start(with_instance("pod-7"));
+        store.commit(&[event(&t, "a", 0)]).await;
+        wait_for(LIMIT, "the first run published", || async {
+            pending(store).await == 0
+        })
+        .await;
+        first.abort();
+        let _ = first.await;
+        let written_meanwhile = event(&t, "a", 1);
+        store.commit(std::slice::from_ref(&written_meanwhile)).await;
+
+        // Another instance finds every partition leased to the dead relay. (Stopped gracefully:
+        // a live heartbeat would make the restarted relay take only half the partitions.)
+        let other = Relay::new(
+            store.relay_store(),
+            publisher.clone(),
+            with_instance("pod-8"),
+        );
+        let (stop_other, other_stopped) = oneshot::channel::<()>();
+        let other = tokio::spawn(other.run(async move {
+            let _ = other_stopped.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(publisher.offered(written_meanwhile.event_id()), 0);
+        let _ = stop_other.send(());
+        other.await.unwrap();
+
+        let restarted_at = Instant::now();
+        let restarted = start(with_instance("pod-7"));
+        wait_for(
+            Duration::from_secs(10),
+            "the restarted instance publishes",
+            || async { publisher.offered(written_meanwhile.event_id()) == 1 },
+        )
+        .await;
+        println!(
+            "{}: restart to first publish {:?} (lease 30 s)",
+            store.name(),
+            restarted_at.elapsed()
+        );
+        restarted.abort();
+        let _ = restarted.await;
+    })
+}

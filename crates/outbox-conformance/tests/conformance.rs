@@ -92,4 +92,8 @@ macro_rules! store_level {
     )*};
 }
 
-store_level!(one_stuck_partition, foreign_event_id_header);
+store_level!(
+    one_stuck_partition,
+    foreign_event_id_header,
+    restarted_instance_takes_its_partitions_back
+);

@@ -9,6 +9,7 @@
 //! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
 //! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus) or a Kafka bootstrap list `host:port[,host:port]` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
+//! | `instance` | `OUTBOX_INSTANCE` | none | a stable name for this relay process, unique among the live relays of the table (a pod or host name): a relay restarted under the same name takes its predecessor's partitions at once instead of after the lease |
 //! | `wake` | `OUTBOX_WAKE` | `watch` | how a relay in its own process (`outbox relay`) learns of commits besides polling: `watch` (reads the outbox sequence, or SQLite's `data_version`, every `wake_interval`; writers do nothing), `notify` (LISTEN; writers must enqueue with NOTIFY, which costs them throughput), `poll` (polling alone) |
 //! | `wake_interval` | `OUTBOX_WAKE_INTERVAL` | `10ms` | how often `watch` looks |
 //! | `metrics_addr` | `OUTBOX_METRICS_ADDR` | `127.0.0.1:9464` | where `/metrics` is served |
@@ -68,6 +69,9 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RelayConfig {
     pub service: String,
+    /// A stable name for this relay process (see the module docs); `None`: a crashed relay's
+    /// partitions move after its lease expires.
+    pub instance: Option<String>,
     pub batch_size: usize,
     /// Overlap the database work of neighbouring batches with the publish of one (see the
     /// relay's docs); `false` runs claim, publish, settle strictly one after the other.
@@ -92,6 +96,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             service: "outbox".into(),
+            instance: None,
             batch_size: 2000,
             pipeline: true,
             poll_min: Duration::from_millis(50),
@@ -207,6 +212,7 @@ const KEYS: &[Key] = &[
     key("schema", "OUTBOX_SCHEMA"),
     key("broker", "OUTBOX_BROKER"),
     key("service", "OUTBOX_SERVICE"),
+    key("instance", "OUTBOX_INSTANCE"),
     key("metrics_addr", "OUTBOX_METRICS_ADDR"),
     key("wake", "OUTBOX_WAKE"),
     key("wake_interval", "OUTBOX_WAKE_INTERVAL"),
@@ -323,6 +329,9 @@ impl Settings {
         if let Some(v) = take("service") {
             r.service = parse_label(&v)?;
         }
+        if let Some(v) = take("instance") {
+            r.instance = Some(parse_label(&v)?);
+        }
         if let Some(v) = take("metrics_addr") {
             s.metrics_addr = parse_with(&v, "an address like 127.0.0.1:9464", |x| x.parse().ok())?;
         }
@@ -395,6 +404,15 @@ impl Settings {
 }
 
 impl RelayConfig {
+    /// The name a relay registers with its heartbeat: the service, and the instance when
+    /// there is one (`service/instance`).
+    pub fn relay_name(&self) -> String {
+        match &self.instance {
+            Some(instance) => format!("{}/{instance}", self.service),
+            None => self.service.clone(),
+        }
+    }
+
     /// Checks the relations between settings (each one alone was checked when parsed).
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Name both spellings of a key: it may have come from the file or the environment.

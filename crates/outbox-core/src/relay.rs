@@ -158,6 +158,20 @@ impl<S: RelayStore, P: Publisher> Relay<S, P> {
             let _ = stop_tx.send(true);
             std::future::pending::<()>().await
         };
+        if self.config.instance.is_some() {
+            // Partitions of this instance's previous incarnation (crashed, or it would still
+            // be running under this name) are free at once, not after its lease.
+            let name = self.config.relay_name();
+            match self.store.take_over_instance(self.id, &name).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(relay = %self.id, %name, partitions = n, "took over the partitions of this instance's previous run")
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %self.id, error = %e, "taking over this instance's partitions failed; they move after the lease")
+                }
+            }
+        }
         let mut worker = Worker {
             relay: &self,
             shared,
@@ -296,7 +310,10 @@ async fn keep_leases<S: RelayStore>(
             if silent >= config.lease {
                 tracing::warn!(%relay, ?silent, "relay loop made no progress; letting its leases lapse");
             } else {
-                match store.heartbeat(relay, &config.service, config.lease).await {
+                match store
+                    .heartbeat(relay, &config.relay_name(), config.lease)
+                    .await
+                {
                     Ok(n) => shared.live_relays.store(n.max(1), Ordering::Relaxed),
                     Err(e) => tracing::warn!(%relay, error = %e, "heartbeat failed"),
                 }
@@ -655,7 +672,10 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
         let cfg = &self.relay.config;
         let store = &self.relay.store;
         let id = self.relay.id;
-        let live = store.heartbeat(id, &cfg.service, cfg.lease).await?.max(1);
+        let live = store
+            .heartbeat(id, &cfg.relay_name(), cfg.lease)
+            .await?
+            .max(1);
         self.shared.live_relays.store(live, Ordering::Relaxed);
         let mut held = store.renew_leases(id, cfg.lease).await?;
         let share = usize::from(PARTITIONS).div_ceil(live);

@@ -204,6 +204,17 @@ pub trait RelayStore: Send + Sync + 'static {
     /// Removes the relay's heartbeat (on graceful shutdown).
     async fn deregister(&self, relay: RelayId) -> Result<(), StoreError>;
 
+    /// Called once when `relay` starts under a stable instance name (`RelayConfig::instance`,
+    /// recorded as its heartbeat name): relays registered under the same name are its
+    /// previous incarnations, dead since (one live process per instance name), so their
+    /// heartbeats are removed and their partitions released at once for the next acquire,
+    /// instead of after their leases expire. Returns how many partitions were released. A
+    /// previous incarnation still alive would be fenced out, like any relay past its lease.
+    async fn take_over_instance(&self, relay: RelayId, name: &str) -> Result<u64, StoreError> {
+        let _ = (relay, name);
+        Ok(0)
+    }
+
     /// Up to `limit` committed pending events of the given partitions, in sequence order,
     /// leaving out every aggregate whose head event is waiting for a retry.
     async fn claim(
@@ -286,6 +297,9 @@ macro_rules! forward_relay_store {
             }
             async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
                 (**self).deregister(relay).await
+            }
+            async fn take_over_instance(&self, relay: RelayId, name: &str) -> Result<u64, StoreError> {
+                (**self).take_over_instance(relay, name).await
             }
             async fn claim(&self, partitions: &[PartitionLease], limit: usize) -> Result<Vec<OutboxMessage>, StoreError> {
                 (**self).claim(partitions, limit).await

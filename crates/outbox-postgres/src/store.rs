@@ -40,6 +40,7 @@ struct Sql {
     acquire: String,
     release: String,
     deregister: String,
+    take_over: String,
     claim_all: String,
     claim_some: String,
     complete_delete: String,
@@ -109,6 +110,11 @@ impl Sql {
                  WHERE owner = $1 AND partition_no = ANY($2)"
             ),
             deregister: format!("DELETE FROM {r} WHERE relay_id = $1"),
+            take_over: format!(
+                "WITH old AS (DELETE FROM {r} WHERE name = $2 AND relay_id <> $1 RETURNING relay_id)
+                 UPDATE {p} SET owner = NULL, lease_until = '-infinity'
+                 WHERE owner IN (SELECT relay_id FROM old)"
+            ),
             claim_all: claim(&t, ""),
             claim_some: claim(&t, "AND e.partition_no = ANY($3)"),
             complete_delete: format!(
@@ -363,6 +369,16 @@ impl RelayStore for PgRelayStore {
             .await
             .map_err(err("deregister relay"))?;
         Ok(())
+    }
+
+    async fn take_over_instance(&self, relay: RelayId, name: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(&self.sql.take_over)
+            .bind(relay.0)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(err("take over instance"))?;
+        Ok(done.rows_affected())
     }
 
     async fn claim(

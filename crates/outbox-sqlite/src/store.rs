@@ -169,6 +169,30 @@ impl RelayStore for SqliteRelayStore {
         Ok(())
     }
 
+    async fn take_over_instance(&self, relay: RelayId, name: &str) -> Result<u64, StoreError> {
+        let e = err("take over instance");
+        let mut tx = crate::begin(&self.pool).await.map_err(&e)?;
+        let released = sqlx::query(
+            "UPDATE event_outbox_partition SET owner = NULL, lease_until = 0
+             WHERE owner IN (SELECT relay_id FROM event_outbox_relay
+                             WHERE name = ?2 AND relay_id <> ?1)",
+        )
+        .bind(relay.to_string())
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(&e)?
+        .rows_affected();
+        sqlx::query("DELETE FROM event_outbox_relay WHERE name = ?2 AND relay_id <> ?1")
+            .bind(relay.to_string())
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(&e)?;
+        tx.commit().await.map_err(&e)?;
+        Ok(released)
+    }
+
     async fn deregister(&self, relay: RelayId) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM event_outbox_relay WHERE relay_id = ?")
             .bind(relay.to_string())

@@ -234,25 +234,68 @@ impl RunningService {
     }
 }
 
+/// The relay settings of `service`: every `OUTBOX_*` relay setting from the environment (see
+/// `outbox::config`), the service's name, a 20 ms first poll unless `OUTBOX_POLL_MIN` says
+/// otherwise, and `instance` unless `OUTBOX_INSTANCE` names one.
+pub fn relay_config(service: &str, instance: Option<String>) -> Result<RelayConfig, StartError> {
+    relay_config_from(service, instance, |k| std::env::var(k).ok())
+}
+
+/// [`relay_config`] with the environment given as a lookup.
+pub fn relay_config_from(
+    service: &str,
+    instance: Option<String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<RelayConfig, StartError> {
+    let poll_min_set = env("OUTBOX_POLL_MIN").is_some();
+    let mut config = outbox::Settings::load(None::<&std::path::Path>, env)
+        .map_err(|e| err(format!("{service}: {e}")))?
+        .relay;
+    config.service = service.into();
+    if !poll_min_set {
+        config.poll_min = Duration::from_millis(20).min(config.poll_max);
+    }
+    if config.instance.is_none() {
+        config.instance = instance;
+    }
+    Ok(config)
+}
+
+/// This machine's name, as the instance name of a service run one process per host
+/// (`serve`): a restarted process takes its predecessor's partitions at once.
+pub fn host_instance() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
 /// Starts `service`: relay, consumer (through the inbox), background work, and the HTTP API on
-/// `http` when given (port 0 picks a free port).
+/// `http` when given (port 0 picks a free port). `instance` names this process for its relay
+/// (see `RelayConfig::instance`); `None` for services sharing one process.
 pub async fn start(
     service: Arc<dyn Service>,
     db: ServiceDb,
     broker: &Broker,
     obs: &Observability,
     http: Option<SocketAddr>,
+    instance: Option<String>,
 ) -> Result<RunningService, StartError> {
     let name = service.name();
     let (trigger, shutdown) = ShutdownTrigger::new();
     let publisher = broker
         .publisher()
         .map_err(|e| err(format!("{name}: {e}")))?;
-    let relay_config = RelayConfig {
-        service: name.into(),
-        poll_min: Duration::from_millis(20),
-        ..RelayConfig::default()
-    };
+    let relay_config = relay_config(name, instance)?;
     let relay = Relay::new(db.database().relay_store(), publisher, relay_config)
         .with_wake_signal(db.wake_signal())
         .with_metrics(obs.outbox.table(name, "event_outbox"));
@@ -303,4 +346,52 @@ pub async fn start(
         relay,
         others,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn a_served_service_takes_every_relay_setting_from_the_environment() {
+        let c = relay_config_from(
+            "file_service",
+            Some("host-1".into()),
+            env(&[("OUTBOX_LEASE", "5s"), ("OUTBOX_BATCH_SIZE", "100")]),
+        )
+        .unwrap();
+        assert_eq!(c.lease, Duration::from_secs(5));
+        assert_eq!(c.batch_size, 100);
+        assert_eq!(c.service, "file_service");
+        assert_eq!(
+            c.poll_min,
+            Duration::from_millis(20),
+            "the platform's default"
+        );
+        assert_eq!(c.relay_name(), "file_service/host-1");
+        let c = relay_config_from(
+            "file_service",
+            Some("host-1".into()),
+            env(&[("OUTBOX_POLL_MIN", "100ms"), ("OUTBOX_INSTANCE", "pod-3")]),
+        )
+        .unwrap();
+        assert_eq!(c.poll_min, Duration::from_millis(100));
+        assert_eq!(c.instance.as_deref(), Some("pod-3"));
+        let e = relay_config_from("file_service", None, env(&[("OUTBOX_LEASE", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("OUTBOX_LEASE") && e.contains("file_service"),
+            "{e}"
+        );
+    }
 }

@@ -145,7 +145,15 @@ impl Platform {
         let mut running = Vec::new();
         for s in &built {
             running.push(
-                runtime::start(s.service(), service_db(s).clone(), &broker, &obs, None).await?,
+                runtime::start(
+                    s.service(),
+                    service_db(s).clone(),
+                    &broker,
+                    &obs,
+                    None,
+                    None,
+                )
+                .await?,
             );
         }
         // Let every relay register and take its partitions before work arrives, so the first
@@ -295,7 +303,10 @@ pub async fn serve(
     let db = runtime::open_database(location, full, &broker, &obs).await?;
     let service = AnyService::build(short, db.clone(), &Options::default()).await?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
-    let running = runtime::start(service.service(), db, &broker, &obs, Some(addr)).await?;
+    // One process per service and host: a restart takes the relay's partitions back at once.
+    let instance = runtime::host_instance();
+    let running =
+        runtime::start(service.service(), db, &broker, &obs, Some(addr), instance).await?;
     println!(
         "{full}: HTTP on {}, data in {}, broker {}; Ctrl-C stops",
         running.http.map(|a| a.to_string()).unwrap_or_default(),
