@@ -95,6 +95,8 @@ pub enum Value {
     Int(i64),
     Float(f64),
     Text(String),
+    /// Binary data: `BYTEA` in the shared DDL (PostgreSQL's type; SQLite stores it as a blob).
+    Bytes(Vec<u8>),
 }
 
 macro_rules! value_from {
@@ -120,6 +122,16 @@ impl From<&str> for Value {
 impl From<&String> for Value {
     fn from(s: &String) -> Self {
         Value::Text(s.clone())
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(b: Vec<u8>) -> Self {
+        Value::Bytes(b)
+    }
+}
+impl From<&[u8]> for Value {
+    fn from(b: &[u8]) -> Self {
+        Value::Bytes(b.to_vec())
     }
 }
 impl<T: Into<Value>> From<Option<T>> for Value {
@@ -190,6 +202,14 @@ impl Row {
             other => Err(DbError::column(column, format!("{other:?} is not text"))),
         }
     }
+
+    pub fn bytes(&self, column: &str) -> Result<Vec<u8>, DbError> {
+        match self.get(column)? {
+            Value::Bytes(b) => Ok(b.clone()),
+            Value::Null => Err(DbError::column(column, "is NULL")),
+            other => Err(DbError::column(column, format!("{other:?} is not binary"))),
+        }
+    }
 }
 
 /// Reads every column of `row`: NULL as [`Value::Null`], anything else by its engine type name
@@ -239,6 +259,7 @@ fn pg_value(row: &PgRow, i: usize, ty: &str) -> Result<Option<Value>, sqlx::Erro
         "FLOAT4" => Value::Float(row.try_get::<f32, _>(i)?.into()),
         "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Value::Text(row.try_get::<String, _>(i)?),
         "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(i)?.to_string()),
+        "BYTEA" => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
         _ => return Ok(None),
     }))
 }
@@ -248,6 +269,7 @@ fn sqlite_value(row: &SqliteRow, i: usize, ty: &str) -> Result<Option<Value>, sq
         "INTEGER" | "BOOLEAN" => Value::Int(row.try_get::<i64, _>(i)?),
         "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
         "TEXT" => Value::Text(row.try_get::<String, _>(i)?),
+        "BLOB" => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
         _ => return Ok(None),
     }))
 }
@@ -267,6 +289,7 @@ macro_rules! bind_all {
                 Value::Int(i) => q.bind(*i),
                 Value::Float(f) => q.bind(*f),
                 Value::Text(s) => q.bind(s.as_str()),
+                Value::Bytes(b) => q.bind(b.as_slice()),
             };
         }
         q
@@ -400,6 +423,15 @@ impl ServiceDb {
         params: &[Value],
     ) -> Result<Option<Row>, DbError> {
         Ok(self.fetch_all(sql, params).await?.into_iter().next())
+    }
+
+    /// One statement in a transaction of its own (a write that enqueues nothing); returns the
+    /// rows it affected.
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let mut tx = self.begin().await?;
+        let n = tx.execute(sql, params).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 }
 

@@ -5,6 +5,10 @@
 //! `cj_assessment.completed`, `assessment.result.published` and `resource.consumption`, each
 //! with an idempotency key derived from the batch: a repeated finalisation publishes nothing
 //! (the original published 119 completions for 25 batches). Failure -> `cj_assessment.failed`.
+//!
+//! The request names each essay's text by `text_storage_id`; `prepare` fetches them all from
+//! the Content Service before the transaction (eight at a time), so the request stays a few
+//! kilobytes whatever the batch's size.
 
 pub mod bt;
 pub mod judge;
@@ -12,6 +16,8 @@ pub mod judge;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use essay_common::content::ContentClient;
+use essay_common::prepared::Prepared;
 use essay_common::util::now_ms;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -58,17 +64,18 @@ CREATE TABLE IF NOT EXISTS cj_results (
 );
 ";
 
-#[derive(Clone)]
 pub struct CjAssessment {
     db: ServiceDb,
     judge: Arc<dyn Judge>,
+    content: ContentClient,
+    /// The batch's essays, fetched in `prepare`, by event id.
+    prepared: Prepared<Vec<Candidate>>,
 }
 
 #[derive(Deserialize)]
 struct EssayIn {
     essay_id: String,
-    #[serde(default)]
-    text: String,
+    text_storage_id: String,
     #[serde(default)]
     spelling_errors: Option<u32>,
 }
@@ -77,8 +84,11 @@ struct EssayIn {
 struct Requested {
     batch_id: String,
     #[serde(default)]
-    essays: Vec<EssayIn>,
+    essays_for_cj: Vec<EssayIn>,
 }
+
+/// Essays fetched from the Content Service at once.
+const FETCH_CONCURRENCY: usize = 8;
 
 /// One essay's place in the batch.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -132,9 +142,49 @@ pub async fn assess(
 }
 
 impl CjAssessment {
-    pub async fn open(db: ServiceDb, judge: Arc<dyn Judge>) -> Result<Self, DbError> {
+    pub async fn open(
+        db: ServiceDb,
+        judge: Arc<dyn Judge>,
+        content: ContentClient,
+    ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db, judge })
+        Ok(Self {
+            db,
+            judge,
+            content,
+            prepared: Prepared::new(16),
+        })
+    }
+
+    /// Every essay of the request with its text.
+    async fn fetch(&self, essays: &[EssayIn]) -> Result<Vec<Candidate>, HandlerError> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        // Owned inputs: a stream borrowing `essays` would not be `Send` for the runner.
+        let work: Vec<(String, String, Option<u32>)> = essays
+            .iter()
+            .map(|e| {
+                (
+                    e.essay_id.clone(),
+                    e.text_storage_id.clone(),
+                    e.spelling_errors,
+                )
+            })
+            .collect();
+        stream::iter(work)
+            .map(|(essay_id, storage_id, spelling_errors)| {
+                let content = self.content.clone();
+                async move {
+                    let text = content.fetch_text(&storage_id).await?;
+                    Ok::<_, HandlerError>(Candidate {
+                        essay_id,
+                        text,
+                        spelling_errors,
+                    })
+                }
+            })
+            .buffered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -172,37 +222,38 @@ impl Service for CjAssessment {
         &[topics::CJ_REQUESTED]
     }
 
+    async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
+        let req: Requested = env.data()?;
+        let candidates = self.fetch(&req.essays_for_cj).await?;
+        self.prepared.put(env.event_id, candidates);
+        Ok(())
+    }
+
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
         let req: Requested = env.data()?;
+        let essay_count = req.essays_for_cj.len();
         let cj_batch_id = Uuid::new_v4().to_string();
         let fresh = tx
             .execute(
                 "INSERT INTO cj_batches (cj_batch_id, batch_id, status, essay_count, created_at)
                  VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT (batch_id) DO NOTHING",
-                params![&cj_batch_id, &req.batch_id, req.essays.len(), now_ms()],
+                params![&cj_batch_id, &req.batch_id, essay_count, now_ms()],
             )
             .await?;
         if fresh == 0 {
             return Ok(()); // this batch was assessed before; its results went out then
         }
-        if req.essays.len() < 2 {
-            let reason = format!(
-                "comparative judgement needs at least 2 essays, got {}",
-                req.essays.len()
-            );
+        if essay_count < 2 {
+            let reason =
+                format!("comparative judgement needs at least 2 essays, got {essay_count}");
             return self
                 .fail(tx, &cj_batch_id, &req.batch_id, env.correlation_id, reason)
                 .await;
         }
-        let candidates: Vec<Candidate> = req
-            .essays
-            .into_iter()
-            .map(|e| Candidate {
-                essay_id: e.essay_id,
-                text: e.text,
-                spelling_errors: e.spelling_errors,
-            })
-            .collect();
+        let candidates = match self.prepared.take(&env.event_id) {
+            Some(c) => c,
+            None => self.fetch(&req.essays_for_cj).await?,
+        };
         let (ranked, comparisons) = match assess(self.judge.as_ref(), &candidates).await {
             Ok(r) => r,
             Err(e) => {

@@ -21,6 +21,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use essay_common::content::ContentClient;
+use essay_common::prepared::Prepared;
 use essay_common::util::{now_ms, parse_uuid, ApiError, JsonBody};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -96,20 +98,54 @@ pub fn suggest(essays: &[(String, String)], students: &[StudentName]) -> Vec<Sug
         .collect()
 }
 
-#[derive(Clone)]
 pub struct ClassManagement {
     db: ServiceDb,
     confirm_timeout: Duration,
+    content: ContentClient,
+    /// The essays' texts, fetched in `prepare`, by event id.
+    prepared: Prepared<Vec<(String, String)>>,
+}
+
+#[derive(Deserialize)]
+struct EssayRef {
+    essay_id: String,
+    text_storage_id: String,
+}
+
+#[derive(Deserialize)]
+struct MatchingRequested {
+    batch_id: String,
+    class_id: Option<String>,
+    essays_to_process: Vec<EssayRef>,
 }
 
 impl ClassManagement {
-    /// `confirm_timeout`: how long a teacher has before suggestions confirm themselves.
-    pub async fn open(db: ServiceDb, confirm_timeout: Duration) -> Result<Self, DbError> {
+    /// `confirm_timeout`: how long a teacher has before suggestions confirm themselves;
+    /// essays' texts are read from the Content Service through `content`.
+    pub async fn open(
+        db: ServiceDb,
+        confirm_timeout: Duration,
+        content: ContentClient,
+    ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
         Ok(Self {
             db,
             confirm_timeout,
+            content,
+            prepared: Prepared::new(16),
         })
+    }
+
+    /// (essay id, text) of every essay of the request.
+    async fn texts(&self, essays: &[EssayRef]) -> Result<Vec<(String, String)>, HandlerError> {
+        let mut out = Vec::with_capacity(essays.len());
+        for e in essays {
+            out.push((
+                e.essay_id.clone(),
+                self.content.fetch_text(&e.text_storage_id).await?,
+            ));
+        }
+        Ok(out)
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -330,20 +366,15 @@ impl Service for ClassManagement {
         &[topics::MATCHING_REQUESTED]
     }
 
+    async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
+        let req: MatchingRequested = env.data()?;
+        let texts = self.texts(&req.essays_to_process).await?;
+        self.prepared.put(env.event_id, texts);
+        Ok(())
+    }
+
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        #[derive(Deserialize)]
-        struct Essay {
-            essay_id: String,
-            #[serde(default)]
-            text: String,
-        }
-        #[derive(Deserialize)]
-        struct Requested {
-            batch_id: String,
-            class_id: Option<String>,
-            essays: Vec<Essay>,
-        }
-        let req: Requested = env.data()?;
+        let req: MatchingRequested = env.data()?;
         let students = tx
             .fetch_all(
                 "SELECT student_id, first_name, last_name FROM students WHERE class_id = $1",
@@ -359,11 +390,10 @@ impl Service for ClassManagement {
                 })
             })
             .collect::<Result<Vec<_>, DbError>>()?;
-        let essays: Vec<(String, String)> = req
-            .essays
-            .into_iter()
-            .map(|e| (e.essay_id, e.text))
-            .collect();
+        let essays = match self.prepared.take(&env.event_id) {
+            Some(texts) => texts,
+            None => self.texts(&req.essays_to_process).await?,
+        };
         let suggestions = suggest(&essays, &students);
         let deadline = now_ms() + self.confirm_timeout.as_millis() as i64;
         tx.execute(

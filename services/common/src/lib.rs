@@ -3,7 +3,9 @@
 //!
 //! Services depend on this crate and on `outbox`; neither depends on a service.
 
+pub mod content;
 pub mod contract;
+pub mod prepared;
 pub mod runtime;
 pub mod util;
 

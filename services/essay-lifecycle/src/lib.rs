@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS essays (
     state TEXT NOT NULL,
     file_upload_id TEXT UNIQUE,
     filename TEXT,
-    text_content TEXT,
+    text_storage_id TEXT,
+    corrected_text_storage_id TEXT,
     error_code TEXT,
     spelling_errors BIGINT,
     student_id TEXT,
@@ -99,8 +100,9 @@ struct Content {
     batch_id: String,
     file_upload_id: String,
     original_file_name: String,
+    /// Set for provisioned content, absent for a file that failed validation.
     #[serde(default)]
-    text: Option<String>,
+    text_storage_id: Option<String>,
     #[serde(default)]
     validation_error_code: Option<String>,
 }
@@ -119,6 +121,8 @@ struct EssayResult {
     status: String,
     #[serde(default)]
     error_count: Option<i64>,
+    #[serde(default)]
+    corrected_text_storage_id: Option<String>,
 }
 
 impl EssayLifecycle {
@@ -332,7 +336,7 @@ impl EssayLifecycle {
             )
             .await?;
         let Some(free) = free else {
-            if content.text.is_some() {
+            if content.text_storage_id.is_some() {
                 self.emit(
                     tx,
                     topics::EXCESS_CONTENT,
@@ -347,7 +351,7 @@ impl EssayLifecycle {
             return Ok(());
         };
         let essay_id = free.text("essay_id")?;
-        let event = if content.text.is_some() {
+        let event = if content.text_storage_id.is_some() {
             EssayEvent::ContentAssigned
         } else {
             EssayEvent::ContentInvalid
@@ -355,17 +359,23 @@ impl EssayLifecycle {
         self.set_state(tx, &essay_id, EssayState::AwaitingContent, event)
             .await?;
         tx.execute(
-            "UPDATE essays SET file_upload_id = $2, filename = $3, text_content = $4, error_code = $5
+            "UPDATE essays SET file_upload_id = $2, filename = $3, text_storage_id = $4, error_code = $5
              WHERE essay_id = $1",
             params![&essay_id, &content.file_upload_id, &content.original_file_name,
-                    content.text.clone(), content.validation_error_code.clone()],
+                    content.text_storage_id.clone(), content.validation_error_code.clone()],
         )
         .await?;
-        if content.text.is_some() {
-            self.emit(tx, topics::SLOT_ASSIGNED, ("essay", &essay_id), batch.correlation_id,
+        if let Some(text_storage_id) = &content.text_storage_id {
+            self.emit(
+                tx,
+                topics::SLOT_ASSIGNED,
+                ("essay", &essay_id),
+                batch.correlation_id,
                 json!({"batch_id": batch.batch_id, "essay_id": essay_id, "entity_id": essay_id,
-                       "file_upload_id": content.file_upload_id, "text_storage_id": content.file_upload_id,
-                       "original_file_name": content.original_file_name})).await?;
+                       "file_upload_id": content.file_upload_id, "text_storage_id": text_storage_id,
+                       "original_file_name": content.original_file_name}),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -406,13 +416,13 @@ impl EssayLifecycle {
     async fn on_matching_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
         let rows = tx
             .fetch_all(
-                "SELECT essay_id, text_content FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                "SELECT essay_id, text_storage_id FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
                 params![&batch.batch_id, EssayState::ContentReady.as_str()],
             )
             .await?;
         let essays: Vec<serde_json::Value> = rows
             .iter()
-            .map(|r| Ok(json!({"essay_id": r.text("essay_id")?, "text": r.text("text_content")?})))
+            .map(|r| Ok(json!({"essay_id": r.text("essay_id")?, "text_storage_id": r.text("text_storage_id")?})))
             .collect::<Result<_, DbError>>()?;
         self.emit(
             tx,
@@ -420,7 +430,8 @@ impl EssayLifecycle {
             ("batch", &batch.batch_id),
             batch.correlation_id,
             json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
-                   "class_id": batch.class_id, "essays": essays}),
+                   "class_id": batch.class_id, "course_code": batch.course_code,
+                   "essays_to_process": essays}),
         )
         .await
     }
@@ -493,7 +504,7 @@ impl EssayLifecycle {
         }
         let rows = tx
             .fetch_all(
-                "SELECT essay_id, text_content FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                "SELECT essay_id, text_storage_id FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
                 params![&batch.batch_id, EssayState::ContentReady.as_str()],
             )
             .await?;
@@ -512,7 +523,7 @@ impl EssayLifecycle {
                 ("essay", &essay_id),
                 batch.correlation_id,
                 json!({"batch_id": batch.batch_id, "essay_id": essay_id, "entity_id": essay_id,
-                       "text": r.text("text_content")?, "language": "en"}),
+                       "text_storage_id": r.text("text_storage_id")?, "language": "en"}),
             )
             .await?;
         }
@@ -555,8 +566,8 @@ impl EssayLifecycle {
         };
         self.set_state(tx, &result.essay_id, state, event).await?;
         tx.execute(
-            "UPDATE essays SET spelling_errors = $2 WHERE essay_id = $1",
-            params![&result.essay_id, result.error_count],
+            "UPDATE essays SET spelling_errors = $2, corrected_text_storage_id = $3 WHERE essay_id = $1",
+            params![&result.essay_id, result.error_count, result.corrected_text_storage_id.clone()],
         )
         .await?;
         self.check_phase(tx, &batch).await
@@ -568,7 +579,7 @@ impl EssayLifecycle {
         }
         let rows = tx
             .fetch_all(
-                "SELECT essay_id, state, text_content, spelling_errors FROM essays
+                "SELECT essay_id, state, text_storage_id, corrected_text_storage_id, spelling_errors FROM essays
                  WHERE batch_id = $1 AND state IN ($2, $3) ORDER BY slot_index",
                 params![
                     &batch.batch_id,
@@ -583,10 +594,13 @@ impl EssayLifecycle {
             let state = EssayState::parse(&r.text("state")?).unwrap_or(EssayState::ContentReady);
             self.set_state(tx, &essay_id, state, EssayEvent::CjRequested)
                 .await?;
-            essays.push(
-                json!({"essay_id": essay_id, "text": r.text("text_content")?,
-                               "spelling_errors": r.opt_int("spelling_errors")?}),
-            );
+            // CJ reads the spellchecked text when the spellcheck phase produced one.
+            let text = match r.opt_text("corrected_text_storage_id")? {
+                Some(corrected) => corrected,
+                None => r.text("text_storage_id")?,
+            };
+            essays.push(json!({"essay_id": essay_id, "text_storage_id": text,
+                               "spelling_errors": r.opt_int("spelling_errors")?}));
         }
         self.emit(
             tx,
@@ -594,7 +608,7 @@ impl EssayLifecycle {
             ("batch", &batch.batch_id),
             batch.correlation_id,
             json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
-                   "course_code": batch.course_code, "essays": essays}),
+                   "course_code": batch.course_code, "language": "en", "essays_for_cj": essays}),
         )
         .await
     }

@@ -11,6 +11,12 @@
 //! Files of the wrong type, unreadable, empty, too short or too long are *accepted* and
 //! reported as `essay.validation.failed` (the batch needs to know); a malformed or oversized
 //! request is rejected with a 4xx and writes nothing.
+//!
+//! The raw file and its extracted text go to the Content Service before the transaction
+//! begins; rows and events carry their storage ids (`raw_file_storage_id`,
+//! `text_storage_id`), never the text. A Content Service that does not answer fails the
+//! request with 503 before anything is written here; content stored for a request whose
+//! transaction then fails stays provisional and is swept (see `content_service::sweep`).
 
 pub mod extract;
 
@@ -22,6 +28,7 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use essay_common::content::{ContentClient, ContentError, StorageId};
 use essay_common::util::{now_ms, parse_uuid, ApiError};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -46,7 +53,8 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     status TEXT NOT NULL,
     error_code TEXT,
-    text_content TEXT,
+    raw_file_storage_id TEXT,
+    text_storage_id TEXT,
     size_bytes BIGINT NOT NULL,
     correlation_id TEXT NOT NULL,
     created_at BIGINT NOT NULL
@@ -57,7 +65,11 @@ CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
 #[derive(Clone)]
 pub struct FileService {
     db: ServiceDb,
+    content: ContentClient,
 }
+
+/// How many files of one request are sent to the Content Service at once.
+const CONTENT_CONCURRENCY: usize = 8;
 
 /// One file as the client sent it.
 #[derive(Clone, Debug)]
@@ -78,9 +90,45 @@ pub struct FileOutcome {
 }
 
 impl FileService {
-    pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
+    pub async fn open(db: ServiceDb, content: ContentClient) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db })
+        Ok(Self { db, content })
+    }
+
+    /// Stores a file's raw bytes (unless it is empty: the Content Service refuses nothing)
+    /// and, when it has one, its text; their storage ids.
+    async fn store_content(
+        &self,
+        file: &UploadedFile,
+        text: Option<&str>,
+        correlation_id: Uuid,
+    ) -> Result<(Option<StorageId>, Option<StorageId>), ContentError> {
+        let raw = if file.bytes.is_empty() {
+            None
+        } else {
+            Some(
+                self.content
+                    .store(
+                        file.bytes.clone(),
+                        raw_content_type(&file.filename),
+                        correlation_id,
+                    )
+                    .await?,
+            )
+        };
+        let text = match text {
+            Some(t) => Some(
+                self.content
+                    .store(
+                        t.as_bytes().to_vec(),
+                        "text/plain; charset=utf-8",
+                        correlation_id,
+                    )
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok((raw, text))
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -112,30 +160,60 @@ impl FileService {
             )
         })?;
 
+        // Content first, outside the transaction: a slow Content Service holds no lock here.
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        // Owned inputs: a stream borrowing `extracted` would not be `Send` for axum.
+        let work: Vec<(UploadedFile, Option<String>)> = extracted
+            .iter()
+            .map(|(f, t)| (f.clone(), t.as_ref().ok().cloned()))
+            .collect();
+        let stored: Vec<(Option<StorageId>, Option<StorageId>)> = stream::iter(work)
+            .map(|(file, text)| {
+                let this = self.clone();
+                async move {
+                    this.store_content(&file, text.as_deref(), correlation_id)
+                        .await
+                }
+            })
+            .buffered(CONTENT_CONCURRENCY)
+            .try_collect()
+            .await
+            .map_err(|e| match e {
+                ContentError::Unavailable { .. } => ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{e}; nothing was accepted, send the upload again"),
+                ),
+                other => ApiError(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{other}; nothing was accepted"),
+                ),
+            })?;
+
         let mut tx = self.db.begin().await?;
         let mut outcomes = Vec::with_capacity(extracted.len());
-        for (file, text) in extracted {
+        for ((file, text), (raw_id, text_id)) in extracted.into_iter().zip(stored) {
             let file_upload_id = Uuid::new_v4().to_string();
-            let (status, error_code, reason, content) = match &text {
-                Ok(t) => ("PROVISIONED", None, None, Some(t.clone())),
+            let (status, error_code, reason) = match &text {
+                Ok(_) => ("PROVISIONED", None, None),
                 Err(e) => (
                     "VALIDATION_FAILED",
                     Some(e.error_code()),
                     Some(e.to_string()),
-                    None,
                 ),
             };
             tx.execute(
                 "INSERT INTO files (file_upload_id, batch_id, filename, status, error_code,
-                                    text_content, size_bytes, correlation_id, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                    raw_file_storage_id, text_storage_id, size_bytes,
+                                    correlation_id, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 params![
                     &file_upload_id,
                     batch_id,
                     &file.filename,
                     status,
                     error_code,
-                    content.clone(),
+                    raw_id.as_ref().map(|r| r.to_string()),
+                    text_id.as_ref().map(|t| t.to_string()),
                     file.bytes.len(),
                     correlation_id.to_string(),
                     now_ms()
@@ -150,28 +228,31 @@ impl FileService {
                         "filename": file.filename}),
             )?;
             tx.enqueue(&added).await?;
-            let outcome = match &text {
-                Ok(t) => EVENTS.event(
+            let outcome = match (&text, &text_id) {
+                (Ok(t), Some(text_id)) => EVENTS.event(
                     topics::CONTENT_PROVISIONED,
                     ("file_upload", &file_upload_id),
                     correlation_id,
                     &json!({"entity_id": file_upload_id, "batch_id": batch_id,
                             "file_upload_id": file_upload_id,
                             "original_file_name": file.filename,
-                            "text_storage_id": file_upload_id, "text": t,
+                            "raw_file_storage_id": raw_id.as_ref().map(StorageId::as_str),
+                            "text_storage_id": text_id.as_str(),
                             "file_size_bytes": file.bytes.len(),
                             "word_count": t.split_whitespace().count()}),
                 )?,
-                Err(e) => EVENTS.event(
+                (Err(e), _) => EVENTS.event(
                     topics::VALIDATION_FAILED,
                     ("file_upload", &file_upload_id),
                     correlation_id,
                     &json!({"entity_id": file_upload_id, "batch_id": batch_id,
                             "file_upload_id": file_upload_id,
                             "original_file_name": file.filename,
+                            "raw_file_storage_id": raw_id.as_ref().map(StorageId::as_str),
                             "validation_error_code": e.error_code(),
                             "validation_error_message": e.to_string()}),
                 )?,
+                (Ok(_), None) => unreachable!("valid text is always stored"),
             };
             tx.enqueue(&outcome).await?;
             outcomes.push(FileOutcome {
@@ -326,11 +407,32 @@ async fn content(
     let row = svc
         .db
         .fetch_optional(
-            "SELECT text_content FROM files WHERE file_upload_id = $1",
+            "SELECT text_storage_id FROM files WHERE file_upload_id = $1",
             params![&file_upload_id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no file {file_upload_id}")))?;
-    row.opt_text("text_content")?
-        .ok_or_else(|| ApiError::not_found("the file has no text (it failed validation)"))
+    let id = row
+        .opt_text("text_storage_id")?
+        .ok_or_else(|| ApiError::not_found("the file has no text (it failed validation)"))?;
+    svc.content.fetch_text(&id).await.map_err(|e| {
+        let status = if e.is_unavailable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        ApiError(status, e.to_string())
+    })
+}
+
+/// The media type of a raw file, by its extension (what the Content Service hands back).
+fn raw_content_type(filename: &str) -> &'static str {
+    match extract::FileKind::of(filename) {
+        Ok(extract::FileKind::Txt) => "text/plain",
+        Ok(extract::FileKind::Docx) => {
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        }
+        Ok(extract::FileKind::Pdf) => "application/pdf",
+        Err(_) => "application/octet-stream",
+    }
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
+use content_service::testing::LocalContentService;
+use essay_common::content::StorageId;
 use file_service::{FileService, MAX_FILE_BYTES};
 use outbox::portable::ServiceDb;
 use tower::ServiceExt;
@@ -83,7 +85,12 @@ fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-async fn service() -> (Arc<FileService>, ServiceDb, std::path::PathBuf) {
+async fn service_with_content() -> (
+    Arc<FileService>,
+    ServiceDb,
+    std::path::PathBuf,
+    LocalContentService,
+) {
     let dir = std::env::temp_dir().join(format!(
         "file-service-test-{}",
         uuid::Uuid::new_v4().simple()
@@ -95,10 +102,16 @@ async fn service() -> (Arc<FileService>, ServiceDb, std::path::PathBuf) {
     )
     .await
     .unwrap();
+    let content = LocalContentService::start(&dir).await;
     (
-        Arc::new(FileService::open(db.clone()).await.unwrap()),
+        Arc::new(
+            FileService::open(db.clone(), content.client())
+                .await
+                .unwrap(),
+        ),
         db,
         dir,
+        content,
     )
 }
 
@@ -142,8 +155,8 @@ fn cut(before: &str) -> usize {
 
 #[tokio::test]
 async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
-    let (svc, db, dir) = service().await;
-    let (ct, body) = multipart(&[
+    let (svc, db, dir, content) = service_with_content().await;
+    let sent: Vec<(&str, Vec<u8>)> = vec![
         ("a.txt", ESSAY.as_bytes().to_vec()),
         (
             "b.docx",
@@ -157,7 +170,8 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
         ("e.txt", b"too short".to_vec()),
         ("f.pdf", b"%PDF-1.7 this is not really a pdf".to_vec()),
         ("g.txt", Vec::new()),
-    ]);
+    ];
+    let (ct, body) = multipart(&sent);
     let (status, reply) = post(&svc, &ct, body).await;
     assert_eq!(status, StatusCode::CREATED, "{reply}");
     let files = reply["files"].as_array().unwrap();
@@ -180,19 +194,34 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
         ("VALIDATION_FAILED", Some("TEXT_EXTRACTION_FAILED"))
     );
     assert_eq!(outcome(6), ("VALIDATION_FAILED", Some("EMPTY_CONTENT")));
-    // The extracted text is the essay's words, from every format.
-    for (i, file) in files.iter().enumerate().take(3) {
+    // The extracted text is the essay's words, from every format, stored in the Content
+    // Service; the raw file is stored byte for byte, failed ones too.
+    for (i, file) in files.iter().enumerate() {
         let id = file["file_upload_id"].as_str().unwrap();
-        let text = db
+        let row = db
             .fetch_optional(
-                "SELECT text_content FROM files WHERE file_upload_id = $1",
+                "SELECT raw_file_storage_id, text_storage_id FROM files WHERE file_upload_id = $1",
                 outbox::portable::params![id],
             )
             .await
             .unwrap()
-            .unwrap()
-            .text("text_content")
             .unwrap();
+        match row.opt_text("raw_file_storage_id").unwrap() {
+            Some(raw) => {
+                let raw = StorageId::parse(&raw).unwrap();
+                let stored = content.service.load(&raw).await.unwrap().unwrap();
+                assert_eq!(stored.bytes, sent[i].1, "file {i} stored as sent");
+            }
+            None => assert!(
+                sent[i].1.is_empty(),
+                "only an empty file has no raw content"
+            ),
+        }
+        let Some(text_id) = row.opt_text("text_storage_id").unwrap() else {
+            assert!(i >= 3, "file {i} has text");
+            continue;
+        };
+        let text = content.client().fetch_text(&text_id).await.unwrap();
         let words: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(
             words,
@@ -206,12 +235,44 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
         14,
         "file added + outcome per file"
     );
+    // Events carry storage ids, never the text.
+    let events = db
+        .fetch_all("SELECT payload FROM event_outbox", &[])
+        .await
+        .unwrap();
+    for e in &events {
+        let payload = String::from_utf8(e.bytes("payload").unwrap()).unwrap();
+        assert!(!payload.contains("Homework"), "{payload}");
+    }
+    assert_eq!(
+        content.service.counts().await.unwrap(),
+        (9, 9),
+        "6 raw files (the empty one is not stored) and 3 texts, provisional until the Content Service sees their events"
+    );
+    content.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn without_the_content_service_an_upload_is_503_and_writes_nothing() {
+    let (svc, db, dir, content) = service_with_content().await;
+    content.stop().await;
+    let (ct, body) = multipart(&[("a.txt", ESSAY.as_bytes().to_vec())]);
+    let (status, reply) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("Content Service") && error.contains("send the upload again"),
+        "{error}"
+    );
+    assert_eq!(rows(&db, "files").await, 0);
+    assert_eq!(rows(&db, "event_outbox").await, 0);
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
 async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
-    let (svc, db, dir) = service().await;
+    let (svc, db, dir, _content) = service_with_content().await;
     let (ct, mut body) = multipart(&[("a.txt", ESSAY.as_bytes().to_vec())]);
     // Cut off before the closing boundary.
     body.truncate(body.len() - 30);
@@ -253,7 +314,7 @@ async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
 
 #[tokio::test]
 async fn removing_a_file_announces_it_once() {
-    let (svc, db, dir) = service().await;
+    let (svc, db, dir, _content) = service_with_content().await;
     let files = svc
         .upload(
             &uuid::Uuid::new_v4().to_string(),

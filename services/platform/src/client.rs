@@ -18,7 +18,9 @@ pub enum Gateway {
 /// Which service answers `path`.
 pub fn service_for(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or(path);
-    if path.starts_with("/v1/files") {
+    if path.starts_with("/v1/content") {
+        "content-service"
+    } else if path.starts_with("/v1/files") {
         "file-service"
     } else if ["/v1/classes", "/v1/students", "/v1/matches"]
         .iter()

@@ -1,4 +1,4 @@
-//! The essay platform: its seven services, run together ([`Platform`]) or one per process
+//! The essay platform: its eight services, run together ([`Platform`]) or one per process
 //! ([`serve`]), and the demo that pushes a batch of essays through them ([`demo`]).
 
 pub mod client;
@@ -13,6 +13,8 @@ use axum::Router;
 use batch_orchestrator::BatchOrchestrator;
 use cj_assessment::CjAssessment;
 use class_management::ClassManagement;
+use content_service::{ContentService, SweepPolicy};
+use essay_common::content::{ContentClient, ContentPolicy};
 use essay_common::runtime::{self, DataLocation, Observability, RunningService};
 use essay_common::Service;
 use essay_lifecycle::EssayLifecycle;
@@ -23,8 +25,10 @@ use outbox::RelayReport;
 use result_aggregator::ResultAggregator;
 use spellchecker::{Spellchecker, Speller};
 
-/// Every service, with its default HTTP port for `serve`.
+/// Every service, with its default HTTP port for `serve`. The Content Service comes first: the
+/// others store and fetch essay text there.
 pub const SERVICES: &[(&str, &str, u16)] = &[
+    ("content-service", content_service::NAME, 4108),
     ("batch-orchestrator", batch_orchestrator::NAME, 4101),
     ("file-service", file_service::NAME, 4102),
     ("essay-lifecycle", essay_lifecycle::NAME, 4103),
@@ -39,6 +43,10 @@ pub const SERVICES: &[(&str, &str, u16)] = &[
 pub struct Options {
     /// How long Class Management waits for a teacher before confirming its suggestions.
     pub match_confirm_timeout: Duration,
+    /// How long provisional content may wait for the event that names it.
+    pub content_sweep: SweepPolicy,
+    /// Timeout and retries of the services' calls to the Content Service.
+    pub content_policy: ContentPolicy,
 }
 
 impl Default for Options {
@@ -50,12 +58,25 @@ impl Default for Options {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(30),
             ),
+            content_sweep: SweepPolicy::default(),
+            content_policy: ContentPolicy::default(),
         }
+    }
+}
+
+impl Options {
+    /// The defaults, with `CONTENT_SWEEP_GRACE_SECS` applied.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            content_sweep: SweepPolicy::from_env().map_err(anyhow::Error::msg)?,
+            ..Self::default()
+        })
     }
 }
 
 /// One service, built over its database.
 pub enum AnyService {
+    Content(Arc<ContentService>),
     Bos(Arc<BatchOrchestrator>),
     Files(Arc<FileService>),
     Els(Arc<EssayLifecycle>),
@@ -66,27 +87,40 @@ pub enum AnyService {
 }
 
 impl AnyService {
-    /// Builds the service called `name` (its short or full name) over `db`.
-    pub async fn build(name: &str, db: ServiceDb, options: &Options) -> anyhow::Result<Self> {
+    /// Builds the service called `name` (its short or full name) over `db`; those that store
+    /// or read essay text reach the Content Service through `content`.
+    pub async fn build(
+        name: &str,
+        db: ServiceDb,
+        options: &Options,
+        content: &ContentClient,
+    ) -> anyhow::Result<Self> {
         let (short, full, _) = SERVICES
             .iter()
             .find(|(s, f, _)| *s == name || *f == name)
             .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
         let _ = full;
+        let content = content.clone();
         Ok(match *short {
+            "content-service" => Self::Content(Arc::new(
+                ContentService::open(db, options.content_sweep).await?,
+            )),
             "batch-orchestrator" => Self::Bos(Arc::new(BatchOrchestrator::open(db).await?)),
-            "file-service" => Self::Files(Arc::new(FileService::open(db).await?)),
+            "file-service" => Self::Files(Arc::new(FileService::open(db, content).await?)),
             "essay-lifecycle" => Self::Els(Arc::new(EssayLifecycle::open(db).await?)),
             "class-management" => Self::Cms(Arc::new(
-                ClassManagement::open(db, options.match_confirm_timeout).await?,
+                ClassManagement::open(db, options.match_confirm_timeout, content).await?,
             )),
             "spellchecker" => {
                 let dir = spellchecker::dictionary_dir();
                 let speller = tokio::task::spawn_blocking(move || Speller::load(&dir)).await??;
-                Self::Spell(Arc::new(Spellchecker::open(db, Arc::new(speller)).await?))
+                Self::Spell(Arc::new(
+                    Spellchecker::open(db, Arc::new(speller), content).await?,
+                ))
             }
             "cj-assessment" => Self::Cj(Arc::new(
-                CjAssessment::open(db, Arc::new(cj_assessment::judge::FeatureJudge)).await?,
+                CjAssessment::open(db, Arc::new(cj_assessment::judge::FeatureJudge), content)
+                    .await?,
             )),
             "result-aggregator" => Self::Ras(Arc::new(ResultAggregator::open(db).await?)),
             _ => unreachable!("listed in SERVICES"),
@@ -95,6 +129,7 @@ impl AnyService {
 
     pub fn service(&self) -> Arc<dyn Service> {
         match self {
+            Self::Content(s) => s.clone(),
             Self::Bos(s) => s.clone(),
             Self::Files(s) => s.clone(),
             Self::Els(s) => s.clone(),
@@ -114,9 +149,13 @@ pub fn short_names() -> String {
         .join(", ")
 }
 
-/// All seven services in this process, sharing one broker (the in-process bus on the
-/// embedded default) but each with its own database.
+/// All eight services in this process, sharing one broker (the in-process bus on the
+/// embedded default) but each with its own database. The Content Service answers over real
+/// HTTP on a local port, as it would across processes.
 pub struct Platform {
+    pub content: Arc<ContentService>,
+    /// Where the Content Service listens.
+    pub content_addr: SocketAddr,
     pub bos: Arc<BatchOrchestrator>,
     pub files: Arc<FileService>,
     pub els: Arc<EssayLifecycle>,
@@ -137,12 +176,31 @@ impl Platform {
     ) -> anyhow::Result<Self> {
         runtime::prepare_broker(&broker).await?;
         let obs = Observability::default();
+        // The Content Service first: the others need its address.
+        let content_db =
+            runtime::open_database(location, content_service::NAME, &broker, &obs).await?;
+        let content =
+            Arc::new(ContentService::open(content_db.clone(), options.content_sweep).await?);
+        let content_running = runtime::start(
+            content.clone(),
+            content_db,
+            &broker,
+            &obs,
+            Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            None,
+        )
+        .await?;
+        let content_addr = content_running
+            .http
+            .context("the Content Service listens")?;
+        let client = ContentClient::new(&format!("http://{content_addr}"), options.content_policy)
+            .map_err(anyhow::Error::msg)?;
         let mut built = Vec::new();
-        for (short, full, _) in SERVICES {
+        for (short, full, _) in &SERVICES[1..] {
             let db = runtime::open_database(location, full, &broker, &obs).await?;
-            built.push(AnyService::build(short, db, options).await?);
+            built.push(AnyService::build(short, db, options, &client).await?);
         }
-        let mut running = Vec::new();
+        let mut running = vec![content_running];
         for s in &built {
             running.push(
                 runtime::start(
@@ -168,7 +226,7 @@ impl Platform {
             }
         }
         let mut it = built.into_iter();
-        let mut next = || it.next().expect("seven services");
+        let mut next = || it.next().expect("seven services besides content");
         let (
             AnyService::Bos(bos),
             AnyService::Files(files),
@@ -182,6 +240,8 @@ impl Platform {
             unreachable!("built in SERVICES order")
         };
         Ok(Self {
+            content,
+            content_addr,
             bos,
             files,
             els,
@@ -197,7 +257,8 @@ impl Platform {
 
     /// Every service's HTTP API behind one router (the demo's gateway).
     pub fn router(&self) -> Router {
-        let parts: [Option<Router>; 7] = [
+        let parts: [Option<Router>; 8] = [
+            self.content.clone().router(),
             self.bos.clone().router(),
             self.files.clone().router(),
             self.els.clone().router(),
@@ -227,6 +288,7 @@ impl Platform {
 
     pub fn services(&self) -> Vec<Arc<dyn Service>> {
         vec![
+            self.content.clone(),
             self.bos.clone(),
             self.files.clone(),
             self.els.clone(),
@@ -264,6 +326,33 @@ impl Platform {
             .sum()
     }
 
+    /// Stops the Content Service (its HTTP API, consumer and relay), as an outage would.
+    pub async fn stop_content_service(&mut self) {
+        if let Some(i) = self
+            .running
+            .iter()
+            .position(|r| r.name == content_service::NAME)
+        {
+            self.running.remove(i).stop().await;
+        }
+    }
+
+    /// Starts the Content Service again on its address and database.
+    pub async fn restart_content_service(&mut self) -> anyhow::Result<()> {
+        let db = self.content.db().clone();
+        let running = runtime::start(
+            self.content.clone(),
+            db,
+            &self.broker,
+            &self.obs,
+            Some(self.content_addr),
+            None,
+        )
+        .await?;
+        self.running.insert(0, running);
+        Ok(())
+    }
+
     pub async fn stop(self) -> Vec<(&'static str, RelayReport)> {
         let mut reports = Vec::new();
         for r in self.running {
@@ -276,6 +365,7 @@ impl Platform {
 
 fn service_db(s: &AnyService) -> &ServiceDb {
     match s {
+        AnyService::Content(x) => x.db(),
         AnyService::Bos(x) => x.db(),
         AnyService::Files(x) => x.db(),
         AnyService::Els(x) => x.db(),
@@ -301,7 +391,8 @@ pub async fn serve(
     runtime::prepare_broker(&broker).await?;
     let obs = Observability::default();
     let db = runtime::open_database(location, full, &broker, &obs).await?;
-    let service = AnyService::build(short, db.clone(), &Options::default()).await?;
+    let content = ContentClient::from_env().map_err(anyhow::Error::msg)?;
+    let service = AnyService::build(short, db.clone(), &Options::from_env()?, &content).await?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
     // One process per service and host: a restart takes the relay's partitions back at once.
     let instance = runtime::host_instance();

@@ -16,7 +16,9 @@ use outbox::{BrokerSetting, Settings};
 ///
 /// Configuration (environment): DATABASE_URL (postgres://... for one schema per service;
 /// unset = SQLite files), PLATFORM_DATA_DIR (SQLite folder), OUTBOX_BROKER (`memory` or
-/// Kafka `host:port`), MATCH_CONFIRM_TIMEOUT_SECS, SPELLCHECK_DICTIONARY_DIR, RUST_LOG.
+/// Kafka `host:port`), MATCH_CONFIRM_TIMEOUT_SECS, SPELLCHECK_DICTIONARY_DIR, CONTENT_SERVICE_URL (where `serve`d services
+/// find the Content Service; default http://127.0.0.1:4108), CONTENT_TIMEOUT_MS,
+/// CONTENT_SWEEP_GRACE_SECS, RUST_LOG.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -37,10 +39,10 @@ enum Command {
     },
     /// Run one service as this process (needs a shared database server and Kafka).
     Serve {
-        /// batch-orchestrator, file-service, essay-lifecycle, class-management, spellchecker,
-        /// cj-assessment or result-aggregator.
+        /// content-service, batch-orchestrator, file-service, essay-lifecycle,
+        /// class-management, spellchecker, cj-assessment or result-aggregator.
         service: String,
-        /// HTTP address (default 127.0.0.1 and the service's own port, 4101-4107).
+        /// HTTP address (default 127.0.0.1 and the service's own port, 4101-4108).
         #[arg(long)]
         addr: Option<SocketAddr>,
     },
@@ -76,11 +78,11 @@ async fn main() -> anyhow::Result<()> {
                 other => other,
             };
             println!(
-                "essay platform demo: 7 services in one process; data: {}; broker: {}",
+                "essay platform demo: 8 services in one process; data: {}; broker: {}",
                 location.describe(),
                 broker.kind()
             );
-            let platform = Platform::start(&location, broker, &Options::default()).await?;
+            let platform = Platform::start(&location, broker, &Options::from_env()?).await?;
             let options = DemoOptions {
                 essays_dir: essays.unwrap_or_else(demo::default_essays_dir),
                 with_class: !guest,

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use content_service::testing::LocalContentService;
+use essay_common::content::ContentClient;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::backend::Database;
 use outbox::portable::ServiceDb;
@@ -93,6 +95,22 @@ fn envelope(
     serde_json::from_slice(e.payload()).unwrap()
 }
 
+/// Stores `text` in the Content Service; its storage id.
+async fn stored(content: &ContentClient, text: &str) -> String {
+    content
+        .store(text.as_bytes().to_vec(), "text/plain", Uuid::new_v4())
+        .await
+        .unwrap()
+        .to_string()
+}
+
+/// Applies `env` in a transaction, then rolls back or commits; `prepare` first, as the inbox
+/// calls it.
+async fn apply_prepared(service: &dyn Service, db: &ServiceDb, env: &Envelope, commit: bool) {
+    service.prepare(env).await.expect("prepare");
+    apply(service, db, env, commit).await
+}
+
 /// Applies `env` in a transaction, then rolls back or commits.
 async fn apply(service: &dyn Service, db: &ServiceDb, env: &Envelope, commit: bool) {
     let mut tx = db.begin().await.unwrap();
@@ -107,6 +125,8 @@ async fn apply(service: &dyn Service, db: &ServiceDb, env: &Envelope, commit: bo
 #[tokio::test]
 async fn http_writes_commit_with_their_events() {
     let schemas = Schemas::new();
+    let content_dir = temp_dir("atomicity-content");
+    let content = LocalContentService::start(&content_dir).await;
 
     let db = schemas.db(batch_orchestrator::NAME).await;
     let bos = batch_orchestrator::BatchOrchestrator::open(db.clone())
@@ -141,7 +161,9 @@ async fn http_writes_commit_with_their_events() {
     );
 
     let db = schemas.db(file_service::NAME).await;
-    let files = file_service::FileService::open(db.clone()).await.unwrap();
+    let files = file_service::FileService::open(db.clone(), content.client())
+        .await
+        .unwrap();
     let upload = || {
         vec![
             file_service::UploadedFile {
@@ -181,7 +203,7 @@ async fn http_writes_commit_with_their_events() {
     );
 
     let db = schemas.db(class_management::NAME).await;
-    let cms = class_management::ClassManagement::open(db.clone(), Duration::ZERO)
+    let cms = class_management::ClassManagement::open(db.clone(), Duration::ZERO, content.client())
         .await
         .unwrap();
     refuse_events(&db, true).await;
@@ -210,16 +232,16 @@ async fn http_writes_commit_with_their_events() {
         essay_lifecycle::NAME,
         topics::MATCHING_REQUESTED,
         ("batch", &batch_id),
-        json!({"batch_id": batch_id, "class_id": class_id,
-               "essays": [{"essay_id": "e1", "text": "An essay by Maya Lindqvist."}]}),
+        json!({"batch_id": batch_id, "class_id": class_id, "essays_to_process": [
+                   {"essay_id": "e1", "text_storage_id": stored(&content.client(), "An essay by Maya Lindqvist.").await}]}),
     );
-    apply(&cms, &db, &requested, false).await;
+    apply_prepared(&cms, &db, &requested, false).await;
     assert_eq!(
         n(&db, "SELECT COUNT(*) AS n FROM matches").await,
         0,
         "rolled back"
     );
-    apply(&cms, &db, &requested, true).await;
+    apply_prepared(&cms, &db, &requested, true).await;
     refuse_events(&db, true).await;
     assert!(cms.confirm_expired().await.is_err());
     assert_eq!(
@@ -248,12 +270,17 @@ async fn http_writes_commit_with_their_events() {
     );
     let m = cms.matches(&batch_id).await.unwrap();
     assert_eq!(m["suggestions"][0]["student_name"], "Maya Lindqvist");
+    content.stop().await;
+    let _ = std::fs::remove_dir_all(content_dir);
     schemas.drop().await;
 }
 
 #[tokio::test]
 async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     let schemas = Schemas::new();
+    let content_dir = temp_dir("atomicity-content");
+    let content_service = LocalContentService::start(&content_dir).await;
+    let client = content_service.client();
     let batch_id = Uuid::new_v4().to_string();
     let essay_id = Uuid::new_v4().to_string();
 
@@ -272,7 +299,8 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
         file_service::NAME,
         topics::CONTENT_PROVISIONED,
         ("file_upload", "f1"),
-        json!({"batch_id": batch_id, "file_upload_id": "f1", "original_file_name": "a.txt", "text": "some text"}),
+        json!({"batch_id": batch_id, "file_upload_id": "f1", "original_file_name": "a.txt",
+               "text_storage_id": stored(&client, "some text").await}),
     );
     // Content first: parked until the registration arrives.
     apply(&els, &db, &content, true).await;
@@ -303,24 +331,25 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     // Spellchecker: thin + rich with the result row, once per essay.
     let db = schemas.db(spellchecker::NAME).await;
     let speller = Arc::new(spellchecker::Speller::load(&spellchecker::dictionary_dir()).unwrap());
-    let spell = spellchecker::Spellchecker::open(db.clone(), speller)
+    let spell = spellchecker::Spellchecker::open(db.clone(), speller.clone(), client.clone())
         .await
         .unwrap();
+    let text_id = stored(&client, "A speling mistake.").await;
     let requested = || {
         envelope(
             essay_lifecycle::NAME,
             topics::SPELLCHECK_REQUESTED,
             ("essay", &essay_id),
-            json!({"batch_id": batch_id, "essay_id": essay_id, "text": "A speling mistake."}),
+            json!({"batch_id": batch_id, "essay_id": essay_id, "text_storage_id": text_id}),
         )
     };
-    apply(&spell, &db, &requested(), false).await;
+    apply_prepared(&spell, &db, &requested(), false).await;
     assert_eq!(
         n(&db, "SELECT COUNT(*) AS n FROM spellcheck_results").await,
         0
     );
     assert!(outbox_topics(&db).await.is_empty());
-    apply(&spell, &db, &requested(), true).await;
+    apply_prepared(&spell, &db, &requested(), true).await;
     assert_eq!(
         outbox_topics(&db).await,
         [
@@ -328,33 +357,57 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
             topics::SPELLCHECK_RESULTS
         ]
     );
-    apply(&spell, &db, &requested(), true).await; // a re-sent request with a new event id
+    apply_prepared(&spell, &db, &requested(), true).await; // a re-sent request with a new event id
     assert_eq!(outbox_topics(&db).await.len(), 2, "one result per essay");
+    // The corrected text is in the Content Service under the id the results event names.
+    let results = db
+        .fetch_optional(
+            "SELECT payload FROM event_outbox WHERE topic = $1",
+            outbox::portable::params![topics::SPELLCHECK_RESULTS],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let results: serde_json::Value =
+        serde_json::from_slice(&results.bytes("payload").unwrap()).unwrap();
+    let corrected = results["data"]["corrected_text_storage_id"]
+        .as_str()
+        .unwrap();
+    let expected = speller.check("A speling mistake.").corrected_text;
+    assert_ne!(expected, "A speling mistake.");
+    assert_eq!(client.fetch_text(corrected).await.unwrap(), expected);
+    assert_eq!(
+        results["data"]["original_text_storage_id"],
+        text_id.as_str()
+    );
 
     // CJ: completion, results and usage with the CJ batch's completion, once.
     let db = schemas.db(cj_assessment::NAME).await;
-    let cj =
-        cj_assessment::CjAssessment::open(db.clone(), Arc::new(cj_assessment::judge::FeatureJudge))
-            .await
-            .unwrap();
-    let essays: Vec<_> = (0..3)
-        .map(|i| {
-            json!({"essay_id": format!("e{i}"),
-        "text": "word ".repeat(30 + i * 20), "spelling_errors": 3 - i})
-        })
-        .collect();
+    let cj = cj_assessment::CjAssessment::open(
+        db.clone(),
+        Arc::new(cj_assessment::judge::FeatureJudge),
+        client.clone(),
+    )
+    .await
+    .unwrap();
+    let mut essays = Vec::new();
+    for i in 0..3 {
+        let text = stored(&client, &"word ".repeat(30 + i * 20)).await;
+        essays.push(json!({"essay_id": format!("e{i}"), "text_storage_id": text,
+                           "spelling_errors": 3 - i}));
+    }
     let cj_requested = || {
         envelope(
             essay_lifecycle::NAME,
             topics::CJ_REQUESTED,
             ("batch", &batch_id),
-            json!({"batch_id": batch_id, "essays": essays}),
+            json!({"batch_id": batch_id, "essays_for_cj": essays}),
         )
     };
-    apply(&cj, &db, &cj_requested(), false).await;
+    apply_prepared(&cj, &db, &cj_requested(), false).await;
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM cj_batches").await, 0);
     assert!(outbox_topics(&db).await.is_empty());
-    apply(&cj, &db, &cj_requested(), true).await;
+    apply_prepared(&cj, &db, &cj_requested(), true).await;
     assert_eq!(
         n(
             &db,
@@ -372,7 +425,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
             topics::RESOURCE_CONSUMPTION
         ]
     );
-    apply(&cj, &db, &cj_requested(), true).await; // finalisation requested again
+    apply_prepared(&cj, &db, &cj_requested(), true).await; // finalisation requested again
     assert_eq!(
         outbox_topics(&db).await.len(),
         3,
@@ -382,9 +435,9 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
         essay_lifecycle::NAME,
         topics::CJ_REQUESTED,
         ("batch", "other"),
-        json!({"batch_id": "other", "essays": [essays[0]]}),
+        json!({"batch_id": "other", "essays_for_cj": [essays[0]]}),
     );
-    apply(&cj, &db, &too_few, true).await;
+    apply_prepared(&cj, &db, &too_few, true).await;
     assert_eq!(outbox_topics(&db).await.last().unwrap(), topics::CJ_FAILED);
 
     // Result Aggregator: results ready once per batch.
@@ -405,5 +458,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     apply(&ras, &db, &completed(), true).await;
     apply(&ras, &db, &completed(), true).await;
     assert_eq!(outbox_topics(&db).await, [topics::RESULTS_READY]);
+    content_service.stop().await;
+    let _ = std::fs::remove_dir_all(content_dir);
     schemas.drop().await;
 }

@@ -18,6 +18,7 @@ use outbox_kafka::KafkaConfig;
 fn options() -> Options {
     Options {
         match_confirm_timeout: Duration::from_secs(30),
+        ..Options::default()
     }
 }
 

@@ -7,11 +7,18 @@
 //! crate). It is GPL-2.0 and WordNet licensed (see `dictionary/en_US/*license.txt`), so it
 //! is shipped as a data file read at start-up, not compiled into the binary; point
 //! `SPELLCHECK_DICTIONARY_DIR` at another Hunspell `en_US.aff`/`en_US.dic` pair to replace it.
+//!
+//! Text is by reference: `prepare` fetches the essay by `text_storage_id` from the Content
+//! Service, checks it and stores the corrected text there (provisionally, until the results
+//! event names it), all before the transaction; the events carry
+//! `corrected_text_storage_id`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use essay_common::content::ContentClient;
+use essay_common::prepared::Prepared;
 use essay_common::util::now_ms;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -29,7 +36,7 @@ CREATE TABLE IF NOT EXISTS spellcheck_results (
     error_count BIGINT NOT NULL,
     word_count BIGINT NOT NULL,
     corrections TEXT NOT NULL,
-    corrected_text TEXT NOT NULL,
+    corrected_text_storage_id TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
 ";
@@ -163,25 +170,56 @@ fn tokens(text: &str) -> Vec<(usize, &str, bool)> {
 pub struct Spellchecker {
     db: ServiceDb,
     speller: Arc<Speller>,
-    /// Checks done in `prepare`, outside the transaction, by essay id.
-    prepared: std::sync::Mutex<std::collections::HashMap<String, Checked>>,
+    content: ContentClient,
+    /// Checks done in `prepare`, outside the transaction, by event id.
+    prepared: Prepared<Done>,
+}
+
+/// A checked essay whose corrected text is stored.
+struct Done {
+    checked: Checked,
+    empty: bool,
+    corrected_text_storage_id: String,
 }
 
 #[derive(Deserialize)]
 struct Requested {
     batch_id: String,
     essay_id: String,
-    #[serde(default)]
-    text: String,
+    text_storage_id: String,
 }
 
 impl Spellchecker {
-    pub async fn open(db: ServiceDb, speller: Arc<Speller>) -> Result<Self, DbError> {
+    pub async fn open(
+        db: ServiceDb,
+        speller: Arc<Speller>,
+        content: ContentClient,
+    ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
         Ok(Self {
             db,
             speller,
-            prepared: Default::default(),
+            content,
+            prepared: Prepared::default(),
+        })
+    }
+
+    /// Fetches, checks and stores the corrected text: the slow part, outside any transaction.
+    async fn run(&self, req: &Requested, correlation: uuid::Uuid) -> Result<Done, HandlerError> {
+        let text = self.content.fetch_text(&req.text_storage_id).await?;
+        let checked = self.check(&text).await?;
+        let corrected = self
+            .content
+            .store(
+                checked.corrected_text.clone().into_bytes(),
+                "text/plain; charset=utf-8",
+                correlation,
+            )
+            .await?;
+        Ok(Done {
+            checked,
+            empty: text.trim().is_empty(),
+            corrected_text_storage_id: corrected.to_string(),
         })
     }
 
@@ -207,38 +245,31 @@ impl Service for Spellchecker {
         &[topics::SPELLCHECK_REQUESTED]
     }
 
-    /// The check itself (~100 ms for an essay with misspellings) runs before the transaction.
+    /// Fetching, checking (~100 ms for an essay with misspellings) and storing the corrected
+    /// text run before the transaction.
     async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
         let req: Requested = env.data()?;
-        let checked = self.check(&req.text).await?;
-        let mut prepared = self.prepared.lock().expect("prepared lock");
-        if prepared.len() > 1000 {
-            prepared.clear(); // left by duplicates, which skip `handle`
-        }
-        prepared.insert(req.essay_id, checked);
+        let done = self.run(&req, env.correlation_id).await?;
+        self.prepared.put(env.event_id, done);
         Ok(())
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
         let req: Requested = env.data()?;
-        let ready = self
-            .prepared
-            .lock()
-            .expect("prepared lock")
-            .remove(&req.essay_id);
-        let checked = match ready {
-            Some(c) => c,
-            None => self.check(&req.text).await?,
+        let done = match self.prepared.take(&env.event_id) {
+            Some(done) => done,
+            None => self.run(&req, env.correlation_id).await?,
         };
-        let status = if req.text.trim().is_empty() {
-            "FAILED"
-        } else {
-            "SUCCESS"
-        };
+        let Done {
+            checked,
+            empty,
+            corrected_text_storage_id,
+        } = done;
+        let status = if empty { "FAILED" } else { "SUCCESS" };
         let inserted = tx
             .execute(
                 "INSERT INTO spellcheck_results (essay_id, batch_id, error_count, word_count,
-                                                 corrections, corrected_text, created_at)
+                                                 corrections, corrected_text_storage_id, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (essay_id) DO NOTHING",
                 params![
                     &req.essay_id,
@@ -246,7 +277,7 @@ impl Service for Spellchecker {
                     checked.corrections.len(),
                     checked.word_count,
                     serde_json::to_string(&checked.corrections).expect("serialises"),
-                    &checked.corrected_text,
+                    &corrected_text_storage_id,
                     now_ms()
                 ],
             )
@@ -269,8 +300,8 @@ impl Service for Spellchecker {
             &json!({"batch_id": req.batch_id, "essay_id": req.essay_id, "entity_id": req.essay_id,
                     "status": status, "error_count": error_count, "word_count": checked.word_count,
                     "corrections": checked.corrections,
-                    "corrected_text_storage_id": format!("spellchecked:{}", req.essay_id),
-                    "corrected_text": checked.corrected_text}),
+                    "original_text_storage_id": req.text_storage_id,
+                    "corrected_text_storage_id": corrected_text_storage_id}),
         )?;
         tx.enqueue(&thin).await?;
         tx.enqueue(&rich).await?;

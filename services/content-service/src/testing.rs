@@ -1,0 +1,74 @@
+//! A Content Service for other crates' tests: the real routes over real HTTP on a free local
+//! port, on a SQLite file of the caller's choosing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use essay_common::content::{ContentClient, ContentPolicy};
+use outbox::portable::ServiceDb;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{ContentService, SweepPolicy};
+
+pub struct LocalContentService {
+    pub addr: SocketAddr,
+    pub service: Arc<ContentService>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl LocalContentService {
+    /// Serves a Content Service stored in `dir/content.db`.
+    pub async fn start(dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).expect("test directory");
+        let db = ServiceDb::open(
+            &format!("sqlite://{}/content.db", dir.display()),
+            crate::NAME,
+        )
+        .await
+        .expect("content database");
+        let service = Arc::new(
+            ContentService::open(db, SweepPolicy::default())
+                .await
+                .expect("content schema"),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let addr = listener.local_addr().expect("bound");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = crate::routes::router(service.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            addr,
+            service,
+            stop,
+            task,
+        }
+    }
+
+    /// A client of it that gives up quickly (tests of outages need not wait long).
+    pub fn client(&self) -> ContentClient {
+        ContentClient::new(
+            &format!("http://{}", self.addr),
+            ContentPolicy {
+                timeout: std::time::Duration::from_secs(5),
+                attempts: 2,
+                first_backoff: std::time::Duration::from_millis(50),
+            },
+        )
+        .expect("an http URL")
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
