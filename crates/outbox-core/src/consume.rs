@@ -216,7 +216,7 @@ pub async fn run_handler<H: MessageHandler + ?Sized>(
                 attempts -= 1;
                 report.unavailable_retries += 1;
                 let delay = outage.next_delay();
-                tracing::warn!(topic = %message.topic, offset = message.offset, error = %e, ?delay, "database unavailable; retrying without counting an attempt");
+                tracing::warn!(topic = %message.topic, offset = message.offset, error = %e, ?delay, "a dependency is unavailable; retrying without counting an attempt");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Disposition::Abandoned,

@@ -129,13 +129,28 @@ impl<S: InboxStore, H: EffectHandler<S::Tx>> Inbox<S, H> {
         &self.store
     }
 
-    /// A store error as the runner should treat it.
+    /// A store error as the runner should treat it (an outage is counted).
     fn store_error(&self, e: InboxStoreError) -> HandlerError {
         if chain_has(&*e, |link| self.store.is_unavailable(link)) {
+            if let Some(m) = &self.metrics {
+                m.unavailable();
+            }
             HandlerError::Unavailable(e)
         } else {
             HandlerError::Retry(e)
         }
+    }
+
+    /// A failed `prepare` or handler, counted: an outage (of the database or of another
+    /// dependency the handler names, e.g. a content store) apart from the handler's failures.
+    fn counted(&self, e: HandlerError) -> HandlerError {
+        if let Some(m) = &self.metrics {
+            match e {
+                HandlerError::Unavailable(_) => m.unavailable(),
+                _ => m.handler_failure(),
+            }
+        }
+        e
     }
 
     /// A handler's error, with database outages inside it told apart from its own failures.
@@ -186,7 +201,7 @@ impl<S: InboxStore, H: EffectHandler<S::Tx>> MessageHandler for Inbox<S, H> {
             self.handler
                 .prepare(message)
                 .await
-                .map_err(|e| self.handler_error(e))?;
+                .map_err(|e| self.counted(self.handler_error(e)))?;
         }
         let mut tx = self.store.begin().await.map_err(|e| self.store_error(e))?;
         let first = match self
@@ -223,14 +238,7 @@ impl<S: InboxStore, H: EffectHandler<S::Tx>> MessageHandler for Inbox<S, H> {
             }
             Err(e) => {
                 let _ = self.store.rollback(tx).await;
-                let e = self.handler_error(e);
-                if let Some(m) = &self.metrics {
-                    match e {
-                        HandlerError::Unavailable(_) => m.unavailable(),
-                        _ => m.handler_failure(),
-                    }
-                }
-                Err(e)
+                Err(self.counted(self.handler_error(e)))
             }
         }
     }

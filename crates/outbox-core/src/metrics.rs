@@ -308,7 +308,7 @@ impl InboxMetrics {
         );
         registry.register(
             "inbox_unavailable",
-            "Handler runs rolled back because the consumer's database was unavailable (retried without counting an attempt)",
+            "Deliveries retried because the consumer's database or another dependency was unavailable (no attempt counted)",
             f.unavailable.clone(),
         );
         Self {

@@ -97,7 +97,40 @@ impl Features {
 
 /// The default judge: compares feature-based quality; ties go to the lower essay id, so the
 /// same pair always gets the same verdict.
-pub struct FeatureJudge;
+///
+/// An essay takes part in ten or more comparisons; its features (a pass over every word) are
+/// computed once and remembered by essay id and text.
+#[derive(Default)]
+pub struct FeatureJudge {
+    features: std::sync::Mutex<std::collections::HashMap<(String, u64), Features>>,
+}
+
+/// Essays whose features are remembered; more starts over (a batch is at most 500).
+const REMEMBERED: usize = 4096;
+
+impl FeatureJudge {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn features(&self, c: &Candidate) -> Features {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        c.text.hash(&mut h);
+        c.spelling_errors.hash(&mut h);
+        let key = (c.essay_id.clone(), h.finish());
+        if let Some(f) = self.features.lock().expect("features lock").get(&key) {
+            return f.clone();
+        }
+        let f = Features::of(c);
+        let mut known = self.features.lock().expect("features lock");
+        if known.len() >= REMEMBERED {
+            known.clear();
+        }
+        known.insert(key, f.clone());
+        f
+    }
+}
 
 #[async_trait]
 impl Judge for FeatureJudge {
@@ -106,7 +139,7 @@ impl Judge for FeatureJudge {
     }
 
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
-        let (fa, fb) = (Features::of(a), Features::of(b));
+        let (fa, fb) = (self.features(a), self.features(b));
         let (qa, qb) = (fa.quality(), fb.quality());
         let a_wins = qa > qb || (qa == qb && a.essay_id < b.essay_id);
         // The reason names the feature that separated them most.
@@ -146,12 +179,12 @@ mod tests {
             &"i think it is good. it is good. it is good and nice. ".repeat(6),
             9,
         );
-        let j = FeatureJudge.compare(&good, &poor).await.unwrap();
+        let j = FeatureJudge::new().compare(&good, &poor).await.unwrap();
         assert!(j.a_wins, "{}", j.reason);
         assert!(j.reason.contains("stronger mainly on"));
-        let j2 = FeatureJudge.compare(&poor, &good).await.unwrap();
+        let j2 = FeatureJudge::new().compare(&poor, &good).await.unwrap();
         assert!(!j2.a_wins, "symmetric");
-        let same = FeatureJudge
+        let same = FeatureJudge::new()
             .compare(&good, &c("h", &good.text, 0))
             .await
             .unwrap();

@@ -335,7 +335,7 @@ mod tests {
                 spelling_errors: Some(6 - i as u32),
             })
             .collect();
-        let (ranked, comparisons) = assess(&judge::FeatureJudge, &essays).await.unwrap();
+        let (ranked, comparisons) = assess(&judge::FeatureJudge::new(), &essays).await.unwrap();
         assert_eq!(ranked.len(), 6);
         assert_eq!(
             ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),

@@ -132,7 +132,7 @@ impl ContentService {
         let row = self
             .db
             .fetch_optional(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(provisional), 0) AS p FROM stored_content",
+                "SELECT COUNT(*) AS n, COUNT(CASE WHEN provisional = 1 THEN 1 END) AS p FROM stored_content",
                 &[],
             )
             .await?

@@ -28,6 +28,11 @@ impl LocalContentService {
         )
         .await
         .expect("content database");
+        Self::start_on(db).await
+    }
+
+    /// Serves a Content Service stored in `db`.
+    pub async fn start_on(db: ServiceDb) -> Self {
         let service = Arc::new(
             ContentService::open(db, SweepPolicy::default())
                 .await

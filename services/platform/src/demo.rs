@@ -168,12 +168,16 @@ pub async fn run(api: &Gateway, options: &DemoOptions) -> anyhow::Result<DemoRep
         pipeline["pipeline"]
     ));
 
-    let uploaded = expect(
-        api.upload(&batch_id, Some(correlation), &files).await?,
-        StatusCode::CREATED,
-        "upload",
-    )?;
-    let outcomes = uploaded["files"].as_array().cloned().unwrap_or_default();
+    // As a browser would: several requests when the batch exceeds what one request may carry.
+    let mut outcomes = Vec::new();
+    for chunk in upload_chunks(&files) {
+        let uploaded = expect(
+            api.upload(&batch_id, Some(correlation), chunk).await?,
+            StatusCode::CREATED,
+            "upload",
+        )?;
+        outcomes.extend(uploaded["files"].as_array().cloned().unwrap_or_default());
+    }
     let failed_validation: Vec<String> = outcomes
         .iter()
         .filter(|f| f["status"] != "PROVISIONED")
@@ -267,6 +271,27 @@ pub async fn run(api: &Gateway, options: &DemoOptions) -> anyhow::Result<DemoRep
         results,
         elapsed: started.elapsed(),
     })
+}
+
+/// Consecutive groups of files, each within File Service's per-request limits.
+fn upload_chunks(files: &[(String, Vec<u8>)]) -> Vec<&[(String, Vec<u8>)]> {
+    // Half the request limit: multipart framing adds a little to every file.
+    let budget = file_service::MAX_UPLOAD_BYTES / 2;
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, b)) in files.iter().enumerate() {
+        if i > start
+            && (i - start == file_service::MAX_FILES_PER_UPLOAD / 2 || bytes + b.len() > budget)
+        {
+            chunks.push(&files[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b.len();
+    }
+    if start < files.len() {
+        chunks.push(&files[start..]);
+    }
+    chunks
 }
 
 /// The ranked results as a table.

@@ -119,8 +119,12 @@ impl AnyService {
                 ))
             }
             "cj-assessment" => Self::Cj(Arc::new(
-                CjAssessment::open(db, Arc::new(cj_assessment::judge::FeatureJudge), content)
-                    .await?,
+                CjAssessment::open(
+                    db,
+                    Arc::new(cj_assessment::judge::FeatureJudge::new()),
+                    content,
+                )
+                .await?,
             )),
             "result-aggregator" => Self::Ras(Arc::new(ResultAggregator::open(db).await?)),
             _ => unreachable!("listed in SERVICES"),

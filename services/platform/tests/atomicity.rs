@@ -385,7 +385,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     let db = schemas.db(cj_assessment::NAME).await;
     let cj = cj_assessment::CjAssessment::open(
         db.clone(),
-        Arc::new(cj_assessment::judge::FeatureJudge),
+        Arc::new(cj_assessment::judge::FeatureJudge::new()),
         client.clone(),
     )
     .await
