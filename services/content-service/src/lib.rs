@@ -52,7 +52,7 @@ CREATE INDEX IF NOT EXISTS stored_content_provisional ON stored_content (provisi
 ";
 
 /// The topics whose events name content this service keeps for good.
-const CONFIRMING: &[&str] = &[
+pub const CONFIRMING: &[&str] = &[
     topics::CONTENT_PROVISIONED,
     topics::VALIDATION_FAILED,
     topics::SPELLCHECK_RESULTS,

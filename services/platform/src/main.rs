@@ -113,8 +113,13 @@ async fn main() -> anyhow::Result<()> {
                 .sum();
             let latency = demo::commit_to_ack_quantiles(&platform.obs.encode());
             println!(
-                "\noutbox: {} events published by 7 relays, {pending} pending, {dead} dead letters",
-                platform.published()
+                "\noutbox: {} events published by {} relays, {pending} pending, {dead} dead letters",
+                platform.published(),
+                platform.databases().len()
+            );
+            let (stored, provisional) = platform.content.counts().await?;
+            println!(
+                "content service: {stored} files and texts stored, {provisional} not yet named by an event"
             );
             if let Some((p50, p99)) = latency {
                 println!(

@@ -1,5 +1,6 @@
-//! The platform as seven processes (`essay-platform serve <service>`) against PostgreSQL and a
-//! real Kafka-protocol broker, driven over HTTP like any client would.
+//! The platform as eight processes (`essay-platform serve <service>`) against PostgreSQL and a
+//! real Kafka-protocol broker, driven over HTTP like any client would; the services find the
+//! Content Service by `CONTENT_SERVICE_URL`.
 
 mod common;
 
@@ -27,18 +28,28 @@ impl Drop for Processes {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seven_processes_run_a_batch() {
+async fn eight_processes_run_a_batch() {
     let broker = TestBroker::start();
     let location = pg_location("procs");
     let DataLocation::Postgres { url, schema_prefix } = &location else {
         unreachable!()
     };
-    let mut addrs = HashMap::new();
+    let addrs: HashMap<String, SocketAddr> = SERVICES
+        .iter()
+        .map(|(short, _, _)| {
+            (
+                short.to_string(),
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+            )
+        })
+        .collect();
+    let content_url = format!("http://{}", addrs["content-service"]);
     let mut children = Processes(Vec::new());
     for (short, _, _) in SERVICES {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let addr = addrs[*short];
         let child = Command::new(env!("CARGO_BIN_EXE_essay-platform"))
             .args(["serve", short, "--addr", &addr.to_string()])
+            .env("CONTENT_SERVICE_URL", &content_url)
             .env("DATABASE_URL", url)
             .env("PLATFORM_SCHEMA_PREFIX", schema_prefix)
             .env("OUTBOX_BROKER", broker.bootstrap())
@@ -47,7 +58,6 @@ async fn seven_processes_run_a_batch() {
             .spawn()
             .expect("spawn a service");
         children.0.push(child);
-        addrs.insert(short.to_string(), addr);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for (service, addr) in &addrs {
