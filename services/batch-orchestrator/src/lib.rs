@@ -4,11 +4,20 @@
 //! | HTTP | effect |
 //! |---|---|
 //! | `POST /v1/batches` `{course_code, expected_essay_count, class_id?, user_id?}` | batch + slots' essay ids -> `batch.essays.registered` |
-//! | `POST /v1/batches/{id}/pipelines` `{phases: ["spellcheck", "cj_assessment"]}` | starts now if ready, else when ready |
-//! | `GET /v1/batches/{id}` | status |
+//! | `POST /v1/batches/{id}/pipelines` `{requested_pipeline: "cj_assessment", is_retry?, user_id?}` | `commands.batch.pipeline` through the outbox |
+//! | `GET /v1/batches/{id}` | status, pipeline, completed phases, last denial |
 //!
 //! Readiness: a GUEST batch (no class) is ready when its content is provisioned; a REGULAR
 //! batch then asks for student matching and is ready on `els.batch.essays.ready`.
+//!
+//! Pipelines start from one command, `huleedu.commands.batch.pipeline.v1`, whoever sends it:
+//! the original's API Gateway over Kafka, or this service's own HTTP endpoint, which checks
+//! the request (404, 400, 409 at once) and enqueues the same command in its outbox. The
+//! command's handler resolves the pipeline to phases ([`pipeline::resolve`], the original's
+//! definitions, completed phases pruned), starts it now if the batch is ready and otherwise
+//! when it becomes ready, or answers `pipeline.denied` with the reason (unknown or unsupported
+//! pipeline, unknown batch, a pipeline still in progress, nothing left to run). A retry
+//! (`is_retry`) after a failed pipeline runs the phases that did not complete.
 
 use std::sync::Arc;
 
@@ -25,6 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
+pub mod pipeline;
+
 pub const NAME: &str = "batch_orchestrator_service";
 const EVENTS: EventFactory = EventFactory::new(NAME);
 
@@ -34,6 +45,7 @@ CREATE TABLE IF NOT EXISTS batches (
     course_code TEXT NOT NULL,
     expected_count BIGINT NOT NULL,
     class_id TEXT,
+    user_id TEXT,
     kind TEXT NOT NULL,
     correlation_id TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -43,10 +55,25 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS pipelines (
     batch_id TEXT PRIMARY KEY REFERENCES batches (batch_id),
+    requested_pipeline TEXT NOT NULL,
     phases TEXT NOT NULL,
     next_phase BIGINT NOT NULL,
-    status TEXT NOT NULL
+    status TEXT NOT NULL,
+    is_retry BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS completed_phases (
+    batch_id TEXT NOT NULL REFERENCES batches (batch_id),
+    phase TEXT NOT NULL,
+    PRIMARY KEY (batch_id, phase)
+);
+CREATE TABLE IF NOT EXISTS pipeline_denials (
+    batch_id TEXT NOT NULL,
+    requested_pipeline TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    denied_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pipeline_denials_by_batch ON pipeline_denials (batch_id, denied_at);
 ";
 
 /// A batch's readiness, as this service sees it.
@@ -87,6 +114,15 @@ impl Phase {
         match self {
             Self::Spellcheck => "spellcheck",
             Self::CjAssessment => "cj_assessment",
+        }
+    }
+
+    /// The phase of a wire name, if this platform runs it.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "spellcheck" => Some(Self::Spellcheck),
+            "cj_assessment" => Some(Self::CjAssessment),
+            _ => None,
         }
     }
 }
@@ -144,14 +180,15 @@ impl BatchOrchestrator {
         let now = now_ms();
         let mut tx = self.db.begin().await?;
         tx.execute(
-            "INSERT INTO batches (batch_id, course_code, expected_count, class_id, kind,
+            "INSERT INTO batches (batch_id, course_code, expected_count, class_id, user_id, kind,
                                   correlation_id, status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
             params![
                 &batch_id,
                 &req.course_code,
                 req.expected_essay_count as i64,
                 req.class_id.clone(),
+                req.user_id.clone(),
                 kind,
                 correlation_id.to_string(),
                 BatchStatus::AwaitingContent.as_str(),
@@ -180,40 +217,101 @@ impl BatchOrchestrator {
         })
     }
 
-    /// Accepts a pipeline request; it starts at once if the batch is ready.
+    /// Checks a pipeline request and enqueues it as the client command (the same command the
+    /// original's API Gateway sends); the command's handler starts the pipeline. Unknown batch:
+    /// 404; unknown or unsupported pipeline, or phases out of order: 400; a pipeline in
+    /// progress or nothing left to run: 409. Nothing is written for a refused request.
     pub async fn request_pipeline(
         &self,
         batch_id: &str,
-        phases: Vec<Phase>,
-    ) -> Result<String, ApiError> {
-        if phases.is_empty() {
-            return Err(ApiError::bad_request("phases must name at least one phase"));
-        }
+        req: PipelineRequest,
+    ) -> Result<PipelineAccepted, ApiError> {
+        let requested = req.requested()?;
         let mut tx = self.db.begin().await?;
         let Some(batch) = lock_batch(&mut tx, batch_id).await? else {
             return Err(ApiError::not_found(format!("no batch {batch_id}")));
         };
-        let phases_json = serde_json::to_string(&phases).expect("phases serialise");
-        let inserted = tx
-            .execute(
-                "INSERT INTO pipelines (batch_id, phases, next_phase, status)
-                 VALUES ($1, $2, 0, 'WAITING') ON CONFLICT (batch_id) DO NOTHING",
-                params![batch_id, phases_json],
-            )
-            .await?;
-        if inserted == 0 {
-            return Err(ApiError::conflict(format!(
-                "batch {batch_id} already has a pipeline"
+        // The request's form first: a pipeline this platform can run, phases in its order.
+        let full =
+            pipeline::resolve(&requested, &[]).map_err(|r| ApiError::bad_request(r.detail))?;
+        if req.phases.as_ref().is_some_and(|asked| *asked != full) {
+            return Err(ApiError::bad_request(format!(
+                "phases must be a pipeline, each phase once and in order: {requested} runs {}",
+                full.iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
             )));
         }
-        let status = if batch.status == BatchStatus::Ready.as_str() {
-            start_phase(&mut tx, &batch, &phases, 0).await?;
-            "RUNNING"
-        } else {
-            "WAITING"
-        };
+        let completed = completed_phases(&mut tx, batch_id).await?;
+        let phases = pipeline::resolve(&requested, &completed).map_err(|r| match r.reason {
+            "already_completed" => ApiError::conflict(r.detail),
+            _ => ApiError::bad_request(r.detail),
+        })?;
+        if let Some(active) = active_pipeline(&mut tx, batch_id).await? {
+            return Err(ApiError::conflict(format!(
+                "batch {batch_id} has a pipeline in progress ({active}); request another when it ends"
+            )));
+        }
+        let user_id = req
+            .user_id
+            .clone()
+            .or(batch.user_id.clone())
+            .ok_or_else(|| {
+                ApiError::bad_request("user_id is required (the batch was registered without one)")
+            })?;
+        let command = EVENTS.event(
+            topics::CLIENT_PIPELINE_REQUEST,
+            ("batch", batch_id),
+            batch.correlation_id,
+            &json!({
+                "batch_id": batch_id, "requested_pipeline": requested,
+                "client_correlation_id": batch.correlation_id, "user_id": user_id,
+                "is_retry": req.is_retry, "retry_reason": req.retry_reason,
+                "prompt_payload": null,
+            }),
+        )?;
+        let command_id = command.event_id().to_string();
+        tx.enqueue(&command).await?;
         tx.commit().await?;
-        Ok(status.into())
+        Ok(PipelineAccepted {
+            batch_id: batch_id.to_owned(),
+            requested_pipeline: requested,
+            phases: phases.iter().map(|p| p.as_str().to_owned()).collect(),
+            command_id,
+        })
+    }
+
+    /// The client command, from the original's API Gateway or from [`Self::request_pipeline`].
+    async fn on_pipeline_request(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        let cmd: ClientPipelineRequest = env.data()?;
+        let Some(batch) = lock_batch(tx, &cmd.batch_id).await? else {
+            let detail = format!("no batch {} is known here", cmd.batch_id);
+            return deny(tx, env, &cmd, None, "batch_not_found", &detail).await;
+        };
+        if let Some(active) = active_pipeline(tx, &cmd.batch_id).await? {
+            let detail =
+                format!("a pipeline is in progress ({active}); request again when it ends");
+            return deny(tx, env, &cmd, Some(&batch), "pipeline_in_progress", &detail).await;
+        }
+        let completed = completed_phases(tx, &cmd.batch_id).await?;
+        let phases = match pipeline::resolve(&cmd.requested_pipeline, &completed) {
+            Ok(p) => p,
+            Err(r) => return deny(tx, env, &cmd, Some(&batch), r.reason, &r.detail).await,
+        };
+        let phases_json = serde_json::to_string(&phases).expect("phases serialise");
+        tx.execute(
+            "INSERT INTO pipelines (batch_id, requested_pipeline, phases, next_phase, status, is_retry)
+             VALUES ($1, $2, $3, 0, 'WAITING', $4)
+             ON CONFLICT (batch_id) DO UPDATE SET requested_pipeline = $2, phases = $3,
+                 next_phase = 0, status = 'WAITING', is_retry = $4",
+            params![&cmd.batch_id, &cmd.requested_pipeline, phases_json, cmd.is_retry],
+        )
+        .await?;
+        if batch.status == BatchStatus::Ready.as_str() {
+            start_phase(tx, &batch, &phases, 0).await?;
+        }
+        Ok(())
     }
 
     pub async fn status(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
@@ -221,7 +319,8 @@ impl BatchOrchestrator {
             .db
             .fetch_optional(
                 "SELECT b.batch_id, b.status, b.kind, b.expected_count, b.excess_count,
-                        p.phases, p.next_phase, p.status AS pipeline_status
+                        p.requested_pipeline, p.phases, p.next_phase, p.status AS pipeline_status,
+                        p.is_retry
                  FROM batches b LEFT JOIN pipelines p ON p.batch_id = b.batch_id
                  WHERE b.batch_id = $1",
                 params![batch_id],
@@ -230,15 +329,44 @@ impl BatchOrchestrator {
         else {
             return Err(ApiError::not_found(format!("no batch {batch_id}")));
         };
+        let completed: Vec<String> = self
+            .db
+            .fetch_all(
+                "SELECT phase FROM completed_phases WHERE batch_id = $1 ORDER BY phase",
+                params![batch_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.text("phase"))
+            .collect::<Result<_, _>>()?;
+        let denial = self
+            .db
+            .fetch_optional(
+                "SELECT requested_pipeline, reason, detail FROM pipeline_denials
+                 WHERE batch_id = $1 ORDER BY denied_at DESC LIMIT 1",
+                params![batch_id],
+            )
+            .await?;
+        let pipeline = match b.opt_text("pipeline_status")? {
+            Some(status) => Some(json!({
+                "status": status,
+                "requested_pipeline": b.opt_text("requested_pipeline")?,
+                "is_retry": b.opt_int("is_retry")? == Some(1),
+                "phases": serde_json::from_str::<serde_json::Value>(
+                    &b.opt_text("phases")?.unwrap_or_default()).unwrap_or_default(),
+            })),
+            None => None,
+        };
+        let last_denial = match denial {
+            Some(d) => Some(json!({"requested_pipeline": d.text("requested_pipeline")?,
+                                   "reason": d.text("reason")?, "detail": d.text("detail")?})),
+            None => None,
+        };
         Ok(json!({
             "batch_id": b.text("batch_id")?, "status": b.text("status")?,
             "batch_kind": b.text("kind")?, "expected_essay_count": b.int("expected_count")?,
             "excess_files": b.int("excess_count")?,
-            "pipeline": b.opt_text("pipeline_status")?.map(|s| json!({
-                "status": s,
-                "phases": serde_json::from_str::<serde_json::Value>(
-                    &b.opt_text("phases").ok().flatten().unwrap_or_default()).unwrap_or_default(),
-            })),
+            "pipeline": pipeline, "completed_phases": completed, "last_denial": last_denial,
         }))
     }
 
@@ -267,6 +395,7 @@ struct BatchRow {
     batch_id: String,
     kind: String,
     class_id: Option<String>,
+    user_id: Option<String>,
     status: String,
     correlation_id: Uuid,
 }
@@ -278,7 +407,7 @@ async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbE
     let row = tx
         .fetch_optional(
             "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
-             RETURNING batch_id, kind, class_id, status, correlation_id",
+             RETURNING batch_id, kind, class_id, user_id, status, correlation_id",
             params![batch_id, now_ms()],
         )
         .await?;
@@ -287,6 +416,7 @@ async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbE
             batch_id: r.text("batch_id")?,
             kind: r.text("kind")?,
             class_id: r.opt_text("class_id")?,
+            user_id: r.opt_text("user_id")?,
             status: r.text("status")?,
             correlation_id: Uuid::parse_str(&r.text("correlation_id")?).unwrap_or_default(),
         })
@@ -301,6 +431,81 @@ async fn set_status(tx: &mut Tx, batch_id: &str, status: BatchStatus) -> Result<
     )
     .await?;
     Ok(())
+}
+
+/// Phases of the batch that completed (successfully, or with some essays failed).
+async fn completed_phases(tx: &mut Tx, batch_id: &str) -> Result<Vec<Phase>, DbError> {
+    Ok(tx
+        .fetch_all(
+            "SELECT phase FROM completed_phases WHERE batch_id = $1",
+            params![batch_id],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| r.text("phase").ok().and_then(|p| Phase::parse(&p)))
+        .collect())
+}
+
+/// The status of the batch's pipeline if one is waiting or running.
+async fn active_pipeline(tx: &mut Tx, batch_id: &str) -> Result<Option<String>, DbError> {
+    tx.fetch_optional(
+        "SELECT status FROM pipelines WHERE batch_id = $1 AND status IN ('WAITING', 'RUNNING')",
+        params![batch_id],
+    )
+    .await?
+    .map(|r| r.text("status"))
+    .transpose()
+}
+
+/// Records a refused pipeline request and answers it with `pipeline.denied`.
+async fn deny(
+    tx: &mut Tx,
+    env: &Envelope,
+    cmd: &ClientPipelineRequest,
+    batch: Option<&BatchRow>,
+    reason: &str,
+    detail: &str,
+) -> Result<(), HandlerError> {
+    tracing::info!(
+        batch_id = cmd.batch_id,
+        reason,
+        detail,
+        "pipeline request denied"
+    );
+    tx.execute(
+        "INSERT INTO pipeline_denials (batch_id, requested_pipeline, reason, detail, denied_at)
+         VALUES ($1, $2, $3, $4, $5)",
+        params![
+            &cmd.batch_id,
+            &cmd.requested_pipeline,
+            reason,
+            detail,
+            now_ms()
+        ],
+    )
+    .await?;
+    let now = chrono_now();
+    let correlation = batch.map_or(env.correlation_id, |b| b.correlation_id);
+    // This platform keeps no credit ledger: its denials are never about credits, and nothing
+    // would be charged for a pipeline that does not run (see docs/adding-a-service.md).
+    let event = EVENTS.event(
+        topics::PIPELINE_DENIED,
+        ("batch", &cmd.batch_id),
+        correlation,
+        &json!({
+            "event_name": "pipeline.denied", "entity_id": cmd.batch_id, "entity_type": "batch",
+            "parent_id": null, "timestamp": now, "batch_id": cmd.batch_id,
+            "user_id": cmd.user_id, "org_id": null, "requested_pipeline": cmd.requested_pipeline,
+            "denial_reason": reason, "required_credits": 0, "available_credits": 0,
+            "resource_breakdown": null, "denied_at": now, "detail": detail,
+        }),
+    )?;
+    tx.enqueue(&event).await?;
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 async fn start_phase(
@@ -333,6 +538,7 @@ impl Service for BatchOrchestrator {
 
     fn consumes(&self) -> &'static [&'static str] {
         &[
+            topics::CLIENT_PIPELINE_REQUEST,
             topics::PROVISIONING_COMPLETED,
             topics::EXCESS_CONTENT,
             topics::ASSOCIATIONS_CONFIRMED,
@@ -342,6 +548,9 @@ impl Service for BatchOrchestrator {
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        if env.event_type == topics::CLIENT_PIPELINE_REQUEST {
+            return self.on_pipeline_request(tx, env).await;
+        }
         let batch_id = env.text("batch_id")?;
         let Some(batch) = lock_batch(tx, &batch_id).await? else {
             // Not ours (another orchestrator's batch on a shared cluster): nothing to do.
@@ -398,6 +607,14 @@ impl Service for BatchOrchestrator {
                     return Ok(()); // an outcome for a phase we are not running: stale
                 }
                 let succeeded = env.data["status"].as_str() != Some("FAILED");
+                if succeeded {
+                    tx.execute(
+                        "INSERT INTO completed_phases (batch_id, phase) VALUES ($1, $2)
+                         ON CONFLICT (batch_id, phase) DO NOTHING",
+                        params![&batch_id, reported],
+                    )
+                    .await?;
+                }
                 match after_phase(&phases, index, succeeded) {
                     NextStep::Start(_) => start_phase(tx, &batch, &phases, index + 1).await?,
                     NextStep::Complete { succeeded } => {
@@ -446,9 +663,64 @@ pub struct Registered {
     pub batch_kind: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// A pipeline request over HTTP: the pipeline by name as the original's clients send it, or
+/// (this platform's earlier form) its phases in order.
+#[derive(Debug, Default, Deserialize)]
 pub struct PipelineRequest {
-    pub phases: Vec<Phase>,
+    #[serde(default)]
+    pub requested_pipeline: Option<String>,
+    #[serde(default)]
+    pub phases: Option<Vec<Phase>>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub is_retry: bool,
+    #[serde(default)]
+    pub retry_reason: Option<String>,
+}
+
+impl PipelineRequest {
+    pub fn named(pipeline: &str) -> Self {
+        Self {
+            requested_pipeline: Some(pipeline.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The pipeline asked for: `requested_pipeline`, or the last of `phases`.
+    fn requested(&self) -> Result<String, ApiError> {
+        match (&self.requested_pipeline, &self.phases) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(phases)) => phases
+                .last()
+                .map(|p| p.as_str().to_owned())
+                .ok_or_else(|| ApiError::bad_request("phases must name at least one phase")),
+            (None, None) => Err(ApiError::bad_request(
+                "name the pipeline: {\"requested_pipeline\": \"cj_assessment\"}",
+            )),
+        }
+    }
+}
+
+/// A pipeline request accepted: its command is on its way.
+#[derive(Debug, Serialize)]
+pub struct PipelineAccepted {
+    pub batch_id: String,
+    pub requested_pipeline: String,
+    /// What it will run, as resolved now.
+    pub phases: Vec<String>,
+    /// The event id of the `commands.batch.pipeline` command.
+    pub command_id: String,
+}
+
+/// `ClientBatchPipelineRequestV1`, the original's client command.
+#[derive(Debug, Deserialize)]
+struct ClientPipelineRequest {
+    batch_id: String,
+    requested_pipeline: String,
+    user_id: String,
+    #[serde(default)]
+    is_retry: bool,
 }
 
 /// The HTTP API.
@@ -481,11 +753,8 @@ async fn pipeline(
     JsonBody(req): JsonBody<PipelineRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     parse_uuid(&batch_id, "batch id")?;
-    let status = svc.request_pipeline(&batch_id, req.phases).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"batch_id": batch_id, "pipeline": status})),
-    ))
+    let accepted = svc.request_pipeline(&batch_id, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
 }
 
 #[cfg(test)]

@@ -37,13 +37,15 @@ pub const COMPARISONS_PER_ESSAY: usize = 10;
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cj_batches (
     cj_batch_id TEXT PRIMARY KEY,
-    batch_id TEXT NOT NULL UNIQUE,
+    batch_id TEXT NOT NULL,
+    run BIGINT NOT NULL,
     status TEXT NOT NULL,
     essay_count BIGINT NOT NULL,
     comparisons BIGINT NOT NULL DEFAULT 0,
     failure_reason TEXT,
     created_at BIGINT NOT NULL,
-    completed_at BIGINT
+    completed_at BIGINT,
+    UNIQUE (batch_id, run)
 );
 CREATE TABLE IF NOT EXISTS cj_comparisons (
     cj_batch_id TEXT NOT NULL REFERENCES cj_batches (cj_batch_id),
@@ -85,6 +87,14 @@ struct Requested {
     batch_id: String,
     #[serde(default)]
     essays_for_cj: Vec<EssayIn>,
+    /// Essay Lifecycle's run of the phase: a retried pipeline is a new run, a re-sent request
+    /// of the same run is not (the original's requests carry none: the first run).
+    #[serde(default = "first_run")]
+    run: i64,
+}
+
+fn first_run() -> i64 {
+    1
 }
 
 /// Essays fetched from the Content Service at once.
@@ -191,23 +201,31 @@ impl CjAssessment {
         &self.db
     }
 
-    fn keyed(event: NewEvent, what: &str, batch_id: &str) -> NewEvent {
-        event.with_idempotency_key(format!("{what}:{batch_id}"))
+    /// One key per batch and run: a repeated finalisation of a run publishes nothing.
+    fn keyed(event: NewEvent, what: &str, batch_id: &str, run: i64) -> NewEvent {
+        event.with_idempotency_key(format!("{what}:{batch_id}:{run}"))
     }
 
     async fn fail(
         &self,
         tx: &mut Tx,
         cj_batch_id: &str,
-        batch_id: &str,
+        req: &Requested,
         correlation: Uuid,
         reason: String,
     ) -> Result<(), HandlerError> {
+        let (batch_id, run) = (&req.batch_id, req.run);
         tx.execute("UPDATE cj_batches SET status = 'FAILED', failure_reason = $2, completed_at = $3 WHERE cj_batch_id = $1",
                    params![cj_batch_id, &reason, now_ms()]).await?;
-        let e = EVENTS.event(topics::CJ_FAILED, ("batch", batch_id), correlation,
-            &json!({"batch_id": batch_id, "entity_id": batch_id, "cj_batch_id": cj_batch_id, "reason": reason}))?;
-        tx.enqueue(&Self::keyed(e, "cj-failed", batch_id)).await?;
+        let e = EVENTS.event(
+            topics::CJ_FAILED,
+            ("batch", batch_id),
+            correlation,
+            &json!({"batch_id": batch_id, "entity_id": batch_id, "cj_batch_id": cj_batch_id,
+                    "run": run, "reason": reason}),
+        )?;
+        tx.enqueue(&Self::keyed(e, "cj-failed", batch_id, run))
+            .await?;
         Ok(())
     }
 }
@@ -235,19 +253,19 @@ impl Service for CjAssessment {
         let cj_batch_id = Uuid::new_v4().to_string();
         let fresh = tx
             .execute(
-                "INSERT INTO cj_batches (cj_batch_id, batch_id, status, essay_count, created_at)
-                 VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT (batch_id) DO NOTHING",
-                params![&cj_batch_id, &req.batch_id, essay_count, now_ms()],
+                "INSERT INTO cj_batches (cj_batch_id, batch_id, run, status, essay_count, created_at)
+                 VALUES ($1, $2, $3, 'RUNNING', $4, $5) ON CONFLICT (batch_id, run) DO NOTHING",
+                params![&cj_batch_id, &req.batch_id, req.run, essay_count, now_ms()],
             )
             .await?;
         if fresh == 0 {
-            return Ok(()); // this batch was assessed before; its results went out then
+            return Ok(()); // this run was assessed before; its results went out then
         }
         if essay_count < 2 {
             let reason =
                 format!("comparative judgement needs at least 2 essays, got {essay_count}");
             return self
-                .fail(tx, &cj_batch_id, &req.batch_id, env.correlation_id, reason)
+                .fail(tx, &cj_batch_id, &req, env.correlation_id, reason)
                 .await;
         }
         let candidates = match self.prepared.take(&env.event_id) {
@@ -258,13 +276,7 @@ impl Service for CjAssessment {
             Ok(r) => r,
             Err(e) => {
                 return self
-                    .fail(
-                        tx,
-                        &cj_batch_id,
-                        &req.batch_id,
-                        env.correlation_id,
-                        e.to_string(),
-                    )
+                    .fail(tx, &cj_batch_id, &req, env.correlation_id, e.to_string())
                     .await
             }
         };
@@ -294,12 +306,12 @@ impl Service for CjAssessment {
         if finalised == 0 {
             return Ok(());
         }
-        let b = &req.batch_id;
+        let (b, run) = (&req.batch_id, req.run);
         let c = env.correlation_id;
         let ids: Vec<&str> = ranked.iter().map(|r| r.essay_id.as_str()).collect();
         let completed = EVENTS.event(topics::CJ_COMPLETED, ("batch", b), c,
             &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "status": "COMPLETED",
-                    "ranked_essay_ids": ids}))?;
+                    "run": run, "ranked_essay_ids": ids}))?;
         let results = EVENTS.event(topics::ASSESSMENT_RESULT_PUBLISHED, ("batch", b), c,
             &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "assessment_method": "cj_assessment",
                     "model": "bradley_terry", "judge": self.judge.name(), "comparisons": comparisons.len(),
@@ -307,10 +319,11 @@ impl Service for CjAssessment {
         let usage = EVENTS.event(topics::RESOURCE_CONSUMPTION, ("batch", b), c,
             &json!({"batch_id": b, "entity_id": b, "service_name": NAME, "resource_type": "cj_comparison",
                     "quantity": comparisons.len(), "judge": self.judge.name()}))?;
-        tx.enqueue(&Self::keyed(completed, "cj-completed", b))
+        tx.enqueue(&Self::keyed(completed, "cj-completed", b, run))
             .await?;
-        tx.enqueue(&Self::keyed(results, "cj-results", b)).await?;
-        tx.enqueue(&Self::keyed(usage, "cj-usage", b)).await?;
+        tx.enqueue(&Self::keyed(results, "cj-results", b, run))
+            .await?;
+        tx.enqueue(&Self::keyed(usage, "cj-usage", b, run)).await?;
         Ok(())
     }
 }

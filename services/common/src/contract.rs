@@ -38,6 +38,10 @@ pub mod topics {
     pub const PHASE_OUTCOME: &str = "huleedu.els.batch.phase.outcome.v1";
     pub const PIPELINE_COMPLETED: &str = "huleedu.batch.pipeline.completed.v1";
     pub const RESULTS_READY: &str = "huleedu.ras.batch.results.ready.v1";
+    /// The client's pipeline command (`ClientBatchPipelineRequestV1`): from the original's API
+    /// Gateway, or Batch Orchestrator's own HTTP endpoint.
+    pub const CLIENT_PIPELINE_REQUEST: &str = "huleedu.commands.batch.pipeline.v1";
+    pub const PIPELINE_DENIED: &str = "huleedu.pipeline.denied.v1";
 
     /// All of them, for creating topics up front.
     pub const ALL: &[&str] = &[
@@ -70,6 +74,8 @@ pub mod topics {
         PHASE_OUTCOME,
         PIPELINE_COMPLETED,
         RESULTS_READY,
+        CLIENT_PIPELINE_REQUEST,
+        PIPELINE_DENIED,
     ];
 }
 

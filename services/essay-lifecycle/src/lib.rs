@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS batches (
     essays_ready_sent BIGINT NOT NULL DEFAULT 0,
     current_phase TEXT,
     phase_status TEXT,
+    phase_runs BIGINT NOT NULL DEFAULT 0,
     updated_at BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS essays (
@@ -82,6 +83,7 @@ struct Batch {
     essays_ready_sent: bool,
     current_phase: Option<String>,
     phase_status: Option<String>,
+    phase_runs: i64,
 }
 
 #[derive(Deserialize)]
@@ -141,7 +143,8 @@ impl EssayLifecycle {
             .fetch_optional(
                 "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
                  RETURNING batch_id, class_id, course_code, correlation_id,
-                           provisioning_completed, essays_ready_sent, current_phase, phase_status",
+                           provisioning_completed, essays_ready_sent, current_phase, phase_status,
+                           phase_runs",
                 params![batch_id, now_ms()],
             )
             .await?
@@ -157,6 +160,7 @@ impl EssayLifecycle {
             essays_ready_sent: r.int("essays_ready_sent")? != 0,
             current_phase: r.opt_text("current_phase")?,
             phase_status: r.opt_text("phase_status")?,
+            phase_runs: r.int("phase_runs")?,
         }))
     }
 
@@ -480,26 +484,34 @@ impl EssayLifecycle {
         .await
     }
 
-    /// Starts a phase unless it already runs (a repeated command changes nothing).
+    /// Starts a phase unless it is running (a repeated command changes nothing); a phase
+    /// that ran before runs again (a retried pipeline). Returns the batch's run number, which
+    /// tells a service's repeated request for one run from a new run.
     async fn begin_phase(
         &self,
         tx: &mut Tx,
         batch: &Batch,
         phase: &str,
-    ) -> Result<bool, HandlerError> {
-        if batch.current_phase.as_deref() == Some(phase) {
-            return Ok(false);
+    ) -> Result<Option<i64>, HandlerError> {
+        if batch.current_phase.as_deref() == Some(phase)
+            && batch.phase_status.as_deref() == Some("RUNNING")
+        {
+            return Ok(None);
         }
-        tx.execute(
-            "UPDATE batches SET current_phase = $2, phase_status = 'RUNNING' WHERE batch_id = $1",
-            params![&batch.batch_id, phase],
-        )
-        .await?;
-        Ok(true)
+        let row = tx
+            .fetch_optional(
+                "UPDATE batches SET current_phase = $2, phase_status = 'RUNNING',
+                        phase_runs = phase_runs + 1
+                 WHERE batch_id = $1 RETURNING phase_runs",
+                params![&batch.batch_id, phase],
+            )
+            .await?
+            .ok_or_else(|| HandlerError::retry("the batch row vanished"))?;
+        Ok(Some(row.int("phase_runs")?))
     }
 
     async fn on_spellcheck_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
-        if !self.begin_phase(tx, batch, "spellcheck").await? {
+        if self.begin_phase(tx, batch, "spellcheck").await?.is_none() {
             return Ok(());
         }
         let rows = tx
@@ -574,17 +586,18 @@ impl EssayLifecycle {
     }
 
     async fn on_cj_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
-        if !self.begin_phase(tx, batch, "cj_assessment").await? {
+        let Some(run) = self.begin_phase(tx, batch, "cj_assessment").await? else {
             return Ok(());
-        }
+        };
         let rows = tx
             .fetch_all(
                 "SELECT essay_id, state, text_storage_id, corrected_text_storage_id, spelling_errors FROM essays
-                 WHERE batch_id = $1 AND state IN ($2, $3) ORDER BY slot_index",
+                 WHERE batch_id = $1 AND state IN ($2, $3, $4) ORDER BY slot_index",
                 params![
                     &batch.batch_id,
                     EssayState::ContentReady.as_str(),
-                    EssayState::Spellchecked.as_str()
+                    EssayState::Spellchecked.as_str(),
+                    EssayState::CjFailed.as_str()
                 ],
             )
             .await?;
@@ -608,7 +621,8 @@ impl EssayLifecycle {
             ("batch", &batch.batch_id),
             batch.correlation_id,
             json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
-                   "course_code": batch.course_code, "language": "en", "essays_for_cj": essays}),
+                   "course_code": batch.course_code, "language": "en", "essays_for_cj": essays,
+                   "run": run}),
         )
         .await
     }
@@ -741,6 +755,13 @@ impl Service for EssayLifecycle {
             topics::ASSOCIATIONS_CONFIRMED => self.on_associations(tx, &batch, env).await,
             topics::SPELLCHECK_INITIATE => self.on_spellcheck_initiate(tx, &batch).await,
             topics::CJ_INITIATE => self.on_cj_initiate(tx, &batch).await,
+            topics::CJ_COMPLETED | topics::CJ_FAILED
+                if env.data["run"]
+                    .as_i64()
+                    .is_some_and(|run| run != batch.phase_runs) =>
+            {
+                Ok(()) // a late answer to an earlier run of the phase
+            }
             topics::CJ_COMPLETED => self.on_cj_result(tx, &batch, true).await,
             topics::CJ_FAILED => self.on_cj_result(tx, &batch, false).await,
             other => {

@@ -65,8 +65,9 @@ impl EssayState {
             (S::ContentReady, E::SpellcheckRequested) => S::SpellcheckRequested,
             (S::SpellcheckRequested, E::SpellcheckSucceeded) => S::Spellchecked,
             (S::SpellcheckRequested, E::SpellcheckFailed) => S::SpellcheckFailed,
-            // CJ may run on spellchecked essays or, in a CJ-only pipeline, on ready ones.
-            (S::ContentReady | S::Spellchecked, E::CjRequested) => S::CjRequested,
+            // CJ may run on spellchecked essays or, in a CJ-only pipeline, on ready ones; a
+            // retried pipeline runs it again on the essays whose judgement failed.
+            (S::ContentReady | S::Spellchecked | S::CjFailed, E::CjRequested) => S::CjRequested,
             (S::CjRequested, E::CjCompleted) => S::CjCompleted,
             (S::CjRequested, E::CjFailed) => S::CjFailed,
             (from, event) => return Err(InvalidTransition { from, event }),
@@ -136,6 +137,15 @@ mod tests {
         assert!(S::CjCompleted.apply(E::CjFailed).is_err());
         assert!(S::AwaitingContent.apply(E::CjRequested).is_err());
         assert_eq!(S::ContentReady.apply(E::CjRequested), Ok(S::CjRequested));
+        assert_eq!(
+            S::CjFailed.apply(E::CjRequested),
+            Ok(S::CjRequested),
+            "a retry"
+        );
+        assert!(
+            S::CjCompleted.apply(E::CjRequested).is_err(),
+            "completed judgement is not redone"
+        );
         // Exhaustive: every (state, event) pair either has a rule or is refused, and nothing
         // leads back to AwaitingContent.
         let events = [

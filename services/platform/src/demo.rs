@@ -157,15 +157,21 @@ pub async fn run(api: &Gateway, options: &DemoOptions) -> anyhow::Result<DemoRep
     let pipeline = expect(
         api.post(
             &format!("/v1/batches/{batch_id}/pipelines"),
-            &json!({"phases": ["spellcheck", "cj_assessment"]}),
+            &json!({"requested_pipeline": "cj_assessment"}),
         )
         .await?,
         StatusCode::ACCEPTED,
         "request pipeline",
     )?;
     say(format!(
-        "pipeline spellcheck -> cj_assessment requested: {}",
-        pipeline["pipeline"]
+        "pipeline cj_assessment requested: runs {}",
+        pipeline["phases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> ")
     ));
 
     // As a browser would: several requests when the batch exceeds what one request may carry.

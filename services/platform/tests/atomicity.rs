@@ -149,15 +149,28 @@ async fn http_writes_commit_with_their_events() {
     let registered = bos.register(req()).await.unwrap();
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM batches").await, 1);
     assert_eq!(outbox_topics(&db).await, [topics::BATCH_ESSAYS_REGISTERED]);
-    assert_eq!(
-        bos.request_pipeline(
-            &registered.batch_id,
-            vec![batch_orchestrator::Phase::Spellcheck]
-        )
+    // A pipeline request is the client command, enqueued in the orchestrator's outbox.
+    let pipeline = || batch_orchestrator::PipelineRequest {
+        user_id: Some("teacher-1".into()),
+        ..batch_orchestrator::PipelineRequest::named("cj_assessment")
+    };
+    refuse_events(&db, true).await;
+    assert!(bos
+        .request_pipeline(&registered.batch_id, pipeline())
         .await
-        .unwrap(),
-        "WAITING",
-        "not ready yet: waits"
+        .is_err());
+    refuse_events(&db, false).await;
+    let accepted = bos
+        .request_pipeline(&registered.batch_id, pipeline())
+        .await
+        .unwrap();
+    assert_eq!(accepted.phases, ["spellcheck", "cj_assessment"]);
+    assert_eq!(
+        outbox_topics(&db).await,
+        [
+            topics::BATCH_ESSAYS_REGISTERED,
+            topics::CLIENT_PIPELINE_REQUEST
+        ]
     );
 
     let db = schemas.db(file_service::NAME).await;

@@ -226,6 +226,8 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
     let got = events_of_batch(messages, batch_id);
     let mut want = vec![
         (topics::BATCH_ESSAYS_REGISTERED, 1),
+        (topics::CLIENT_PIPELINE_REQUEST, 1),
+        (topics::PIPELINE_DENIED, 0),
         (topics::FILE_ADDED, TOTAL),
         (topics::CONTENT_PROVISIONED, VALID),
         (topics::VALIDATION_FAILED, 1),
