@@ -1,8 +1,8 @@
-//! Class Management: classes and students over HTTP, and essay-student matching for REGULAR
-//! batches. On `student.matching.requested` it suggests a student per essay (a student whose
-//! full name appears in the text); a teacher confirms over HTTP, or the suggestions are
-//! confirmed automatically after a timeout. Either way `student.associations.confirmed` is
-//! emitted exactly once per batch.
+//! Class Management: classes and students over HTTP, the class roster for the matching
+//! service, and essay-student associations for REGULAR batches ([`matching`]): suggestions
+//! arrive on `batch.author.matches.suggested`; a teacher confirms or overrides them over HTTP,
+//! or the confident ones confirm themselves after a timeout. Either way
+//! `student.associations.confirmed` is emitted exactly once per batch.
 //!
 //! | HTTP | effect |
 //! |---|---|
@@ -10,6 +10,7 @@
 //! | `PUT /v1/classes/{id}` `{name?, course_code?}` | `class.updated` |
 //! | `POST /v1/classes/{id}/students` `{first_name, last_name, email?}` | `class.student.created` |
 //! | `PUT /v1/students/{id}` `{first_name?, last_name?, email?}` | `class.student.updated` |
+//! | `GET /v1/classes/{id}/roster` | `{"students": [{student_id, first_name, last_name, full_legal_name, email}]}` (the original's roster) |
 //! | `GET /v1/matches/{batch_id}` | suggestions |
 //! | `POST /v1/matches/{batch_id}/confirm` `{associations?: [{essay_id, student_id}]}` | `student.associations.confirmed` |
 
@@ -21,15 +22,17 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use essay_common::content::ContentClient;
-use essay_common::prepared::Prepared;
 use essay_common::util::{now_ms, parse_uuid, ApiError, JsonBody};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
+
+pub mod matching;
+
+use matching::{Association, ConfirmedBy, EssayMatches};
 
 pub const NAME: &str = "class_management_service";
 const EVENTS: EventFactory = EventFactory::new(NAME);
@@ -52,100 +55,83 @@ CREATE TABLE IF NOT EXISTS matches (
     class_id TEXT,
     status TEXT NOT NULL,
     suggestions TEXT NOT NULL,
+    associations TEXT,
     correlation_id TEXT NOT NULL,
     deadline_ms BIGINT NOT NULL,
     confirmed_by TEXT
 );
 ";
 
-/// One essay's suggested student (none when no name was found).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Suggestion {
-    pub essay_id: String,
-    pub student_id: Option<String>,
-    pub student_name: Option<String>,
-}
-
-/// A student's full name as it would appear in an essay.
-#[derive(Clone, Debug)]
-pub struct StudentName {
-    pub student_id: String,
-    pub first_name: String,
-    pub last_name: String,
-}
-
-/// Suggests, per essay, the student whose full name (first and last, case-insensitive) occurs
-/// in its text. Each student is suggested for at most one essay (the first that names them).
-pub fn suggest(essays: &[(String, String)], students: &[StudentName]) -> Vec<Suggestion> {
-    let mut taken = std::collections::HashSet::new();
-    essays
-        .iter()
-        .map(|(essay_id, text)| {
-            let text = text.to_lowercase();
-            let found = students.iter().find(|s| {
-                let full = format!("{} {}", s.first_name, s.last_name).to_lowercase();
-                !taken.contains(&s.student_id) && text.contains(&full)
-            });
-            if let Some(s) = found {
-                taken.insert(s.student_id.clone());
-            }
-            Suggestion {
-                essay_id: essay_id.clone(),
-                student_id: found.map(|s| s.student_id.clone()),
-                student_name: found.map(|s| format!("{} {}", s.first_name, s.last_name)),
-            }
-        })
-        .collect()
-}
-
 pub struct ClassManagement {
     db: ServiceDb,
     confirm_timeout: Duration,
-    content: ContentClient,
-    /// The essays' texts, fetched in `prepare`, by event id.
-    prepared: Prepared<Vec<(String, String)>>,
-}
-
-#[derive(Deserialize)]
-struct EssayRef {
-    essay_id: String,
-    text_storage_id: String,
-}
-
-#[derive(Deserialize)]
-struct MatchingRequested {
-    batch_id: String,
-    class_id: Option<String>,
-    essays_to_process: Vec<EssayRef>,
 }
 
 impl ClassManagement {
-    /// `confirm_timeout`: how long a teacher has before suggestions confirm themselves;
-    /// essays' texts are read from the Content Service through `content`.
-    pub async fn open(
-        db: ServiceDb,
-        confirm_timeout: Duration,
-        content: ContentClient,
-    ) -> Result<Self, DbError> {
+    /// `confirm_timeout`: how long a teacher has before the confident suggestions confirm
+    /// themselves.
+    pub async fn open(db: ServiceDb, confirm_timeout: Duration) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
         Ok(Self {
             db,
             confirm_timeout,
-            content,
-            prepared: Prepared::new(16),
         })
     }
 
-    /// (essay id, text) of every essay of the request.
-    async fn texts(&self, essays: &[EssayRef]) -> Result<Vec<(String, String)>, HandlerError> {
-        let mut out = Vec::with_capacity(essays.len());
-        for e in essays {
-            out.push((
-                e.essay_id.clone(),
-                self.content.fetch_text(&e.text_storage_id).await?,
-            ));
+    /// The students of a class, as the original's roster endpoint lists them.
+    pub async fn roster(&self, class_id: &str) -> Result<serde_json::Value, ApiError> {
+        if self
+            .db
+            .fetch_optional(
+                "SELECT 1 AS one FROM classes WHERE class_id = $1",
+                params![class_id],
+            )
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::not_found(format!("no class {class_id}")));
         }
-        Ok(out)
+        let rows = self
+            .db
+            .fetch_all(
+                "SELECT student_id, first_name, last_name, email FROM students
+                 WHERE class_id = $1 ORDER BY last_name, first_name",
+                params![class_id],
+            )
+            .await?;
+        let students = rows
+            .iter()
+            .map(|r| {
+                let (first, last) = (r.text("first_name")?, r.text("last_name")?);
+                Ok(
+                    json!({"student_id": r.text("student_id")?, "first_name": first,
+                          "last_name": last, "full_legal_name": format!("{first} {last}"),
+                          "email": r.opt_text("email")?}),
+                )
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
+        Ok(json!({"students": students}))
+    }
+
+    /// Keeps a batch's suggestions, pending until the teacher or the deadline confirms them.
+    async fn on_suggested(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
+        #[derive(Deserialize)]
+        struct Suggested {
+            batch_id: String,
+            #[serde(default)]
+            class_id: Option<String>,
+            match_results: Vec<EssayMatches>,
+        }
+        let s: Suggested = env.data()?;
+        let deadline = now_ms() + self.confirm_timeout.as_millis() as i64;
+        tx.execute(
+            "INSERT INTO matches (batch_id, class_id, status, suggestions, correlation_id, deadline_ms)
+             VALUES ($1, $2, 'PENDING', $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING",
+            params![&s.batch_id, s.class_id, serde_json::to_string(&s.match_results).expect("serialises"),
+                    env.correlation_id.to_string(), deadline],
+        )
+        .await?;
+        Ok(())
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -257,32 +243,55 @@ impl ClassManagement {
         Ok(())
     }
 
+    /// A batch's matching: per essay the best suggestion (with the others as alternatives)
+    /// while pending, the confirmed associations once confirmed.
     pub async fn matches(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
         let row = self
             .db
             .fetch_optional(
-                "SELECT status, suggestions, class_id FROM matches WHERE batch_id = $1",
+                "SELECT status, suggestions, associations, class_id, confirmed_by FROM matches
+                 WHERE batch_id = $1",
                 params![batch_id],
             )
             .await?
             .ok_or_else(|| {
                 ApiError::not_found(format!("no matching requested for batch {batch_id}"))
             })?;
-        let suggestions: serde_json::Value =
-            serde_json::from_str(&row.text("suggestions")?).unwrap_or_default();
+        let results = stored_results(&row.text("suggestions")?)?;
+        let suggestions: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                let mut ranked = r.suggestions.clone();
+                ranked.sort_by(|a, b| b.confidence_score.total_cmp(&a.confidence_score));
+                let best = ranked.first();
+                json!({"essay_id": r.essay_id, "student_id": best.map(|b| &b.student_id),
+                       "student_name": best.map(|b| &b.student_name),
+                       "confidence_score": best.map(|b| b.confidence_score),
+                       "match_reasons": best.map(|b| &b.match_reasons),
+                       "alternatives": ranked.iter().skip(1).collect::<Vec<_>>(),
+                       "no_match_reason": r.no_match_reason})
+            })
+            .collect();
+        let associations: Option<serde_json::Value> = row
+            .opt_text("associations")?
+            .and_then(|a| serde_json::from_str(&a).ok());
         Ok(
             json!({"batch_id": batch_id, "class_id": row.opt_text("class_id")?,
-                  "status": row.text("status")?, "suggestions": suggestions}),
+                  "status": row.text("status")?, "confirmed_by": row.opt_text("confirmed_by")?,
+                  "suggestions": suggestions, "associations": associations}),
         )
     }
 
-    /// Confirms a batch's associations (the given ones, else the suggestions). Returns false
-    /// when they were confirmed before; the event is emitted once either way.
+    /// Confirms a batch's associations: the teacher's choices (`chosen`, students of the
+    /// batch's class only; essays left out keep their suggestion), else the suggestions as
+    /// `by` accepts them. Returns false when they were confirmed before; the event is emitted
+    /// once either way.
     pub async fn confirm(
         &self,
         batch_id: &str,
-        chosen: Option<Vec<Suggestion>>,
-        by: &str,
+        chosen: Option<Vec<Association>>,
+        by: ConfirmedBy,
+        who: &str,
     ) -> Result<bool, ApiError> {
         let mut tx = self.db.begin().await?;
         let Some(row) = tx
@@ -290,7 +299,7 @@ impl ClassManagement {
                 "UPDATE matches SET status = 'CONFIRMED', confirmed_by = $2
                  WHERE batch_id = $1 AND status = 'PENDING'
                  RETURNING class_id, suggestions, correlation_id",
-                params![batch_id, by],
+                params![batch_id, who],
             )
             .await?
         else {
@@ -298,46 +307,88 @@ impl ClassManagement {
             self.matches(batch_id).await?; // 404 if it never existed
             return Ok(false);
         };
-        let suggested: Vec<Suggestion> =
-            serde_json::from_str(&row.text("suggestions")?).map_err(|e| {
-                ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("stored suggestions: {e}"),
-                )
-            })?;
-        let associations = match chosen {
-            Some(c) => {
-                let known: std::collections::HashSet<_> =
-                    suggested.iter().map(|s| &s.essay_id).collect();
-                if let Some(bad) = c.iter().find(|a| !known.contains(&a.essay_id)) {
-                    return Err(ApiError::bad_request(format!(
-                        "essay {} is not in batch {batch_id}",
-                        bad.essay_id
-                    )));
+        let results = stored_results(&row.text("suggestions")?)?;
+        let class_id = row.opt_text("class_id")?;
+        let mut associations = matching::from_suggestions(&results, by);
+        for choice in chosen.unwrap_or_default() {
+            let Some(slot) = associations
+                .iter_mut()
+                .find(|a| a.essay_id == choice.essay_id)
+            else {
+                return Err(ApiError::bad_request(format!(
+                    "essay {} is not in batch {batch_id}",
+                    choice.essay_id
+                )));
+            };
+            let name = match &choice.student_id {
+                None => None,
+                Some(student) => {
+                    let found = tx
+                        .fetch_optional(
+                            "SELECT first_name, last_name FROM students
+                             WHERE student_id = $1 AND class_id = $2",
+                            params![student, class_id.clone()],
+                        )
+                        .await?
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!(
+                                "student {student} is not in the batch's class"
+                            ))
+                        })?;
+                    Some(format!(
+                        "{} {}",
+                        found.text("first_name")?,
+                        found.text("last_name")?
+                    ))
                 }
-                c
-            }
-            None => suggested,
-        };
+            };
+            *slot = Association {
+                essay_id: choice.essay_id,
+                student_id: choice.student_id,
+                student_name: name,
+                confidence_score: None,
+            };
+        }
         tx.execute(
-            "UPDATE matches SET suggestions = $2 WHERE batch_id = $1",
+            "UPDATE matches SET associations = $2 WHERE batch_id = $1",
             params![
                 batch_id,
                 serde_json::to_string(&associations).expect("serialises")
             ],
         )
         .await?;
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let wire: Vec<serde_json::Value> = associations
+            .iter()
+            .map(|a| {
+                json!({"essay_id": a.essay_id, "student_id": a.student_id,
+                            "student_name": a.student_name, "confidence_score": a.confidence_score,
+                            "validation_method": by.method(), "validated_by": who,
+                            "validated_at": now})
+            })
+            .collect();
+        let confirmed = associations
+            .iter()
+            .filter(|a| a.student_id.is_some())
+            .count();
         let correlation = Uuid::parse_str(&row.text("correlation_id")?).unwrap_or_default();
-        let e = EVENTS.event(topics::ASSOCIATIONS_CONFIRMED, ("batch", batch_id), correlation,
-            &json!({"batch_id": batch_id, "entity_id": batch_id, "class_id": row.opt_text("class_id")?,
-                    "associations": associations, "confirmed_by": by,
-                    "auto_confirmed": by == "timeout"}))?;
+        let e = EVENTS.event(
+            topics::ASSOCIATIONS_CONFIRMED,
+            ("batch", batch_id),
+            correlation,
+            &json!({"event_name": "student.associations.confirmed", "batch_id": batch_id,
+                    "entity_id": batch_id, "class_id": class_id, "associations": wire,
+                    "timeout_triggered": by == ConfirmedBy::Timeout, "timestamp": now,
+                    "validation_summary": {"total_associations": associations.len(),
+                                           "confirmed": confirmed,
+                                           "rejected": associations.len() - confirmed}}),
+        )?;
         tx.enqueue(&e).await?;
         tx.commit().await?;
         Ok(true)
     }
 
-    /// Confirms every pending match whose deadline passed.
+    /// Confirms every pending match whose deadline passed (confident suggestions only).
     pub async fn confirm_expired(&self) -> Result<usize, ApiError> {
         let due = self
             .db
@@ -348,12 +399,29 @@ impl ClassManagement {
             .await?;
         let mut n = 0;
         for r in due {
-            if self.confirm(&r.text("batch_id")?, None, "timeout").await? {
+            if self
+                .confirm(
+                    &r.text("batch_id")?,
+                    None,
+                    ConfirmedBy::Timeout,
+                    "SYSTEM_TIMEOUT",
+                )
+                .await?
+            {
                 n += 1;
             }
         }
         Ok(n)
     }
+}
+
+fn stored_results(json: &str) -> Result<Vec<EssayMatches>, ApiError> {
+    serde_json::from_str(json).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("stored suggestions: {e}"),
+        )
+    })
 }
 
 #[async_trait]
@@ -363,47 +431,11 @@ impl Service for ClassManagement {
     }
 
     fn consumes(&self) -> &'static [&'static str] {
-        &[topics::MATCHING_REQUESTED]
-    }
-
-    async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
-        let req: MatchingRequested = env.data()?;
-        let texts = self.texts(&req.essays_to_process).await?;
-        self.prepared.put(env.event_id, texts);
-        Ok(())
+        &[topics::AUTHOR_MATCHES_SUGGESTED]
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        let req: MatchingRequested = env.data()?;
-        let students = tx
-            .fetch_all(
-                "SELECT student_id, first_name, last_name FROM students WHERE class_id = $1",
-                params![req.class_id.clone()],
-            )
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(StudentName {
-                    student_id: r.text("student_id")?,
-                    first_name: r.text("first_name")?,
-                    last_name: r.text("last_name")?,
-                })
-            })
-            .collect::<Result<Vec<_>, DbError>>()?;
-        let essays = match self.prepared.take(&env.event_id) {
-            Some(texts) => texts,
-            None => self.texts(&req.essays_to_process).await?,
-        };
-        let suggestions = suggest(&essays, &students);
-        let deadline = now_ms() + self.confirm_timeout.as_millis() as i64;
-        tx.execute(
-            "INSERT INTO matches (batch_id, class_id, status, suggestions, correlation_id, deadline_ms)
-             VALUES ($1, $2, 'PENDING', $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING",
-            params![&req.batch_id, req.class_id, serde_json::to_string(&suggestions).expect("serialises"),
-                    env.correlation_id.to_string(), deadline],
-        )
-        .await?;
-        Ok(())
+        self.on_suggested(tx, env).await
     }
 
     fn router(self: Arc<Self>) -> Option<Router> {
@@ -457,7 +489,10 @@ pub struct UpdateStudent {
 #[derive(Debug, Default, Deserialize)]
 pub struct Confirm {
     #[serde(default)]
-    pub associations: Option<Vec<Suggestion>>,
+    pub associations: Option<Vec<Association>>,
+    /// Who confirms (the teacher's user id).
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 
 type Svc = State<Arc<ClassManagement>>;
@@ -475,6 +510,11 @@ pub fn router(svc: Arc<ClassManagement>) -> Router {
                 parse_uuid(&id, "class id")?;
                 s.update_class(&id, r).await?;
                 Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+            }))
+        .route("/v1/classes/{class_id}/roster", get(
+            |State(s): Svc, Path(id): Path<String>| async move {
+                parse_uuid(&id, "class id")?;
+                Ok::<_, ApiError>(Json(s.roster(&id).await?))
             }))
         .route("/v1/classes/{class_id}/students", post(
             |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<NewStudent>| async move {
@@ -494,48 +534,9 @@ pub fn router(svc: Arc<ClassManagement>) -> Router {
             }))
         .route("/v1/matches/{batch_id}/confirm", post(
             |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<Confirm>| async move {
-                let fresh = s.confirm(&id, r.associations, "teacher").await?;
+                let who = r.user_id.unwrap_or_else(|| "teacher".into());
+                let fresh = s.confirm(&id, r.associations, ConfirmedBy::Teacher, &who).await?;
                 Ok::<_, ApiError>(Json(json!({"batch_id": id, "confirmed": true, "already_confirmed": !fresh})))
             }))
         .with_state(svc)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_in_the_text_become_suggestions() {
-        let students = vec![
-            StudentName {
-                student_id: "s1".into(),
-                first_name: "Ada".into(),
-                last_name: "Lovelace".into(),
-            },
-            StudentName {
-                student_id: "s2".into(),
-                first_name: "Alan".into(),
-                last_name: "Turing".into(),
-            },
-        ];
-        let essays = vec![
-            (
-                "e1".to_string(),
-                "Essay by ALAN TURING about machines".to_string(),
-            ),
-            ("e2".to_string(), "No name here".to_string()),
-            (
-                "e3".to_string(),
-                "ada lovelace wrote this; Alan Turing too".to_string(),
-            ),
-        ];
-        let s = suggest(&essays, &students);
-        assert_eq!(s[0].student_id.as_deref(), Some("s2"));
-        assert_eq!(s[1].student_id, None);
-        assert_eq!(
-            s[2].student_id.as_deref(),
-            Some("s1"),
-            "Turing was taken by e1"
-        );
-    }
 }

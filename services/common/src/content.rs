@@ -101,22 +101,7 @@ impl From<ContentError> for HandlerError {
 }
 
 /// How long one request may take and how often a call tries before it reports an outage.
-#[derive(Clone, Copy, Debug)]
-pub struct ContentPolicy {
-    pub timeout: Duration,
-    pub attempts: u32,
-    pub first_backoff: Duration,
-}
-
-impl Default for ContentPolicy {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(10),
-            attempts: 3,
-            first_backoff: Duration::from_millis(200),
-        }
-    }
-}
+pub type ContentPolicy = crate::http::Policy;
 
 /// A client of the Content Service; cheap to clone (one connection pool).
 #[derive(Clone, Debug)]
@@ -135,12 +120,7 @@ impl ContentClient {
                 "CONTENT_SERVICE_URL must be an http:// URL (the Content Service's address), got {base_url:?}"
             ));
         }
-        let http = reqwest::Client::builder()
-            .timeout(policy.timeout)
-            .connect_timeout(policy.timeout.min(Duration::from_secs(2)))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+        let http = policy.client()?;
         Ok(Self { base, http, policy })
     }
 
@@ -211,61 +191,21 @@ impl ContentClient {
         String::from_utf8(bytes).map_err(|_| ContentError::NotText(id.to_owned()))
     }
 
-    /// Sends the request `make` builds, retrying connection failures, timeouts and 5xx
-    /// answers with doubling backoff; a 2xx body, a 4xx as `Refused`, or `Unavailable`.
     async fn send(
         &self,
         make: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Vec<u8>, ContentError> {
-        let mut backoff = self.policy.first_backoff;
-        let mut last = String::new();
-        for attempt in 1..=self.policy.attempts.max(1) {
-            if attempt > 1 {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            let response = match make().send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    last = describe(&e);
-                    continue;
+        crate::http::send(&self.policy, make)
+            .await
+            .map_err(|e| match e {
+                crate::http::Failure::Unavailable(cause) => ContentError::Unavailable {
+                    url: self.base.clone(),
+                    cause,
+                },
+                crate::http::Failure::Refused { status, body } => {
+                    ContentError::Refused { status, body }
                 }
-            };
-            let status = response.status();
-            let body = match response.bytes().await {
-                Ok(b) => b.to_vec(),
-                Err(e) => {
-                    last = describe(&e);
-                    continue;
-                }
-            };
-            if status.is_success() {
-                return Ok(body);
-            }
-            let text = String::from_utf8_lossy(&body).chars().take(300).collect();
-            if status.is_server_error() {
-                last = format!("HTTP {}: {text}", status.as_u16());
-                continue;
-            }
-            return Err(ContentError::Refused {
-                status: status.as_u16(),
-                body: text,
-            });
-        }
-        Err(ContentError::Unavailable {
-            url: self.base.clone(),
-            cause: last,
-        })
-    }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "no answer in time".into()
-    } else if e.is_connect() {
-        "connection refused or unreachable".into()
-    } else {
-        e.to_string()
+            })
     }
 }
 

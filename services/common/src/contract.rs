@@ -19,6 +19,7 @@ pub mod topics {
     pub const PROVISIONING_COMPLETED: &str = "huleedu.batch.content.provisioning.completed.v1";
     pub const MATCHING_INITIATE: &str = "huleedu.batch.student.matching.initiate.command.v1";
     pub const MATCHING_REQUESTED: &str = "huleedu.batch.student.matching.requested.v1";
+    pub const AUTHOR_MATCHES_SUGGESTED: &str = "huleedu.batch.author.matches.suggested.v1";
     pub const CLASS_CREATED: &str = "huleedu.class.created.v1";
     pub const CLASS_UPDATED: &str = "huleedu.class.updated.v1";
     pub const STUDENT_CREATED: &str = "huleedu.class.student.created.v1";
@@ -55,6 +56,7 @@ pub mod topics {
         PROVISIONING_COMPLETED,
         MATCHING_INITIATE,
         MATCHING_REQUESTED,
+        AUTHOR_MATCHES_SUGGESTED,
         CLASS_CREATED,
         CLASS_UPDATED,
         STUDENT_CREATED,

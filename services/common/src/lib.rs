@@ -5,6 +5,7 @@
 
 pub mod content;
 pub mod contract;
+pub mod http;
 pub mod prepared;
 pub mod runtime;
 pub mod util;

@@ -1,4 +1,4 @@
-//! The essay platform: its eight services, run together ([`Platform`]) or one per process
+//! The essay platform: its nine services, run together ([`Platform`]) or one per process
 //! ([`serve`]), and the demo that pushes a batch of essays through them ([`demo`]).
 
 pub mod client;
@@ -24,19 +24,38 @@ use outbox::portable::ServiceDb;
 use outbox::RelayReport;
 use result_aggregator::ResultAggregator;
 use spellchecker::{Spellchecker, Speller};
+use student_matching::{RosterClient, StudentMatching};
 
-/// Every service, with its default HTTP port for `serve`. The Content Service comes first: the
-/// others store and fetch essay text there.
+/// Every service, with its default HTTP port for `serve`. The Content Service and Class
+/// Management come first: the others call them (texts; the class roster).
 pub const SERVICES: &[(&str, &str, u16)] = &[
     ("content-service", content_service::NAME, 4108),
+    ("class-management", class_management::NAME, 4104),
     ("batch-orchestrator", batch_orchestrator::NAME, 4101),
     ("file-service", file_service::NAME, 4102),
     ("essay-lifecycle", essay_lifecycle::NAME, 4103),
-    ("class-management", class_management::NAME, 4104),
+    ("student-matching", student_matching::NAME, 4109),
     ("spellchecker", spellchecker::NAME, 4105),
     ("cj-assessment", cj_assessment::NAME, 4106),
     ("result-aggregator", result_aggregator::NAME, 4107),
 ];
+
+/// The services other services call over HTTP.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    pub content: ContentClient,
+    pub roster: RosterClient,
+}
+
+impl Peers {
+    /// `CONTENT_SERVICE_URL` and `CLASS_MANAGEMENT_URL` (defaults: their `serve` ports).
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            content: ContentClient::from_env().map_err(anyhow::Error::msg)?,
+            roster: RosterClient::from_env().map_err(anyhow::Error::msg)?,
+        })
+    }
+}
 
 /// Knobs the services take.
 #[derive(Clone, Debug)]
@@ -81,26 +100,27 @@ pub enum AnyService {
     Files(Arc<FileService>),
     Els(Arc<EssayLifecycle>),
     Cms(Arc<ClassManagement>),
+    Matching(Arc<StudentMatching>),
     Spell(Arc<Spellchecker>),
     Cj(Arc<CjAssessment>),
     Ras(Arc<ResultAggregator>),
 }
 
 impl AnyService {
-    /// Builds the service called `name` (its short or full name) over `db`; those that store
-    /// or read essay text reach the Content Service through `content`.
+    /// Builds the service called `name` (its short or full name) over `db`; those that call
+    /// other services reach them through `peers`.
     pub async fn build(
         name: &str,
         db: ServiceDb,
         options: &Options,
-        content: &ContentClient,
+        peers: &Peers,
     ) -> anyhow::Result<Self> {
         let (short, full, _) = SERVICES
             .iter()
             .find(|(s, f, _)| *s == name || *f == name)
             .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
         let _ = full;
-        let content = content.clone();
+        let content = peers.content.clone();
         Ok(match *short {
             "content-service" => Self::Content(Arc::new(
                 ContentService::open(db, options.content_sweep).await?,
@@ -109,7 +129,10 @@ impl AnyService {
             "file-service" => Self::Files(Arc::new(FileService::open(db, content).await?)),
             "essay-lifecycle" => Self::Els(Arc::new(EssayLifecycle::open(db).await?)),
             "class-management" => Self::Cms(Arc::new(
-                ClassManagement::open(db, options.match_confirm_timeout, content).await?,
+                ClassManagement::open(db, options.match_confirm_timeout).await?,
+            )),
+            "student-matching" => Self::Matching(Arc::new(
+                StudentMatching::open(db, content, peers.roster.clone()).await?,
             )),
             "spellchecker" => {
                 let dir = spellchecker::dictionary_dir();
@@ -138,6 +161,7 @@ impl AnyService {
             Self::Files(s) => s.clone(),
             Self::Els(s) => s.clone(),
             Self::Cms(s) => s.clone(),
+            Self::Matching(s) => s.clone(),
             Self::Spell(s) => s.clone(),
             Self::Cj(s) => s.clone(),
             Self::Ras(s) => s.clone(),
@@ -153,17 +177,20 @@ pub fn short_names() -> String {
         .join(", ")
 }
 
-/// All eight services in this process, sharing one broker (the in-process bus on the
-/// embedded default) but each with its own database. The Content Service answers over real
-/// HTTP on a local port, as it would across processes.
+/// All nine services in this process, sharing one broker (the in-process bus on the
+/// embedded default) but each with its own database. The Content Service and Class Management
+/// answer the others over real HTTP on local ports, as they would across processes.
 pub struct Platform {
     pub content: Arc<ContentService>,
     /// Where the Content Service listens.
     pub content_addr: SocketAddr,
+    /// Where Class Management listens.
+    pub cms_addr: SocketAddr,
     pub bos: Arc<BatchOrchestrator>,
     pub files: Arc<FileService>,
     pub els: Arc<EssayLifecycle>,
     pub cms: Arc<ClassManagement>,
+    pub matching: Arc<StudentMatching>,
     pub spell: Arc<Spellchecker>,
     pub cj: Arc<CjAssessment>,
     pub ras: Arc<ResultAggregator>,
@@ -197,14 +224,35 @@ impl Platform {
         let content_addr = content_running
             .http
             .context("the Content Service listens")?;
-        let client = ContentClient::new(&format!("http://{content_addr}"), options.content_policy)
-            .map_err(anyhow::Error::msg)?;
+        let content_client =
+            ContentClient::new(&format!("http://{content_addr}"), options.content_policy)
+                .map_err(anyhow::Error::msg)?;
+        // Class Management next, on a port of its own: the matching service asks it for rosters.
+        let cms_db =
+            runtime::open_database(location, class_management::NAME, &broker, &obs).await?;
+        let cms =
+            Arc::new(ClassManagement::open(cms_db.clone(), options.match_confirm_timeout).await?);
+        let cms_running = runtime::start(
+            cms.clone(),
+            cms_db,
+            &broker,
+            &obs,
+            Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            None,
+        )
+        .await?;
+        let cms_addr = cms_running.http.context("Class Management listens")?;
+        let peers = Peers {
+            content: content_client,
+            roster: RosterClient::new(&format!("http://{cms_addr}"), options.content_policy)
+                .map_err(anyhow::Error::msg)?,
+        };
         let mut built = Vec::new();
-        for (short, full, _) in &SERVICES[1..] {
+        for (short, full, _) in &SERVICES[2..] {
             let db = runtime::open_database(location, full, &broker, &obs).await?;
-            built.push(AnyService::build(short, db, options, &client).await?);
+            built.push(AnyService::build(short, db, options, &peers).await?);
         }
-        let mut running = vec![content_running];
+        let mut running = vec![content_running, cms_running];
         for s in &built {
             running.push(
                 runtime::start(
@@ -229,30 +277,33 @@ impl Platform {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let mut it = built.into_iter();
-        let mut next = || it.next().expect("seven services besides content");
-        let (
-            AnyService::Bos(bos),
-            AnyService::Files(files),
-            AnyService::Els(els),
-            AnyService::Cms(cms),
-            AnyService::Spell(spell),
-            AnyService::Cj(cj),
-            AnyService::Ras(ras),
-        ) = (next(), next(), next(), next(), next(), next(), next())
-        else {
-            unreachable!("built in SERVICES order")
-        };
+        let (mut bos, mut files, mut els, mut matching, mut spell, mut cj, mut ras) =
+            (None, None, None, None, None, None, None);
+        for b in built {
+            match b {
+                AnyService::Bos(x) => bos = Some(x),
+                AnyService::Files(x) => files = Some(x),
+                AnyService::Els(x) => els = Some(x),
+                AnyService::Matching(x) => matching = Some(x),
+                AnyService::Spell(x) => spell = Some(x),
+                AnyService::Cj(x) => cj = Some(x),
+                AnyService::Ras(x) => ras = Some(x),
+                AnyService::Content(_) | AnyService::Cms(_) => unreachable!("started first"),
+            }
+        }
+        let missing = || anyhow::anyhow!("a service of SERVICES was not built");
         Ok(Self {
             content,
             content_addr,
-            bos,
-            files,
-            els,
+            cms_addr,
+            bos: bos.ok_or_else(missing)?,
+            files: files.ok_or_else(missing)?,
+            els: els.ok_or_else(missing)?,
             cms,
-            spell,
-            cj,
-            ras,
+            matching: matching.ok_or_else(missing)?,
+            spell: spell.ok_or_else(missing)?,
+            cj: cj.ok_or_else(missing)?,
+            ras: ras.ok_or_else(missing)?,
             obs,
             broker,
             running,
@@ -261,8 +312,9 @@ impl Platform {
 
     /// Every service's HTTP API behind one router (the demo's gateway).
     pub fn router(&self) -> Router {
-        let parts: [Option<Router>; 8] = [
+        let parts: [Option<Router>; 9] = [
             self.content.clone().router(),
+            self.matching.clone().router(),
             self.bos.clone().router(),
             self.files.clone().router(),
             self.els.clone().router(),
@@ -293,6 +345,7 @@ impl Platform {
     pub fn services(&self) -> Vec<Arc<dyn Service>> {
         vec![
             self.content.clone(),
+            self.matching.clone(),
             self.bos.clone(),
             self.files.clone(),
             self.els.clone(),
@@ -374,6 +427,7 @@ fn service_db(s: &AnyService) -> &ServiceDb {
         AnyService::Files(x) => x.db(),
         AnyService::Els(x) => x.db(),
         AnyService::Cms(x) => x.db(),
+        AnyService::Matching(x) => x.db(),
         AnyService::Spell(x) => x.db(),
         AnyService::Cj(x) => x.db(),
         AnyService::Ras(x) => x.db(),
@@ -395,8 +449,8 @@ pub async fn serve(
     runtime::prepare_broker(&broker).await?;
     let obs = Observability::default();
     let db = runtime::open_database(location, full, &broker, &obs).await?;
-    let content = ContentClient::from_env().map_err(anyhow::Error::msg)?;
-    let service = AnyService::build(short, db.clone(), &Options::from_env()?, &content).await?;
+    let peers = Peers::from_env()?;
+    let service = AnyService::build(short, db.clone(), &Options::from_env()?, &peers).await?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
     // One process per service and host: a restart takes the relay's partitions back at once.
     let instance = runtime::host_instance();

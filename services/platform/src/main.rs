@@ -17,7 +17,8 @@ use outbox::{BrokerSetting, Settings};
 /// Configuration (environment): DATABASE_URL (postgres://... for one schema per service;
 /// unset = SQLite files), PLATFORM_DATA_DIR (SQLite folder), OUTBOX_BROKER (`memory` or
 /// Kafka `host:port`), MATCH_CONFIRM_TIMEOUT_SECS, SPELLCHECK_DICTIONARY_DIR, CONTENT_SERVICE_URL (where `serve`d services
-/// find the Content Service; default http://127.0.0.1:4108), CONTENT_TIMEOUT_MS,
+/// find the Content Service; default http://127.0.0.1:4108), CLASS_MANAGEMENT_URL (where the
+/// matching service finds class rosters; default http://127.0.0.1:4104), CONTENT_TIMEOUT_MS,
 /// CONTENT_SWEEP_GRACE_SECS, RUST_LOG.
 #[derive(Parser)]
 #[command(version, about)]
@@ -39,10 +40,10 @@ enum Command {
     },
     /// Run one service as this process (needs a shared database server and Kafka).
     Serve {
-        /// content-service, batch-orchestrator, file-service, essay-lifecycle,
-        /// class-management, spellchecker, cj-assessment or result-aggregator.
+        /// content-service, class-management, batch-orchestrator, file-service,
+        /// essay-lifecycle, student-matching, spellchecker, cj-assessment or result-aggregator.
         service: String,
-        /// HTTP address (default 127.0.0.1 and the service's own port, 4101-4108).
+        /// HTTP address (default 127.0.0.1 and the service's own port, 4101-4109).
         #[arg(long)]
         addr: Option<SocketAddr>,
     },
@@ -78,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 other => other,
             };
             println!(
-                "essay platform demo: 8 services in one process; data: {}; broker: {}",
+                "essay platform demo: 9 services in one process; data: {}; broker: {}",
                 location.describe(),
                 broker.kind()
             );

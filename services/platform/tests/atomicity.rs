@@ -216,7 +216,7 @@ async fn http_writes_commit_with_their_events() {
     );
 
     let db = schemas.db(class_management::NAME).await;
-    let cms = class_management::ClassManagement::open(db.clone(), Duration::ZERO, content.client())
+    let cms = class_management::ClassManagement::open(db.clone(), Duration::ZERO)
         .await
         .unwrap();
     refuse_events(&db, true).await;
@@ -224,29 +224,36 @@ async fn http_writes_commit_with_their_events() {
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM classes").await, 0);
     refuse_events(&db, false).await;
     let class_id = cms.create_class("9B", "ENG5").await.unwrap();
-    cms.add_student(
-        &class_id,
-        class_management::NewStudent {
-            first_name: "Maya".into(),
-            last_name: "Lindqvist".into(),
-            email: None,
-        },
-    )
-    .await
-    .unwrap();
+    let maya = cms
+        .add_student(
+            &class_id,
+            class_management::NewStudent {
+                first_name: "Maya".into(),
+                last_name: "Lindqvist".into(),
+                email: None,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(
         outbox_topics(&db).await,
         [topics::CLASS_CREATED, topics::STUDENT_CREATED]
     );
 
-    // Matching: a suggestion, then confirmation by timeout (0 s here) - once only.
+    // Matching: the matching service's suggestions, then confirmation by timeout (0 s here)
+    // - once only.
     let batch_id = Uuid::new_v4().to_string();
+    let roster: Vec<student_matching::matcher::Student> =
+        serde_json::from_value(cms.roster(&class_id).await.unwrap()["students"].clone()).unwrap();
+    let text = "Maya Lindqvist 2026-02-09\n\nAn essay.";
+    let result =
+        student_matching::essay_result("e1", &stored(&content.client(), text).await, text, &roster);
+    assert_eq!(result["suggestions"][0]["student_id"], maya.as_str());
     let requested = envelope(
-        essay_lifecycle::NAME,
-        topics::MATCHING_REQUESTED,
+        student_matching::NAME,
+        topics::AUTHOR_MATCHES_SUGGESTED,
         ("batch", &batch_id),
-        json!({"batch_id": batch_id, "class_id": class_id, "essays_to_process": [
-                   {"essay_id": "e1", "text_storage_id": stored(&content.client(), "An essay by Maya Lindqvist.").await}]}),
+        json!({"batch_id": batch_id, "class_id": class_id, "match_results": [result]}),
     );
     apply_prepared(&cms, &db, &requested, false).await;
     assert_eq!(
@@ -270,7 +277,14 @@ async fn http_writes_commit_with_their_events() {
     assert_eq!(cms.confirm_expired().await.unwrap(), 1);
     assert_eq!(cms.confirm_expired().await.unwrap(), 0);
     assert!(
-        !cms.confirm(&batch_id, None, "teacher").await.unwrap(),
+        !cms.confirm(
+            &batch_id,
+            None,
+            class_management::matching::ConfirmedBy::Teacher,
+            "t-1"
+        )
+        .await
+        .unwrap(),
         "second confirmation is a no-op"
     );
     assert_eq!(
@@ -283,6 +297,11 @@ async fn http_writes_commit_with_their_events() {
     );
     let m = cms.matches(&batch_id).await.unwrap();
     assert_eq!(m["suggestions"][0]["student_name"], "Maya Lindqvist");
+    assert_eq!(
+        m["associations"][0]["student_id"],
+        maya.as_str(),
+        "confident: confirmed"
+    );
     content.stop().await;
     let _ = std::fs::remove_dir_all(content_dir);
     schemas.drop().await;

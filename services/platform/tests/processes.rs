@@ -1,6 +1,6 @@
-//! The platform as eight processes (`essay-platform serve <service>`) against PostgreSQL and a
+//! The platform as nine processes (`essay-platform serve <service>`) against PostgreSQL and a
 //! real Kafka-protocol broker, driven over HTTP like any client would; the services find the
-//! Content Service by `CONTENT_SERVICE_URL`.
+//! Content Service by `CONTENT_SERVICE_URL` and Class Management by `CLASS_MANAGEMENT_URL`.
 
 mod common;
 
@@ -28,7 +28,7 @@ impl Drop for Processes {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_processes_run_a_batch() {
+async fn nine_processes_run_a_batch() {
     let broker = TestBroker::start();
     let location = pg_location("procs");
     let DataLocation::Postgres { url, schema_prefix } = &location else {
@@ -44,12 +44,14 @@ async fn eight_processes_run_a_batch() {
         })
         .collect();
     let content_url = format!("http://{}", addrs["content-service"]);
+    let cms_url = format!("http://{}", addrs["class-management"]);
     let mut children = Processes(Vec::new());
     for (short, _, _) in SERVICES {
         let addr = addrs[*short];
         let child = Command::new(env!("CARGO_BIN_EXE_essay-platform"))
             .args(["serve", short, "--addr", &addr.to_string()])
             .env("CONTENT_SERVICE_URL", &content_url)
+            .env("CLASS_MANAGEMENT_URL", &cms_url)
             .env("DATABASE_URL", url)
             .env("PLATFORM_SCHEMA_PREFIX", schema_prefix)
             .env("OUTBOX_BROKER", broker.bootstrap())

@@ -250,6 +250,7 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
         want.extend([
             (topics::MATCHING_INITIATE, 1),
             (topics::MATCHING_REQUESTED, 1),
+            (topics::AUTHOR_MATCHES_SUGGESTED, 1),
             (topics::ASSOCIATIONS_CONFIRMED, 1),
             (topics::BATCH_ESSAYS_READY, 1),
         ]);
