@@ -317,11 +317,10 @@ fn examnet_name(text: &str) -> bool {
     if spaces == 0 || spaces > 4 {
         return false;
     }
+    // One real name word: not a particle ("von"), not a number, two letters or more.
     text.split_whitespace().any(|w| {
-        !(w.chars().count() <= 3 && PARTICLES.contains(&w.to_lowercase().as_str()))
-            && !w.chars().all(|c| c.is_ascii_digit())
-            && w.chars().all(char::is_alphabetic)
-            && w.chars().count() >= 2
+        let particle = w.chars().count() <= 3 && PARTICLES.contains(&w.to_lowercase().as_str());
+        !particle && w.chars().count() >= 2 && w.chars().all(char::is_alphabetic)
     })
 }
 

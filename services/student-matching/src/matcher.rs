@@ -172,7 +172,7 @@ fn match_email<'r>(email: &str, roster: &'r [Student]) -> Vec<Candidate<'r>> {
         .iter()
         .filter_map(|(s, e)| {
             let similarity = ratio(&wanted, e);
-            (similarity >= 0.9).then(|| Candidate {
+            (similarity >= 0.9).then_some(Candidate {
                 student: s,
                 confidence: 0.88 * similarity,
                 reason: Reason::EmailFuzzy,
