@@ -80,19 +80,10 @@ impl ClassManagement {
 
     /// The students of a class, as the original's roster endpoint lists them.
     pub async fn roster(&self, class_id: &str) -> Result<serde_json::Value, ApiError> {
-        if self
-            .db
-            .fetch_optional(
-                "SELECT 1 AS one FROM classes WHERE class_id = $1",
-                params![class_id],
-            )
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::not_found(format!("no class {class_id}")));
-        }
-        let rows = self
-            .db
+        // One transaction: the class and its students as of one moment.
+        let mut tx = self.db.begin().await?;
+        class_exists(&mut tx, class_id).await?;
+        let rows = tx
             .fetch_all(
                 "SELECT student_id, first_name, last_name, email FROM students
                  WHERE class_id = $1 ORDER BY last_name, first_name",
@@ -188,16 +179,7 @@ impl ClassManagement {
             ));
         }
         let mut tx = self.db.begin().await?;
-        if tx
-            .fetch_optional(
-                "SELECT 1 AS one FROM classes WHERE class_id = $1",
-                params![class_id],
-            )
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::not_found(format!("no class {class_id}")));
-        }
+        class_exists(&mut tx, class_id).await?;
         let student_id = Uuid::new_v4().to_string();
         tx.execute(
             "INSERT INTO students (student_id, class_id, first_name, last_name, email) VALUES ($1, $2, $3, $4, $5)",
@@ -413,6 +395,17 @@ impl ClassManagement {
         }
         Ok(n)
     }
+}
+
+/// 404 unless the class exists.
+async fn class_exists(tx: &mut Tx, class_id: &str) -> Result<(), ApiError> {
+    tx.fetch_optional(
+        "SELECT 1 AS one FROM classes WHERE class_id = $1",
+        params![class_id],
+    )
+    .await?
+    .map(|_| ())
+    .ok_or_else(|| ApiError::not_found(format!("no class {class_id}")))
 }
 
 fn stored_results(json: &str) -> Result<Vec<EssayMatches>, ApiError> {

@@ -212,18 +212,8 @@ impl Platform {
             runtime::open_database(location, content_service::NAME, &broker, &obs).await?;
         let content =
             Arc::new(ContentService::open(content_db.clone(), options.content_sweep).await?);
-        let content_running = runtime::start(
-            content.clone(),
-            content_db,
-            &broker,
-            &obs,
-            Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            None,
-        )
-        .await?;
-        let content_addr = content_running
-            .http
-            .context("the Content Service listens")?;
+        let (content_running, content_addr) =
+            start_on_local_port(content.clone(), content_db, &broker, &obs).await?;
         let content_client =
             ContentClient::new(&format!("http://{content_addr}"), options.content_policy)
                 .map_err(anyhow::Error::msg)?;
@@ -232,16 +222,8 @@ impl Platform {
             runtime::open_database(location, class_management::NAME, &broker, &obs).await?;
         let cms =
             Arc::new(ClassManagement::open(cms_db.clone(), options.match_confirm_timeout).await?);
-        let cms_running = runtime::start(
-            cms.clone(),
-            cms_db,
-            &broker,
-            &obs,
-            Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            None,
-        )
-        .await?;
-        let cms_addr = cms_running.http.context("Class Management listens")?;
+        let (cms_running, cms_addr) =
+            start_on_local_port(cms.clone(), cms_db, &broker, &obs).await?;
         let peers = Peers {
             content: content_client,
             roster: RosterClient::new(&format!("http://{cms_addr}"), options.content_policy)
@@ -418,6 +400,20 @@ impl Platform {
         }
         reports
     }
+}
+
+/// Starts a service that others call, its HTTP API on a free local port; and that address.
+async fn start_on_local_port(
+    service: Arc<dyn Service>,
+    db: ServiceDb,
+    broker: &Broker,
+    obs: &Observability,
+) -> anyhow::Result<(RunningService, SocketAddr)> {
+    let name = service.name();
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    let running = runtime::start(service, db, broker, obs, Some(local), None).await?;
+    let addr = running.http.with_context(|| format!("{name} listens"))?;
+    Ok((running, addr))
 }
 
 fn service_db(s: &AnyService) -> &ServiceDb {

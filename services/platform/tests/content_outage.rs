@@ -28,27 +28,7 @@ async fn content_service_down_for_20s_mid_batch() {
     let run = tokio::spawn(async move { demo::run(&api, &quiet(true)).await });
 
     // Stop it as soon as the upload is committed: every text is stored, none is read yet.
-    let files_db = platform
-        .databases()
-        .into_iter()
-        .find(|(n, _)| *n == file_service::NAME)
-        .unwrap()
-        .1;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = files_db
-            .fetch_optional("SELECT COUNT(*) AS n FROM files", &[])
-            .await
-            .unwrap()
-            .unwrap()
-            .int("n")
-            .unwrap();
-        if n >= TOTAL as i64 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "upload did not happen");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_files(&platform, TOTAL).await;
     platform.stop_content_service().await;
     let stopped_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(20)).await;

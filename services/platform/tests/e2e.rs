@@ -36,29 +36,8 @@ async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
         assert_effects_once(&platform.databases(), &report.batch_id, with_class).await;
     }
     // Let the last event (results ready) leave the outboxes.
-    let published = {
-        let mut last = 0;
-        for _ in 0..100 {
-            let pending: u64 = platform
-                .outbox_stats()
-                .await
-                .unwrap()
-                .iter()
-                .map(|(_, s)| s.pending)
-                .sum();
-            if pending == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            last = pending;
-        }
-        assert_eq!(
-            platform.dead_events().await.unwrap(),
-            0,
-            "dead letters ({last} pending)"
-        );
-        platform.published() as usize
-    };
+    drain_outboxes(&platform, Duration::from_secs(5)).await;
+    let published = platform.published() as usize;
     let messages = broker_messages(&broker, published).await;
     assert_events_once(&messages, &regular.batch_id, true);
     assert_events_once(&messages, &guest.batch_id, false);
@@ -103,30 +82,7 @@ async fn chaos_broker_frozen_mid_batch() {
     let api = platform.gateway();
     let run = tokio::spawn(async move { demo::run(&api, &quiet(true)).await });
     // Freeze as soon as the uploaded files are committed: their events are on their way.
-    let files_db = platform
-        .databases()
-        .into_iter()
-        .find(|(n, _)| *n == file_service::NAME)
-        .unwrap()
-        .1;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = files_db
-            .fetch_optional("SELECT COUNT(*) AS n FROM files", &[])
-            .await
-            .unwrap()
-            .unwrap()
-            .int("n")
-            .unwrap();
-        if n >= TOTAL as i64 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload did not happen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_files(&platform, TOTAL).await;
     broker.freeze();
     let frozen_at = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(35)).await;

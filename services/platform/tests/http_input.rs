@@ -6,10 +6,7 @@ mod common;
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use common::*;
-use essay_common::runtime::DataLocation;
-use essay_platform::{Options, Platform};
-use outbox::backend::Broker;
-use outbox::bus::Bus;
+use essay_platform::Options;
 
 fn raw(method: Method, uri: &str, content_type: &str, body: Vec<u8>) -> Request<Body> {
     Request::builder()
@@ -22,14 +19,7 @@ fn raw(method: Method, uri: &str, content_type: &str, body: Vec<u8>) -> Request<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_4xx_and_change_nothing() {
-    let dir = temp_dir("http");
-    let platform = Platform::start(
-        &DataLocation::SqliteDir(dir.clone()),
-        Broker::Memory(Bus::default()),
-        &Options::default(),
-    )
-    .await
-    .unwrap();
+    let (platform, dir) = embedded_platform("http", &Options::default()).await;
     let api = platform.gateway();
     let batch = uuid::Uuid::new_v4();
     let cases: Vec<(Request<Body>, &str)> = vec![

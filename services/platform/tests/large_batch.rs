@@ -101,25 +101,7 @@ async fn large_batch(location: DataLocation, broker: Broker, tag: &str) {
     assert!(report.failed_validation.is_empty());
 
     // Wait for the last events to leave the outboxes, then measure every message.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending: u64 = platform
-            .outbox_stats()
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, s)| s.pending)
-            .sum();
-        if pending == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{pending} events stay pending"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(platform.dead_events().await.unwrap(), 0);
+    drain_outboxes(&platform, Duration::from_secs(60)).await;
     let messages = broker_messages(&broker, platform.published() as usize).await;
     let largest = messages
         .iter()

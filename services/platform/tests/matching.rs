@@ -228,14 +228,7 @@ async fn suggestions_then_only_confident_ones_confirm_at_the_deadline() {
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_teacher_overrides_with_students_of_the_class_only() {
-    let dir = temp_dir("matching-override");
-    let platform = Platform::start(
-        &DataLocation::SqliteDir(dir.clone()),
-        Broker::Memory(Bus::default()),
-        &Options::default(),
-    )
-    .await
-    .unwrap();
+    let (platform, dir) = embedded_platform("matching-override", &Options::default()).await;
     let api = platform.gateway();
     let mut class_ids = Vec::new();
     let mut student_ids = Vec::new();

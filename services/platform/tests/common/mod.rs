@@ -396,3 +396,69 @@ pub async fn redelivery_changes_nothing(
         assert_eq!(&after, before, "results changed on redelivery");
     }
 }
+
+/// The platform on the embedded default in a fresh folder (returned for removal).
+pub async fn embedded_platform(
+    tag: &str,
+    options: &essay_platform::Options,
+) -> (Platform, PathBuf) {
+    let dir = temp_dir(tag);
+    let platform = Platform::start(
+        &DataLocation::SqliteDir(dir.clone()),
+        Broker::Memory(outbox::bus::Bus::default()),
+        options,
+    )
+    .await
+    .expect("platform starts");
+    (platform, dir)
+}
+
+/// Waits until File Service has committed `n` files: their events are on their way.
+pub async fn wait_for_files(platform: &Platform, n: usize) {
+    let (_, files_db) = platform
+        .databases()
+        .into_iter()
+        .find(|(name, _)| *name == file_service::NAME)
+        .expect("file service");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = files_db
+            .fetch_optional("SELECT COUNT(*) AS n FROM files", &[])
+            .await
+            .unwrap()
+            .unwrap()
+            .int("n")
+            .unwrap();
+        if committed >= n as i64 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload did not happen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every outbox is drained, and checks nothing was dead-lettered.
+pub async fn drain_outboxes(platform: &Platform, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let pending: u64 = platform
+            .outbox_stats()
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.pending)
+            .sum();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pending} events stay pending"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(platform.dead_events().await.unwrap(), 0, "dead letters");
+}
