@@ -391,6 +391,21 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     );
     apply_prepared(&spell, &db, &requested(), true).await; // a re-sent request with a new event id
     assert_eq!(outbox_topics(&db).await.len(), 2, "one result per essay");
+    // A storage id the Content Service does not know is poison, with its reason, before any
+    // transaction begins.
+    let unknown = envelope(
+        essay_lifecycle::NAME,
+        topics::SPELLCHECK_REQUESTED,
+        ("essay", "e-unknown"),
+        json!({"batch_id": batch_id, "essay_id": "e-unknown",
+               "text_storage_id": essay_common::content::StorageId::new().to_string()}),
+    );
+    match spell.prepare(&unknown).await {
+        Err(outbox::HandlerError::Poison(p)) => {
+            assert!(p.0.contains("not in the Content Service"), "{}", p.0)
+        }
+        other => panic!("an unknown storage id must be poison: {other:?}"),
+    }
     // The corrected text is in the Content Service under the id the results event names.
     let results = db
         .fetch_optional(

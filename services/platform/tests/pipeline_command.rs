@@ -18,9 +18,7 @@ use serde_json::{json, Value};
 
 /// The original's example command, re-addressed to `batch_id` (everything else as sent).
 fn original_command(batch_id: &str, pipeline: &str, is_retry: bool) -> OnBroker {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-        "../../../shared/contracts/original/examples/huleedu.commands.batch.pipeline.v1.json",
-    );
+    let path = original_contract_dir().join("examples/huleedu.commands.batch.pipeline.v1.json");
     let example: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let mut envelope = example["value"].clone();
     envelope["event_id"] = json!(uuid::Uuid::new_v4());
@@ -85,9 +83,8 @@ fn denials(bus: &Bus, batch_id: &str) -> Vec<(String, String)> {
         .filter(|e| e["data"]["batch_id"] == batch_id)
         .map(|e| {
             // Every field the original's model requires, with its type.
-            let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-                "../../../shared/contracts/original/schemas/huleedu.pipeline.denied.v1.schema.json",
-            );
+            let schema_path =
+                original_contract_dir().join("schemas/huleedu.pipeline.denied.v1.schema.json");
             let schema: Value =
                 serde_json::from_slice(&std::fs::read(schema_path).unwrap()).unwrap();
             for field in schema["required"].as_array().unwrap() {

@@ -462,3 +462,20 @@ pub async fn drain_outboxes(platform: &Platform, limit: Duration) {
     }
     assert_eq!(platform.dead_events().await.unwrap(), 0, "dead letters");
 }
+
+/// The original's contract (`shared/contracts/original`), which CI keeps beside the
+/// repository: `ORIGINAL_CONTRACT_DIR`, else the first `shared/contracts/original` found in a
+/// folder above this crate.
+pub fn original_contract_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ORIGINAL_CONTRACT_DIR") {
+        return dir.into();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/contracts/original"))
+        .find(|d| d.join("index.json").is_file())
+        .expect(
+            "the original's contract is not beside the repository (../shared/contracts/original); \
+             set ORIGINAL_CONTRACT_DIR to its folder",
+        )
+}
