@@ -31,10 +31,27 @@ pub enum BackendError {
     Postgres(#[from] outbox_postgres::OutboxError),
     #[error(transparent)]
     Sqlite(#[from] outbox_sqlite::SqliteOutboxError),
+    #[error("OUTBOX_PG_POOL_SIZE must be a number of connections from 1 to 1000, got {0:?}")]
+    PoolSize(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] outbox_kafka::KafkaError),
     #[error(transparent)]
     KafkaConfig(#[from] outbox_kafka::KafkaConfigError),
+}
+
+/// Connections per PostgreSQL pool: `OUTBOX_PG_POOL_SIZE`, else 16 (a relay, a consumer and
+/// an HTTP API at once, with room). Many services per server want fewer: PostgreSQL's
+/// `max_connections` (100 by default) is shared by all of them.
+fn pool_size(setting: Option<String>) -> Result<u32, BackendError> {
+    match setting {
+        None => Ok(16),
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or(BackendError::PoolSize(s)),
+    }
 }
 
 /// The service's database, with the outbox tables migrated and checked.
@@ -93,8 +110,10 @@ impl Database {
                 })?;
             let options = options.options([("search_path", format!("\"{}\"", schema.name()))]);
             let pool = PgPoolOptions::new()
-                .max_connections(16)
+                .max_connections(pool_size(std::env::var("OUTBOX_PG_POOL_SIZE").ok())?)
                 .acquire_timeout(std::time::Duration::from_secs(10))
+                // Give idle connections back: many services may share one server's limit.
+                .idle_timeout(std::time::Duration::from_secs(60))
                 .connect_with(options)
                 .await
                 .map_err(|source| BackendError::Connect {
@@ -219,6 +238,21 @@ impl Broker {
         match self {
             Self::Memory(_) => "in-process bus",
             Self::Kafka(_) => "kafka",
+        }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_size_is_checked() {
+        assert_eq!(pool_size(None).unwrap(), 16);
+        assert_eq!(pool_size(Some("4".into())).unwrap(), 4);
+        for bad in ["0", "many", "-3", "5000"] {
+            let e = pool_size(Some(bad.into())).unwrap_err().to_string();
+            assert!(e.contains("OUTBOX_PG_POOL_SIZE"), "{e}");
         }
     }
 }

@@ -602,11 +602,12 @@ impl Service for BatchOrchestrator {
                 let phases: Vec<Phase> = serde_json::from_str(&p.text("phases")?)
                     .map_err(|e| HandlerError::retry(format!("stored phases: {e}")))?;
                 let index = p.int("next_phase")? as usize;
-                let reported = env.data["phase"].as_str().unwrap_or_default();
+                let outcome = PhaseOutcome::of(env)?;
+                let reported = outcome.phase.as_str();
                 if phases.get(index).map(|p| p.as_str()) != Some(reported) {
                     return Ok(()); // an outcome for a phase we are not running: stale
                 }
-                let succeeded = env.data["status"].as_str() != Some("FAILED");
+                let succeeded = outcome.succeeded();
                 if succeeded {
                     tx.execute(
                         "INSERT INTO completed_phases (batch_id, phase) VALUES ($1, $2)
@@ -661,6 +662,31 @@ pub struct Registered {
     pub correlation_id: Uuid,
     pub essay_ids: Vec<String>,
     pub batch_kind: String,
+}
+
+/// `els.batch.phase.outcome` (`ELSBatchPhaseOutcomeV1`), from this platform's Essay Lifecycle
+/// or the original's.
+#[derive(Debug, Deserialize)]
+struct PhaseOutcome {
+    #[serde(rename = "phase_name")]
+    phase: String,
+    /// The original's `BatchStatus` value.
+    phase_status: String,
+}
+
+impl PhaseOutcome {
+    fn of(env: &Envelope) -> Result<Self, HandlerError> {
+        env.data()
+    }
+
+    /// Whether the batch may go on to the next phase: anything but a failure of the whole
+    /// phase (some essays failing still lets the others go on, as in the original).
+    fn succeeded(&self) -> bool {
+        !matches!(
+            self.phase_status.as_str(),
+            "failed_critically" | "content_ingestion_failed" | "cancelled"
+        )
+    }
 }
 
 /// A pipeline request over HTTP: the pipeline by name as the original's clients send it, or

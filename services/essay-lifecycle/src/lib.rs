@@ -116,11 +116,15 @@ struct Association {
     student_id: Option<String>,
 }
 
+/// `batch.spellcheck.phase.completed` (`SpellcheckPhaseCompletedV1`): the essay is the entity.
 #[derive(Deserialize)]
 struct EssayResult {
     batch_id: String,
+    #[serde(rename = "entity_id")]
     essay_id: String,
+    /// `completed` or `failed` (the original's `ProcessingStatus`).
     status: String,
+    /// This platform's Spellchecker adds it; the original's does not (then unknown).
     #[serde(default)]
     error_count: Option<i64>,
     #[serde(default)]
@@ -571,7 +575,7 @@ impl EssayLifecycle {
         if state != EssayState::SpellcheckRequested {
             return Ok(()); // a late duplicate from a re-sent request: already applied
         }
-        let event = if result.status == "SUCCESS" {
+        let event = if result.status.eq_ignore_ascii_case("completed") {
             EssayEvent::SpellcheckSucceeded
         } else {
             EssayEvent::SpellcheckFailed
@@ -654,33 +658,55 @@ impl EssayLifecycle {
         ) else {
             return Ok(());
         };
-        let essays = self.essays(tx, &batch.batch_id).await?;
-        if essays.iter().any(|(_, s)| s.in_flight()) {
-            return Ok(());
+        let rows = tx
+            .fetch_all(
+                "SELECT essay_id, state, text_storage_id, corrected_text_storage_id FROM essays
+                 WHERE batch_id = $1 ORDER BY slot_index",
+                params![&batch.batch_id],
+            )
+            .await?;
+        let mut processed = Vec::new();
+        let mut failed = Vec::new();
+        for r in &rows {
+            let state = EssayState::parse(&r.text("state")?).unwrap_or(EssayState::AwaitingContent);
+            if state.in_flight() {
+                return Ok(());
+            }
+            if state == EssayState::ContentFailed {
+                continue;
+            }
+            let essay_id = r.text("essay_id")?;
+            if state.failed() {
+                failed.push(essay_id);
+            } else {
+                // The text the next phase should read: the corrected one once spellchecked.
+                let text = match r.opt_text("corrected_text_storage_id")? {
+                    Some(corrected) => corrected,
+                    None => r.text("text_storage_id")?,
+                };
+                processed.push(json!({"essay_id": essay_id, "text_storage_id": text,
+                                      "spellcheck_metrics": null}));
+            }
         }
-        let (ok, failed): (Vec<_>, Vec<_>) = essays
-            .iter()
-            .filter(|(_, s)| *s != EssayState::ContentFailed)
-            .partition(|(_, s)| !s.failed());
-        let status = match (ok.is_empty(), failed.is_empty()) {
-            (true, _) => "FAILED",
-            (false, true) => "COMPLETED_SUCCESSFULLY",
-            (false, false) => "COMPLETED_WITH_FAILURES",
+        // The original's `BatchStatus` values.
+        let status = match (processed.is_empty(), failed.is_empty()) {
+            (true, _) => "failed_critically",
+            (false, true) => "completed_successfully",
+            (false, false) => "completed_with_failures",
         };
         tx.execute(
             "UPDATE batches SET phase_status = 'DONE' WHERE batch_id = $1",
             params![&batch.batch_id],
         )
         .await?;
-        let ids =
-            |v: &Vec<&(String, EssayState)>| v.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>();
         self.emit(
             tx,
             topics::PHASE_OUTCOME,
             ("batch", &batch.batch_id),
             batch.correlation_id,
-            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase,
-                   "status": status, "processed_essays": ids(&ok), "failed_essays": ids(&failed)}),
+            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase_name": phase,
+                   "phase_status": status, "processed_essays": processed,
+                   "failed_essay_ids": failed, "correlation_id": batch.correlation_id}),
         )
         .await
     }

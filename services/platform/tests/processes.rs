@@ -52,6 +52,8 @@ async fn nine_processes_run_a_batch() {
             .args(["serve", short, "--addr", &addr.to_string()])
             .env("CONTENT_SERVICE_URL", &content_url)
             .env("CLASS_MANAGEMENT_URL", &cms_url)
+            // Nine pools on one PostgreSQL beside other tests: a few connections each suffice.
+            .env("OUTBOX_PG_POOL_SIZE", "4")
             .env("DATABASE_URL", url)
             .env("PLATFORM_SCHEMA_PREFIX", schema_prefix)
             .env("OUTBOX_BROKER", broker.bootstrap())
@@ -78,6 +80,9 @@ async fn nine_processes_run_a_batch() {
         .await
         .expect("the batch runs across processes");
     check_results(&report);
+    // Stop the nine processes first: their pools hold connections the checks below need
+    // (PostgreSQL allows 100, shared with the tests running beside this one).
+    drop(children);
     let mut dbs = Vec::new();
     for (_, service, _) in SERVICES {
         let db = ServiceDb::open(url, &format!("{schema_prefix}{service}"))
@@ -86,6 +91,6 @@ async fn nine_processes_run_a_batch() {
         dbs.push((*service, db));
     }
     assert_effects_once(&dbs, &report.batch_id, true).await;
-    drop(children);
+    drop(dbs);
     drop_schemas(&location).await;
 }

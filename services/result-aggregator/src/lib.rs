@@ -234,8 +234,9 @@ impl Service for ResultAggregator {
                 }
             }
             topics::PHASE_OUTCOME => {
-                let phase = env.text("phase")?;
-                let status = env.text("status")?;
+                // The view shows the original's `BatchStatus` in capitals, as it always has.
+                let phase = env.text("phase_name")?;
+                let status = env.text("phase_status")?.to_uppercase();
                 tx.execute(
                     "INSERT INTO ra_phases (batch_id, phase, status) VALUES ($1, $2, $3)
                      ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status",

@@ -189,6 +189,8 @@ struct Done {
     checked: Checked,
     empty: bool,
     corrected_text_storage_id: String,
+    /// Fetching, checking and storing, measured (the original's `processing_duration_ms`).
+    duration_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +217,7 @@ impl Spellchecker {
 
     /// Fetches, checks and stores the corrected text: the slow part, outside any transaction.
     async fn run(&self, req: &Requested, correlation: uuid::Uuid) -> Result<Done, HandlerError> {
+        let started = std::time::Instant::now();
         let text = self.content.fetch_text(&req.text_storage_id).await?;
         let checked = self.check(&text).await?;
         let corrected = self
@@ -229,6 +232,7 @@ impl Spellchecker {
             checked,
             empty: text.trim().is_empty(),
             corrected_text_storage_id: corrected.to_string(),
+            duration_ms: started.elapsed().as_millis() as u64,
         })
     }
 
@@ -273,6 +277,7 @@ impl Service for Spellchecker {
             checked,
             empty,
             corrected_text_storage_id,
+            duration_ms,
         } = done;
         let status = if empty { "FAILED" } else { "SUCCESS" };
         let inserted = tx
@@ -299,8 +304,16 @@ impl Service for Spellchecker {
             topics::SPELLCHECK_PHASE_COMPLETED,
             ("essay", &req.essay_id),
             env.correlation_id,
-            &json!({"batch_id": req.batch_id, "essay_id": req.essay_id, "entity_id": req.essay_id,
-                    "status": status, "error_count": error_count}),
+            // The original's `SpellcheckPhaseCompletedV1`, plus the error count Essay Lifecycle
+            // passes on to CJ (absent from the original's: then unknown).
+            &json!({"entity_id": req.essay_id, "batch_id": req.batch_id,
+                    "correlation_id": env.correlation_id.to_string(),
+                    "status": if empty { "failed" } else { "completed" },
+                    "corrected_text_storage_id": (!empty).then_some(&corrected_text_storage_id),
+                    "error_code": empty.then_some("EMPTY_CONTENT"),
+                    "processing_duration_ms": duration_ms,
+                    "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "error_count": error_count}),
         )?;
         let rich = EVENTS.event(
             topics::SPELLCHECK_RESULTS,

@@ -281,6 +281,7 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
         assert!(
             key == batch_id
                 || env["data"]["essay_id"] == key
+                || env["data"]["entity_id"] == key
                 || env["data"]["file_upload_id"] == key,
             "{} keyed by {key}, not its aggregate",
             m.topic
