@@ -97,7 +97,33 @@ pub enum Value {
     Text(String),
     /// Binary data: `BYTEA` in the shared DDL (PostgreSQL's type; SQLite stores it as a blob).
     Bytes(Vec<u8>),
+    /// A NULL parameter of a known type (from a `None` of that type): PostgreSQL checks a
+    /// parameter's type against its column, so an untyped NULL (bound as text) cannot go into
+    /// a `BIGINT` column.
+    TypedNull(Kind),
 }
+
+/// The type of a [`Value::TypedNull`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    Float,
+    Text,
+    Bytes,
+}
+
+/// Types that bind as one [`Kind`] of value (what a `None` of them binds as).
+pub trait Typed {
+    const KIND: Kind;
+}
+
+macro_rules! typed {
+    ($($t:ty => $k:ident),* $(,)?) => {$(
+        impl Typed for $t { const KIND: Kind = Kind::$k; }
+    )*};
+}
+typed!(i64 => Int, i32 => Int, u32 => Int, usize => Int, bool => Int, f64 => Float,
+       String => Text, &str => Text, &String => Text, Vec<u8> => Bytes, &[u8] => Bytes);
 
 macro_rules! value_from {
     ($($t:ty => $v:ident $(as $cast:ty)?),* $(,)?) => {$(
@@ -134,9 +160,9 @@ impl From<&[u8]> for Value {
         Value::Bytes(b.to_vec())
     }
 }
-impl<T: Into<Value>> From<Option<T>> for Value {
+impl<T: Into<Value> + Typed> From<Option<T>> for Value {
     fn from(o: Option<T>) -> Self {
-        o.map_or(Value::Null, Into::into)
+        o.map_or(Value::TypedNull(T::KIND), Into::into)
     }
 }
 
@@ -290,6 +316,10 @@ macro_rules! bind_all {
                 Value::Float(f) => q.bind(*f),
                 Value::Text(s) => q.bind(s.as_str()),
                 Value::Bytes(b) => q.bind(b.as_slice()),
+                Value::TypedNull(Kind::Int) => q.bind(None::<i64>),
+                Value::TypedNull(Kind::Float) => q.bind(None::<f64>),
+                Value::TypedNull(Kind::Text) => q.bind(None::<String>),
+                Value::TypedNull(Kind::Bytes) => q.bind(None::<Vec<u8>>),
             };
         }
         q

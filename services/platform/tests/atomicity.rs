@@ -360,6 +360,59 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
     apply(&els, &db, &content, true).await; // the same content again (a re-send): nothing new
     assert_eq!(outbox_topics(&db).await.len(), 2);
 
+    // The original's Spellchecker answers (its example message, addressed to this essay): the
+    // essay is spellchecked with the corrected text's id, and the phase outcome names that
+    // text for the next phase, in the original's model.
+    let initiate = envelope(
+        batch_orchestrator::NAME,
+        topics::SPELLCHECK_INITIATE,
+        ("batch", &batch_id),
+        json!({"batch_id": batch_id, "entity_id": batch_id, "phase": "spellcheck"}),
+    );
+    apply(&els, &db, &initiate, true).await;
+    let path =
+        original_contract_dir().join("examples/huleedu.batch.spellcheck.phase.completed.v1.json");
+    let example: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut original: Envelope = serde_json::from_value(example["value"].clone()).unwrap();
+    original.data["entity_id"] = json!(essay_id);
+    original.data["batch_id"] = json!(batch_id);
+    let corrected = original.data["corrected_text_storage_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    apply(&els, &db, &original, true).await;
+    let row = db
+        .fetch_optional(
+            "SELECT state, corrected_text_storage_id, spelling_errors FROM essays WHERE essay_id = $1",
+            outbox::portable::params![&essay_id],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.text("state").unwrap(), "SPELLCHECKED");
+    assert_eq!(row.text("corrected_text_storage_id").unwrap(), corrected);
+    assert_eq!(
+        row.opt_int("spelling_errors").unwrap(),
+        None,
+        "the original's does not say"
+    );
+    let outcome = db
+        .fetch_optional(
+            "SELECT payload FROM event_outbox WHERE topic = $1",
+            outbox::portable::params![topics::PHASE_OUTCOME],
+        )
+        .await
+        .unwrap()
+        .expect("the phase ended");
+    let outcome: serde_json::Value =
+        serde_json::from_slice(&outcome.bytes("payload").unwrap()).unwrap();
+    assert_eq!(outcome["data"]["phase_name"], "spellcheck");
+    assert_eq!(outcome["data"]["phase_status"], "completed_successfully");
+    assert_eq!(
+        outcome["data"]["processed_essays"][0]["text_storage_id"],
+        corrected.as_str()
+    );
+
     // Spellchecker: thin + rich with the result row, once per essay.
     let db = schemas.db(spellchecker::NAME).await;
     let speller = Arc::new(spellchecker::Speller::load(&spellchecker::dictionary_dir()).unwrap());
