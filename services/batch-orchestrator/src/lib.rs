@@ -26,7 +26,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use essay_common::util::{now_ms, parse_uuid, ApiError, JsonBody};
+use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError, JsonBody};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -484,7 +484,7 @@ async fn deny(
         ],
     )
     .await?;
-    let now = chrono_now();
+    let now = utc_timestamp();
     let correlation = batch.map_or(env.correlation_id, |b| b.correlation_id);
     // This platform keeps no credit ledger: its denials are never about credits, and nothing
     // would be charged for a pipeline that does not run (see docs/adding-a-service.md).
@@ -502,10 +502,6 @@ async fn deny(
     )?;
     tx.enqueue(&event).await?;
     Ok(())
-}
-
-fn chrono_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 async fn start_phase(

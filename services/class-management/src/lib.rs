@@ -22,7 +22,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use essay_common::util::{now_ms, parse_uuid, ApiError, JsonBody};
+use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError, JsonBody};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -339,7 +339,7 @@ impl ClassManagement {
             ],
         )
         .await?;
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let now = utc_timestamp();
         let wire: Vec<serde_json::Value> = associations
             .iter()
             .map(|a| {

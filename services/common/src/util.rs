@@ -16,6 +16,11 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// Now in UTC as the original writes payload timestamps: ISO 8601, microseconds, `Z`.
+pub fn utc_timestamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 /// An HTTP error with a JSON body `{"error": ...}` saying what to change.
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);

@@ -162,17 +162,16 @@ impl FileService {
 
         // Content first, outside the transaction: a slow Content Service holds no lock here.
         use futures::stream::{self, StreamExt, TryStreamExt};
-        // Owned inputs: a stream borrowing `extracted` would not be `Send` for axum.
-        let work: Vec<(UploadedFile, Option<String>)> = extracted
-            .iter()
-            .map(|(f, t)| (f.clone(), t.as_ref().ok().cloned()))
-            .collect();
-        let stored: Vec<(Option<StorageId>, Option<StorageId>)> = stream::iter(work)
+        // Each file moves through the stream and comes back with its ids (a stream borrowing
+        // `extracted` would not be `Send` for axum).
+        let stored: Vec<_> = stream::iter(extracted)
             .map(|(file, text)| {
                 let this = self.clone();
                 async move {
-                    this.store_content(&file, text.as_deref(), correlation_id)
-                        .await
+                    let ids = this
+                        .store_content(&file, text.as_deref().ok(), correlation_id)
+                        .await?;
+                    Ok::<_, ContentError>((file, text, ids))
                 }
             })
             .buffered(CONTENT_CONCURRENCY)
@@ -190,8 +189,8 @@ impl FileService {
             })?;
 
         let mut tx = self.db.begin().await?;
-        let mut outcomes = Vec::with_capacity(extracted.len());
-        for ((file, text), (raw_id, text_id)) in extracted.into_iter().zip(stored) {
+        let mut outcomes = Vec::with_capacity(stored.len());
+        for (file, text, (raw_id, text_id)) in stored {
             let file_upload_id = Uuid::new_v4().to_string();
             let (status, error_code, reason) = match &text {
                 Ok(_) => ("PROVISIONED", None, None),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use essay_common::content::ContentClient;
 use essay_common::prepared::Prepared;
-use essay_common::util::now_ms;
+use essay_common::util::{now_ms, utc_timestamp};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -312,7 +312,7 @@ impl Service for Spellchecker {
                     "corrected_text_storage_id": (!empty).then_some(&corrected_text_storage_id),
                     "error_code": empty.then_some("EMPTY_CONTENT"),
                     "processing_duration_ms": duration_ms,
-                    "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "timestamp": utc_timestamp(),
                     "error_count": error_count}),
         )?;
         let rich = EVENTS.event(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use essay_common::content::ContentClient;
 use essay_common::prepared::Prepared;
-use essay_common::util::now_ms;
+use essay_common::util::{now_ms, utc_timestamp};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -179,7 +179,7 @@ impl Service for StudentMatching {
         if fresh == 0 {
             return Ok(()); // matched before (a re-sent request): the suggestions went out then
         }
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let now = utc_timestamp();
         let event = EVENTS.event(
             topics::AUTHOR_MATCHES_SUGGESTED,
             ("batch", &req.batch_id),
