@@ -58,6 +58,8 @@ pub enum DbError {
     Column { column: String, problem: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl DbError {
@@ -418,6 +420,47 @@ impl ServiceDb {
             }
             Database::Sqlite { pool } => {
                 sqlx::raw_sql(sql).execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `column` (with its SQL `declaration`, e.g. `TEXT`) to `table` unless it is there:
+    /// how a service's table gains a column in a database created by an earlier version.
+    /// Names come from the service's code; anything but `[a-z0-9_]` is refused.
+    pub async fn add_column(
+        &self,
+        table: &str,
+        column: &str,
+        declaration: &str,
+    ) -> Result<(), DbError> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !plain(table) || !plain(column) || declaration.contains(';') {
+            return Err(DbError::Invalid(format!(
+                "add_column: {table:?}.{column:?} {declaration:?} is not a plain name and type"
+            )));
+        }
+        match &self.database {
+            Database::Postgres { pool, .. } => {
+                let sql =
+                    format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {declaration}");
+                sqlx::query(&sql).execute(pool).await?;
+            }
+            Database::Sqlite { pool } => {
+                let present: Option<(i64,)> =
+                    sqlx::query_as("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+                        .bind(table)
+                        .bind(column)
+                        .fetch_optional(pool)
+                        .await?;
+                if present.is_none() {
+                    let sql = format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}");
+                    sqlx::query(&sql).execute(pool).await?;
+                }
             }
         }
         Ok(())

@@ -1,11 +1,12 @@
 //! Batch Orchestrator: registers batches, knows when a batch is ready, and drives the
 //! requested pipeline phase by phase.
 //!
-//! | HTTP | effect |
+//! | HTTP (caller in `X-User-ID`, see `essay_common::identity`) | effect |
 //! |---|---|
-//! | `POST /v1/batches` `{course_code, expected_essay_count, class_id?, user_id?}` | batch + slots' essay ids -> `batch.essays.registered` |
-//! | `POST /v1/batches/{id}/pipelines` `{requested_pipeline: "cj_assessment", is_retry?, user_id?}` | `commands.batch.pipeline` through the outbox |
-//! | `GET /v1/batches/{id}` | status, pipeline, completed phases, last denial |
+//! | `POST /v1/batches` `{course_code, expected_essay_count, class_id?}` | batch owned by the caller + slots' essay ids -> `batch.essays.registered` |
+//! | `POST /v1/batches/{id}/pipelines` `{requested_pipeline: "cj_assessment", is_retry?}` | owner only: `commands.batch.pipeline` through the outbox |
+//! | `GET /v1/batches/{id}` | owner only: status, pipeline (with its phase deadline), completed phases, last denial |
+//! | `GET /internal/v1/batches/{id}/pipeline-state` | service to service, no user: owner and per-phase state in the original's `ProcessingPipelineState` (File Service asks it before accepting files) |
 //!
 //! Readiness: a GUEST batch (no class) is ready when its content is provisioned; a REGULAR
 //! batch then asks for student matching and is ready on `els.batch.essays.ready`.
@@ -18,23 +19,34 @@
 //! when it becomes ready, or answers `pipeline.denied` with the reason (unknown or unsupported
 //! pipeline, unknown batch, a pipeline still in progress, nothing left to run). A retry
 //! (`is_retry`) after a failed pipeline runs the phases that did not complete.
+//!
+//! No batch waits forever: a batch whose provisioning ends with no essay fails with a reason,
+//! and a phase that gets no outcome within `PHASE_TIMEOUT_SECS` (default one hour, the
+//! original's `BATCH_PHASE_COMPLETION_TIMEOUT`) fails its pipeline with a reason
+//! ([`deadlines`]); the teacher can then retry it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError, JsonBody};
-use essay_common::{topics, Envelope, EventFactory, Service};
+use axum::Router;
+use essay_common::identity::Caller;
+use essay_common::util::{now_ms, utc_timestamp, ApiError};
+use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
+pub mod deadlines;
+mod http;
 pub mod pipeline;
+pub mod state_view;
+#[doc(hidden)]
+pub mod testing;
+
+pub use http::router;
 
 pub const NAME: &str = "batch_orchestrator_service";
 const EVENTS: EventFactory = EventFactory::new(NAME);
@@ -82,6 +94,8 @@ pub enum BatchStatus {
     AwaitingContent,
     AwaitingStudentMatching,
     Ready,
+    /// Provisioning ended with no essay to process.
+    Failed,
 }
 
 impl BatchStatus {
@@ -90,6 +104,7 @@ impl BatchStatus {
             Self::AwaitingContent => "AWAITING_CONTENT",
             Self::AwaitingStudentMatching => "AWAITING_STUDENT_MATCHING",
             Self::Ready => "READY",
+            Self::Failed => "FAILED",
         }
     }
 }
@@ -142,23 +157,51 @@ pub fn after_phase(phases: &[Phase], index: usize, succeeded: bool) -> NextStep 
     }
 }
 
+/// How long a phase may run without an outcome, unless `PHASE_TIMEOUT_SECS` says otherwise.
+pub const DEFAULT_PHASE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 #[derive(Clone)]
 pub struct BatchOrchestrator {
     db: ServiceDb,
+    phase_timeout: Duration,
 }
 
 impl BatchOrchestrator {
     pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db })
+        // Columns added after the first release: a database made by it gains them.
+        db.add_column("batches", "failure_reason", "TEXT").await?;
+        db.add_column("pipelines", "started_at", "BIGINT").await?;
+        db.add_column("pipelines", "phase_deadline", "BIGINT")
+            .await?;
+        db.add_column("pipelines", "failure_reason", "TEXT").await?;
+        Ok(Self {
+            db,
+            phase_timeout: DEFAULT_PHASE_TIMEOUT,
+        })
+    }
+
+    /// How long a phase may go without an outcome before its pipeline fails.
+    pub fn with_phase_timeout(mut self, timeout: Duration) -> Self {
+        self.phase_timeout = timeout;
+        self
+    }
+
+    pub fn phase_timeout(&self) -> Duration {
+        self.phase_timeout
     }
 
     pub fn db(&self) -> &ServiceDb {
         &self.db
     }
 
-    /// Registers a batch and its essay ids; the batch row and its event commit together.
-    pub async fn register(&self, req: RegisterBatch) -> Result<Registered, ApiError> {
+    /// Registers a batch owned by `caller` and its essay ids; the batch row and its event
+    /// commit together.
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        req: RegisterBatch,
+    ) -> Result<Registered, ApiError> {
         if req.course_code.trim().is_empty() {
             return Err(ApiError::bad_request("course_code must not be empty"));
         }
@@ -188,7 +231,7 @@ impl BatchOrchestrator {
                 &req.course_code,
                 req.expected_essay_count as i64,
                 req.class_id.clone(),
-                req.user_id.clone(),
+                caller.user_id(),
                 kind,
                 correlation_id.to_string(),
                 BatchStatus::AwaitingContent.as_str(),
@@ -204,7 +247,7 @@ impl BatchOrchestrator {
                 "batch_id": batch_id, "entity_id": batch_id, "essay_ids": essay_ids,
                 "expected_essay_count": req.expected_essay_count,
                 "course_code": req.course_code, "class_id": req.class_id,
-                "batch_kind": kind, "user_id": req.user_id,
+                "batch_kind": kind, "user_id": caller.user_id(),
             }),
         )?;
         tx.enqueue(&event).await?;
@@ -220,9 +263,11 @@ impl BatchOrchestrator {
     /// Checks a pipeline request and enqueues it as the client command (the same command the
     /// original's API Gateway sends); the command's handler starts the pipeline. Unknown batch:
     /// 404; unknown or unsupported pipeline, or phases out of order: 400; a pipeline in
-    /// progress or nothing left to run: 409. Nothing is written for a refused request.
+    /// progress or nothing left to run: 409; someone else's batch: 403. Nothing is written for
+    /// a refused request.
     pub async fn request_pipeline(
         &self,
+        caller: &Caller,
         batch_id: &str,
         req: PipelineRequest,
     ) -> Result<PipelineAccepted, ApiError> {
@@ -231,6 +276,16 @@ impl BatchOrchestrator {
         let Some(batch) = lock_batch(&mut tx, batch_id).await? else {
             return Err(ApiError::not_found(format!("no batch {batch_id}")));
         };
+        caller.must_own(batch.user_id.as_deref(), &format!("batch {batch_id}"))?;
+        if batch.status == BatchStatus::Failed.as_str() {
+            return Err(ApiError::conflict(format!(
+                "batch {batch_id} failed ({}); register a new batch",
+                batch
+                    .failure_reason
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+            )));
+        }
         // The request's form first: a pipeline this platform can run, phases in its order.
         let full =
             pipeline::resolve(&requested, &[]).map_err(|r| ApiError::bad_request(r.detail))?;
@@ -253,13 +308,7 @@ impl BatchOrchestrator {
                 "batch {batch_id} has a pipeline in progress ({active}); request another when it ends"
             )));
         }
-        let user_id = req
-            .user_id
-            .clone()
-            .or(batch.user_id.clone())
-            .ok_or_else(|| {
-                ApiError::bad_request("user_id is required (the batch was registered without one)")
-            })?;
+        let user_id = caller.user_id();
         let command = EVENTS.event(
             topics::CLIENT_PIPELINE_REQUEST,
             ("batch", batch_id),
@@ -289,6 +338,24 @@ impl BatchOrchestrator {
             let detail = format!("no batch {} is known here", cmd.batch_id);
             return deny(tx, env, &cmd, None, "batch_not_found", &detail).await;
         };
+        if batch
+            .user_id
+            .as_deref()
+            .is_some_and(|owner| owner != cmd.user_id)
+        {
+            let detail = format!("batch {} belongs to another user", cmd.batch_id);
+            return deny(tx, env, &cmd, Some(&batch), "not_batch_owner", &detail).await;
+        }
+        if batch.status == BatchStatus::Failed.as_str() {
+            let detail = format!(
+                "the batch failed ({}); register a new batch",
+                batch
+                    .failure_reason
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+            );
+            return deny(tx, env, &cmd, Some(&batch), "batch_failed", &detail).await;
+        }
         if let Some(active) = active_pipeline(tx, &cmd.batch_id).await? {
             let detail =
                 format!("a pipeline is in progress ({active}); request again when it ends");
@@ -304,23 +371,30 @@ impl BatchOrchestrator {
             "INSERT INTO pipelines (batch_id, requested_pipeline, phases, next_phase, status, is_retry)
              VALUES ($1, $2, $3, 0, 'WAITING', $4)
              ON CONFLICT (batch_id) DO UPDATE SET requested_pipeline = $2, phases = $3,
-                 next_phase = 0, status = 'WAITING', is_retry = $4",
+                 next_phase = 0, status = 'WAITING', is_retry = $4, failure_reason = NULL,
+                 started_at = NULL, phase_deadline = NULL",
             params![&cmd.batch_id, &cmd.requested_pipeline, phases_json, cmd.is_retry],
         )
         .await?;
         if batch.status == BatchStatus::Ready.as_str() {
-            start_phase(tx, &batch, &phases, 0).await?;
+            self.start_phase(tx, &batch, &phases, 0).await?;
         }
         Ok(())
     }
 
-    pub async fn status(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+    /// The batch as its owner sees it.
+    pub async fn status(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
         let Some(b) = self
             .db
             .fetch_optional(
-                "SELECT b.batch_id, b.status, b.kind, b.expected_count, b.excess_count,
-                        p.requested_pipeline, p.phases, p.next_phase, p.status AS pipeline_status,
-                        p.is_retry
+                "SELECT b.batch_id, b.user_id, b.status, b.kind, b.expected_count, b.excess_count,
+                        b.failure_reason, p.requested_pipeline, p.phases, p.next_phase,
+                        p.status AS pipeline_status, p.is_retry, p.phase_deadline,
+                        p.failure_reason AS pipeline_failure
                  FROM batches b LEFT JOIN pipelines p ON p.batch_id = b.batch_id
                  WHERE b.batch_id = $1",
                 params![batch_id],
@@ -329,6 +403,10 @@ impl BatchOrchestrator {
         else {
             return Err(ApiError::not_found(format!("no batch {batch_id}")));
         };
+        caller.must_own(
+            b.opt_text("user_id")?.as_deref(),
+            &format!("batch {batch_id}"),
+        )?;
         let completed: Vec<String> = self
             .db
             .fetch_all(
@@ -354,6 +432,10 @@ impl BatchOrchestrator {
                 "is_retry": b.opt_int("is_retry")? == Some(1),
                 "phases": serde_json::from_str::<serde_json::Value>(
                     &b.opt_text("phases")?.unwrap_or_default()).unwrap_or_default(),
+                "current_phase_index": b.opt_int("next_phase")?,
+                // While RUNNING: when the current phase fails unless its outcome arrives.
+                "phase_deadline_ms": if status == "RUNNING" { b.opt_int("phase_deadline")? } else { None },
+                "failure_reason": b.opt_text("pipeline_failure")?,
             })),
             None => None,
         };
@@ -365,6 +447,7 @@ impl BatchOrchestrator {
         Ok(json!({
             "batch_id": b.text("batch_id")?, "status": b.text("status")?,
             "batch_kind": b.text("kind")?, "expected_essay_count": b.int("expected_count")?,
+            "failure_reason": b.opt_text("failure_reason")?,
             "excess_files": b.int("excess_count")?,
             "pipeline": pipeline, "completed_phases": completed, "last_denial": last_denial,
         }))
@@ -384,30 +467,86 @@ impl BatchOrchestrator {
         if let Some(p) = waiting {
             let phases: Vec<Phase> = serde_json::from_str(&p.text("phases")?)
                 .map_err(|e| HandlerError::retry(format!("stored phases: {e}")))?;
-            start_phase(tx, batch, &phases, 0).await?;
+            self.start_phase(tx, batch, &phases, 0).await?;
         }
+        Ok(())
+    }
+
+    /// Sends the command of phase `index` and gives it until the phase deadline.
+    async fn start_phase(
+        &self,
+        tx: &mut Tx,
+        batch: &BatchRow,
+        phases: &[Phase],
+        index: usize,
+    ) -> Result<(), HandlerError> {
+        let phase = phases[index];
+        let now = now_ms();
+        let deadline = now.saturating_add(self.phase_timeout.as_millis() as i64);
+        tx.execute(
+            "UPDATE pipelines SET status = 'RUNNING', next_phase = $2, phase_deadline = $3,
+                    started_at = COALESCE(started_at, $4)
+             WHERE batch_id = $1",
+            params![&batch.batch_id, index as i64, deadline, now],
+        )
+        .await?;
+        let event = EVENTS.event(
+            phase.command_topic(),
+            ("batch", &batch.batch_id),
+            batch.correlation_id,
+            &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase.as_str()}),
+        )?;
+        tx.enqueue(&event).await?;
         Ok(())
     }
 }
 
+/// Ends the batch's pipeline (`COMPLETED` or `FAILED`, with the reason of a failure) and
+/// announces it with the phases that completed.
+pub(crate) async fn finish_pipeline(
+    tx: &mut Tx,
+    batch: &BatchRow,
+    completed: &[&str],
+    succeeded: bool,
+    reason: Option<&str>,
+) -> Result<(), HandlerError> {
+    let status = if succeeded { "COMPLETED" } else { "FAILED" };
+    tx.execute(
+        "UPDATE pipelines SET status = $2, failure_reason = $3, phase_deadline = NULL
+         WHERE batch_id = $1",
+        params![&batch.batch_id, status, reason],
+    )
+    .await?;
+    let event = EVENTS.event(
+        topics::PIPELINE_COMPLETED,
+        ("batch", &batch.batch_id),
+        batch.correlation_id,
+        &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "status": status,
+                "completed_phases": completed, "failure_reason": reason}),
+    )?;
+    tx.enqueue(&event).await?;
+    Ok(())
+}
+
 #[derive(Debug)]
-struct BatchRow {
+pub(crate) struct BatchRow {
     batch_id: String,
     kind: String,
     class_id: Option<String>,
     user_id: Option<String>,
     status: String,
+    failure_reason: Option<String>,
     correlation_id: Uuid,
 }
 
 /// Reads the batch with its row locked (an UPDATE first: a row lock on PostgreSQL, and on
 /// SQLite the transaction already holds the write lock), so concurrent events of one batch
 /// apply one after another.
-async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbError> {
+pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbError> {
     let row = tx
         .fetch_optional(
             "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
-             RETURNING batch_id, kind, class_id, user_id, status, correlation_id",
+             RETURNING batch_id, kind, class_id, user_id, status, failure_reason, correlation_id",
             params![batch_id, now_ms()],
         )
         .await?;
@@ -418,6 +557,7 @@ async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<BatchRow>, DbE
             class_id: r.opt_text("class_id")?,
             user_id: r.opt_text("user_id")?,
             status: r.text("status")?,
+            failure_reason: r.opt_text("failure_reason")?,
             correlation_id: Uuid::parse_str(&r.text("correlation_id")?).unwrap_or_default(),
         })
     })
@@ -504,28 +644,6 @@ async fn deny(
     Ok(())
 }
 
-async fn start_phase(
-    tx: &mut Tx,
-    batch: &BatchRow,
-    phases: &[Phase],
-    index: usize,
-) -> Result<(), HandlerError> {
-    let phase = phases[index];
-    tx.execute(
-        "UPDATE pipelines SET status = 'RUNNING', next_phase = $2 WHERE batch_id = $1",
-        params![&batch.batch_id, index as i64],
-    )
-    .await?;
-    let event = EVENTS.event(
-        phase.command_topic(),
-        ("batch", &batch.batch_id),
-        batch.correlation_id,
-        &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase.as_str()}),
-    )?;
-    tx.enqueue(&event).await?;
-    Ok(())
-}
-
 #[async_trait]
 impl Service for BatchOrchestrator {
     fn name(&self) -> &'static str {
@@ -561,6 +679,9 @@ impl Service for BatchOrchestrator {
             topics::PROVISIONING_COMPLETED => {
                 if batch.status != BatchStatus::AwaitingContent.as_str() {
                     return Ok(());
+                }
+                if env.data["provisioned_count"].as_i64() == Some(0) {
+                    return self.fail_batch(tx, &batch, env).await;
                 }
                 if batch.kind == "GUEST" {
                     self.mark_ready(tx, &batch).await?;
@@ -613,22 +734,13 @@ impl Service for BatchOrchestrator {
                     .await?;
                 }
                 match after_phase(&phases, index, succeeded) {
-                    NextStep::Start(_) => start_phase(tx, &batch, &phases, index + 1).await?,
+                    NextStep::Start(_) => self.start_phase(tx, &batch, &phases, index + 1).await?,
                     NextStep::Complete { succeeded } => {
-                        let status = if succeeded { "COMPLETED" } else { "FAILED" };
-                        tx.execute(
-                            "UPDATE pipelines SET status = $2 WHERE batch_id = $1",
-                            params![&batch_id, status],
-                        )
-                        .await?;
-                        let event = EVENTS.event(
-                            topics::PIPELINE_COMPLETED,
-                            ("batch", &batch_id),
-                            batch.correlation_id,
-                            &json!({"batch_id": batch_id, "entity_id": batch_id, "status": status,
-                                    "completed_phases": phases.iter().take(index + 1).map(|p| p.as_str()).collect::<Vec<_>>()}),
-                        )?;
-                        tx.enqueue(&event).await?;
+                        let ran: Vec<&str> =
+                            phases.iter().take(index + 1).map(|p| p.as_str()).collect();
+                        let reason = (!succeeded)
+                            .then(|| format!("{reported} ended {}", outcome.phase_status));
+                        finish_pipeline(tx, &batch, &ran, succeeded, reason.as_deref()).await?;
                     }
                 }
             }
@@ -640,6 +752,14 @@ impl Service for BatchOrchestrator {
     fn router(self: Arc<Self>) -> Option<Router> {
         Some(router(self))
     }
+
+    async fn background(self: Arc<Self>, shutdown: Shutdown) {
+        let tick = essay_common::runtime::tick_for(self.phase_timeout);
+        essay_common::runtime::every(shutdown, tick, "phase deadlines", || {
+            self.fail_overdue_phases()
+        })
+        .await
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -648,8 +768,6 @@ pub struct RegisterBatch {
     pub expected_essay_count: u32,
     #[serde(default)]
     pub class_id: Option<String>,
-    #[serde(default)]
-    pub user_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -693,8 +811,6 @@ pub struct PipelineRequest {
     pub requested_pipeline: Option<String>,
     #[serde(default)]
     pub phases: Option<Vec<Phase>>,
-    #[serde(default)]
-    pub user_id: Option<String>,
     #[serde(default)]
     pub is_retry: bool,
     #[serde(default)]
@@ -743,40 +859,6 @@ struct ClientPipelineRequest {
     user_id: String,
     #[serde(default)]
     is_retry: bool,
-}
-
-/// The HTTP API.
-pub fn router(svc: Arc<BatchOrchestrator>) -> Router {
-    Router::new()
-        .route("/v1/batches", post(register))
-        .route("/v1/batches/{batch_id}", get(status))
-        .route("/v1/batches/{batch_id}/pipelines", post(pipeline))
-        .with_state(svc)
-}
-
-async fn register(
-    State(svc): State<Arc<BatchOrchestrator>>,
-    JsonBody(req): JsonBody<RegisterBatch>,
-) -> Result<(StatusCode, Json<Registered>), ApiError> {
-    Ok((StatusCode::CREATED, Json(svc.register(req).await?)))
-}
-
-async fn status(
-    State(svc): State<Arc<BatchOrchestrator>>,
-    Path(batch_id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    parse_uuid(&batch_id, "batch id")?;
-    Ok(Json(svc.status(&batch_id).await?))
-}
-
-async fn pipeline(
-    State(svc): State<Arc<BatchOrchestrator>>,
-    Path(batch_id): Path<String>,
-    JsonBody(req): JsonBody<PipelineRequest>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    parse_uuid(&batch_id, "batch id")?;
-    let accepted = svc.request_pipeline(&batch_id, req).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
 }
 
 #[cfg(test)]

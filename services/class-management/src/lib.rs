@@ -4,24 +4,35 @@
 //! or the confident ones confirm themselves after a timeout. Either way
 //! `student.associations.confirmed` is emitted exactly once per batch.
 //!
+//! Every class is its creator's (`X-User-ID`, see `essay_common::identity`); its students,
+//! roster and the matches of its batches are reached by that user only (403 for others).
+//!
 //! | HTTP | effect |
 //! |---|---|
-//! | `POST /v1/classes` `{name, course_code}` | `class.created` |
+//! | `GET /v1/classes?limit=20&offset=0` | the caller's classes, newest first (the original's list) |
+//! | `POST /v1/classes` `{name, course_code}` | a class of the caller's; `class.created` |
+//! | `GET /v1/classes/{id}` | the class, with its student count |
 //! | `PUT /v1/classes/{id}` `{name?, course_code?}` | `class.updated` |
+//! | `DELETE /v1/classes/{id}` | the class and its students (no event: the original has none) |
+//! | `GET /v1/classes/{id}/students?limit&offset` | its students |
 //! | `POST /v1/classes/{id}/students` `{first_name, last_name, email?}` | `class.student.created` |
+//! | `GET /v1/students/{id}`, `DELETE /v1/students/{id}` | the student (owner of its class) |
 //! | `PUT /v1/students/{id}` `{first_name?, last_name?, email?}` | `class.student.updated` |
-//! | `GET /v1/classes/{id}/roster` | `{"students": [{student_id, first_name, last_name, full_legal_name, email}]}` (the original's roster) |
+//! | `GET /v1/classes/{id}/roster` | `{"students": [{student_id, first_name, last_name, full_legal_name, email}]}` (the original's roster; without `X-User-ID` for the matching service, as the original's NLP service reads it) |
 //! | `GET /v1/matches/{batch_id}` | suggestions |
-//! | `POST /v1/matches/{batch_id}/confirm` `{associations?: [{essay_id, student_id}]}` | `student.associations.confirmed` |
+//! | `POST /v1/matches/{batch_id}/confirm` `{associations?: [{essay_id, student_id}]}` | `student.associations.confirmed` (students of the batch's class only) |
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
+use axum::routing::delete;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use essay_common::identity::{Caller, OptionalCaller};
 use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError, JsonBody};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -31,6 +42,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 pub mod matching;
+mod registry;
 
 use matching::{Association, ConfirmedBy, EssayMatches};
 
@@ -72,17 +84,28 @@ impl ClassManagement {
     /// themselves.
     pub async fn open(db: ServiceDb, confirm_timeout: Duration) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
+        // Added after the first release: a database made by it gains them.
+        db.add_column("classes", "user_id", "TEXT").await?;
+        db.add_column("classes", "created_at", "BIGINT").await?;
         Ok(Self {
             db,
             confirm_timeout,
         })
     }
 
-    /// The students of a class, as the original's roster endpoint lists them.
-    pub async fn roster(&self, class_id: &str) -> Result<serde_json::Value, ApiError> {
+    /// The students of a class, as the original's roster endpoint lists them; with a caller,
+    /// only its owner may read it.
+    pub async fn roster(
+        &self,
+        caller: Option<&Caller>,
+        class_id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
         // One transaction: the class and its students as of one moment.
         let mut tx = self.db.begin().await?;
-        class_exists(&mut tx, class_id).await?;
+        let owner = class_owner(&mut tx, class_id).await?;
+        if let Some(caller) = caller {
+            caller.must_own(owner.as_deref(), &format!("class {class_id}"))?;
+        }
         let rows = tx
             .fetch_all(
                 "SELECT student_id, first_name, last_name, email FROM students
@@ -129,7 +152,12 @@ impl ClassManagement {
         &self.db
     }
 
-    pub async fn create_class(&self, name: &str, course_code: &str) -> Result<String, ApiError> {
+    pub async fn create_class(
+        &self,
+        caller: &Caller,
+        name: &str,
+        course_code: &str,
+    ) -> Result<String, ApiError> {
         if name.trim().is_empty() || course_code.trim().is_empty() {
             return Err(ApiError::bad_request(
                 "name and course_code must not be empty",
@@ -138,8 +166,9 @@ impl ClassManagement {
         let class_id = Uuid::new_v4().to_string();
         let mut tx = self.db.begin().await?;
         tx.execute(
-            "INSERT INTO classes (class_id, name, course_code) VALUES ($1, $2, $3)",
-            params![&class_id, name, course_code],
+            "INSERT INTO classes (class_id, name, course_code, user_id, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            params![&class_id, name, course_code, caller.user_id(), now_ms()],
         )
         .await?;
         let e = EVENTS.event(
@@ -153,8 +182,15 @@ impl ClassManagement {
         Ok(class_id)
     }
 
-    pub async fn update_class(&self, class_id: &str, req: UpdateClass) -> Result<(), ApiError> {
+    pub async fn update_class(
+        &self,
+        caller: &Caller,
+        class_id: &str,
+        req: UpdateClass,
+    ) -> Result<(), ApiError> {
         let mut tx = self.db.begin().await?;
+        let owner = class_owner(&mut tx, class_id).await?;
+        caller.must_own(owner.as_deref(), &format!("class {class_id}"))?;
         let Some(row) = tx
             .fetch_optional(
                 "UPDATE classes SET name = COALESCE($2, name), course_code = COALESCE($3, course_code)
@@ -172,14 +208,20 @@ impl ClassManagement {
         Ok(())
     }
 
-    pub async fn add_student(&self, class_id: &str, req: NewStudent) -> Result<String, ApiError> {
+    pub async fn add_student(
+        &self,
+        caller: &Caller,
+        class_id: &str,
+        req: NewStudent,
+    ) -> Result<String, ApiError> {
         if req.first_name.trim().is_empty() || req.last_name.trim().is_empty() {
             return Err(ApiError::bad_request(
                 "first_name and last_name must not be empty",
             ));
         }
         let mut tx = self.db.begin().await?;
-        class_exists(&mut tx, class_id).await?;
+        let owner = class_owner(&mut tx, class_id).await?;
+        caller.must_own(owner.as_deref(), &format!("class {class_id}"))?;
         let student_id = Uuid::new_v4().to_string();
         tx.execute(
             "INSERT INTO students (student_id, class_id, first_name, last_name, email) VALUES ($1, $2, $3, $4, $5)",
@@ -201,10 +243,12 @@ impl ClassManagement {
 
     pub async fn update_student(
         &self,
+        caller: &Caller,
         student_id: &str,
         req: UpdateStudent,
     ) -> Result<(), ApiError> {
         let mut tx = self.db.begin().await?;
+        student_of(&mut tx, caller, student_id).await?;
         let Some(row) = tx
             .fetch_optional(
                 "UPDATE students SET first_name = COALESCE($2, first_name),
@@ -223,6 +267,47 @@ impl ClassManagement {
         tx.enqueue(&e).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// 403 unless the batch's matching belongs to a class of `caller`'s; 404 if there is none.
+    async fn check_match_owner(&self, caller: &Caller, batch_id: &str) -> Result<(), ApiError> {
+        let row = self
+            .db
+            .fetch_optional(
+                "SELECT c.user_id FROM matches m LEFT JOIN classes c ON c.class_id = m.class_id
+                 WHERE m.batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(format!("no matching requested for batch {batch_id}"))
+            })?;
+        caller.must_own(
+            row.opt_text("user_id")?.as_deref(),
+            &format!("the matching of batch {batch_id}"),
+        )
+    }
+
+    /// A batch's matching, for the owner of its class.
+    pub async fn matches_for(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        self.check_match_owner(caller, batch_id).await?;
+        self.matches(batch_id).await
+    }
+
+    /// The teacher's confirmation of a batch's matching (see [`Self::confirm`]).
+    pub async fn confirm_as(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+        chosen: Option<Vec<Association>>,
+    ) -> Result<bool, ApiError> {
+        self.check_match_owner(caller, batch_id).await?;
+        self.confirm(batch_id, chosen, ConfirmedBy::Teacher, caller.user_id())
+            .await
     }
 
     /// A batch's matching: per essay the best suggestion (with the others as alternatives)
@@ -397,15 +482,34 @@ impl ClassManagement {
     }
 }
 
-/// 404 unless the class exists.
-async fn class_exists(tx: &mut Tx, class_id: &str) -> Result<(), ApiError> {
-    tx.fetch_optional(
-        "SELECT 1 AS one FROM classes WHERE class_id = $1",
-        params![class_id],
-    )
-    .await?
-    .map(|_| ())
-    .ok_or_else(|| ApiError::not_found(format!("no class {class_id}")))
+/// The owner of a class; 404 unless the class exists.
+async fn class_owner(tx: &mut Tx, class_id: &str) -> Result<Option<String>, ApiError> {
+    let row = tx
+        .fetch_optional(
+            "SELECT user_id FROM classes WHERE class_id = $1",
+            params![class_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no class {class_id}")))?;
+    Ok(row.opt_text("user_id")?)
+}
+
+/// The class of a student of `caller`'s; 404 if there is no such student, 403 if the class is
+/// someone else's.
+async fn student_of(tx: &mut Tx, caller: &Caller, student_id: &str) -> Result<String, ApiError> {
+    let row = tx
+        .fetch_optional(
+            "SELECT s.class_id, c.user_id FROM students s JOIN classes c ON c.class_id = s.class_id
+             WHERE s.student_id = $1",
+            params![student_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no student {student_id}")))?;
+    caller.must_own(
+        row.opt_text("user_id")?.as_deref(),
+        &format!("student {student_id}"),
+    )?;
+    Ok(row.text("class_id")?)
 }
 
 fn stored_results(json: &str) -> Result<Vec<EssayMatches>, ApiError> {
@@ -483,52 +587,92 @@ pub struct UpdateStudent {
 pub struct Confirm {
     #[serde(default)]
     pub associations: Option<Vec<Association>>,
-    /// Who confirms (the teacher's user id).
-    #[serde(default)]
-    pub user_id: Option<String>,
 }
 
 type Svc = State<Arc<ClassManagement>>;
 
+/// `?limit=&offset=` as the original reads them: limit 1-100 (default 20), offset from 0.
+#[derive(Debug, Default, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    pub limit: Option<i64>,
+    #[serde(default)]
+    pub offset: Option<i64>,
+}
+
+impl Page {
+    fn bounds(&self) -> (i64, i64) {
+        (
+            self.limit.filter(|l| *l > 0).unwrap_or(20).min(100),
+            self.offset.filter(|o| *o >= 0).unwrap_or(0),
+        )
+    }
+}
+
 /// The HTTP API.
 pub fn router(svc: Arc<ClassManagement>) -> Router {
     Router::new()
-        .route("/v1/classes", post(
-            |State(s): Svc, JsonBody(r): JsonBody<NewClass>| async move {
-                let id = s.create_class(&r.name, &r.course_code).await?;
-                Ok::<_, ApiError>((StatusCode::CREATED, Json(json!({"class_id": id}))))
+        .route("/v1/classes", get(
+            |State(s): Svc, caller: Caller, Query(page): Query<Page>| async move {
+                Ok::<_, ApiError>(Json(s.list_classes(&caller, &page).await?))
+            }).post(
+            |State(s): Svc, caller: Caller, JsonBody(r): JsonBody<NewClass>| async move {
+                let id = s.create_class(&caller, &r.name, &r.course_code).await?;
+                Ok::<_, ApiError>((StatusCode::CREATED, Json(json!({"class_id": id, "id": id, "name": r.name}))))
             }))
-        .route("/v1/classes/{class_id}", put(
-            |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<UpdateClass>| async move {
+        .route("/v1/classes/{class_id}", get(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>| async move {
                 parse_uuid(&id, "class id")?;
-                s.update_class(&id, r).await?;
+                Ok::<_, ApiError>(Json(s.get_class(&caller, &id).await?))
+            }).put(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>, JsonBody(r): JsonBody<UpdateClass>| async move {
+                parse_uuid(&id, "class id")?;
+                s.update_class(&caller, &id, r).await?;
+                Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+            }).delete(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>| async move {
+                parse_uuid(&id, "class id")?;
+                s.delete_class(&caller, &id).await?;
                 Ok::<_, ApiError>(StatusCode::NO_CONTENT)
             }))
         .route("/v1/classes/{class_id}/roster", get(
-            |State(s): Svc, Path(id): Path<String>| async move {
+            |State(s): Svc, OptionalCaller(caller): OptionalCaller, Path(id): Path<String>| async move {
                 parse_uuid(&id, "class id")?;
-                Ok::<_, ApiError>(Json(s.roster(&id).await?))
+                Ok::<_, ApiError>(Json(s.roster(caller.as_ref(), &id).await?))
             }))
-        .route("/v1/classes/{class_id}/students", post(
-            |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<NewStudent>| async move {
+        .route("/v1/classes/{class_id}/students", get(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>, Query(page): Query<Page>| async move {
                 parse_uuid(&id, "class id")?;
-                let student = s.add_student(&id, r).await?;
-                Ok::<_, ApiError>((StatusCode::CREATED, Json(json!({"student_id": student}))))
+                Ok::<_, ApiError>(Json(s.list_students(&caller, &id, &page).await?))
+            }).post(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>, JsonBody(r): JsonBody<NewStudent>| async move {
+                parse_uuid(&id, "class id")?;
+                let student = s.add_student(&caller, &id, r).await?;
+                Ok::<_, ApiError>((StatusCode::CREATED, Json(json!({"student_id": student, "id": student}))))
             }))
-        .route("/v1/students/{student_id}", put(
-            |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<UpdateStudent>| async move {
+        .route("/v1/students/{student_id}", get(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>| async move {
                 parse_uuid(&id, "student id")?;
-                s.update_student(&id, r).await?;
+                Ok::<_, ApiError>(Json(s.get_student(&caller, &id).await?))
+            }).put(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>, JsonBody(r): JsonBody<UpdateStudent>| async move {
+                parse_uuid(&id, "student id")?;
+                s.update_student(&caller, &id, r).await?;
+                Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+            }))
+        .route("/v1/students/{student_id}", delete(
+            |State(s): Svc, caller: Caller, Path(id): Path<String>| async move {
+                parse_uuid(&id, "student id")?;
+                s.delete_student(&caller, &id).await?;
                 Ok::<_, ApiError>(StatusCode::NO_CONTENT)
             }))
         .route("/v1/matches/{batch_id}", get(
-            |State(s): Svc, Path(id): Path<String>| async move {
-                Ok::<_, ApiError>(Json(s.matches(&id).await?))
+            |State(s): Svc, caller: Caller, Path(id): Path<String>| async move {
+                Ok::<_, ApiError>(Json(s.matches_for(&caller, &id).await?))
             }))
         .route("/v1/matches/{batch_id}/confirm", post(
-            |State(s): Svc, Path(id): Path<String>, JsonBody(r): JsonBody<Confirm>| async move {
-                let who = r.user_id.unwrap_or_else(|| "teacher".into());
-                let fresh = s.confirm(&id, r.associations, ConfirmedBy::Teacher, &who).await?;
+            |State(s): Svc, caller: Caller, Path(id): Path<String>, JsonBody(r): JsonBody<Confirm>| async move {
+                let fresh = s.confirm_as(&caller, &id, r.associations).await?;
                 Ok::<_, ApiError>(Json(json!({"batch_id": id, "confirmed": true, "already_confirmed": !fresh})))
             }))
         .with_state(svc)

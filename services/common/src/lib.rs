@@ -6,6 +6,7 @@
 pub mod content;
 pub mod contract;
 pub mod http;
+pub mod identity;
 pub mod prepared;
 pub mod runtime;
 pub mod util;

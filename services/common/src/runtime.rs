@@ -73,6 +73,33 @@ impl Shutdown {
     }
 }
 
+/// Runs `work` every `tick` until `shutdown` (a service's timers: deadlines, sweeps). A
+/// failed round is logged and tried again at the next tick.
+pub async fn every<F, Fut, E>(shutdown: Shutdown, tick: Duration, what: &str, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, E>>,
+    E: std::fmt::Debug,
+{
+    let mut stop = std::pin::pin!(shutdown.wait());
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(tick) => match work().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(what, n, "deadline work done"),
+                Err(e) => tracing::warn!(what, error = ?e, "deadline work failed; trying again"),
+            },
+        }
+    }
+}
+
+/// A timer's tick for a deadline of `limit`: often enough to act within a few percent of it,
+/// between 100 ms and 5 s.
+pub fn tick_for(limit: Duration) -> Duration {
+    (limit / 20).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
 /// Where services keep their data.
 #[derive(Clone, Debug)]
 pub enum DataLocation {

@@ -21,6 +21,27 @@ pub fn utc_timestamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// A time stored as milliseconds since the epoch, written as the original writes times.
+pub fn iso_from_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A duration in whole seconds from environment variable `name`, else `default`. A value
+/// that is not a positive number is a configuration error naming the variable.
+pub fn env_secs(name: &str, default: u64) -> Result<std::time::Duration, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(std::time::Duration::from_secs(default)),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(std::time::Duration::from_secs(n)),
+            _ => Err(format!(
+                "{name} must be a whole number of seconds above 0, got {v:?}"
+            )),
+        },
+    }
+}
+
 /// An HTTP error with a JSON body `{"error": ...}` saying what to change.
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
@@ -34,6 +55,15 @@ impl ApiError {
     }
     pub fn conflict(msg: impl Into<String>) -> Self {
         Self(StatusCode::CONFLICT, msg.into())
+    }
+    pub fn unauthorized(msg: impl Into<String>) -> Self {
+        Self(StatusCode::UNAUTHORIZED, msg.into())
+    }
+    pub fn forbidden(msg: impl Into<String>) -> Self {
+        Self(StatusCode::FORBIDDEN, msg.into())
+    }
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        Self(StatusCode::SERVICE_UNAVAILABLE, msg.into())
     }
 }
 

@@ -6,7 +6,15 @@
 //! requests, batch CJ requests and `batch.phase.outcome` once every essay of a phase is
 //! terminal. Content that arrives before its batch is registered is parked in
 //! `pending_content` and assigned when the registration arrives.
+//!
+//! A batch waits for its files until its provisioning deadline (`PROVISIONING_TIMEOUT_SECS`,
+//! default 24 hours as in the original): then the slots still empty become `CONTENT_MISSING`
+//! and provisioning completes with what arrived ([`deadline`]); with nothing at all, Batch
+//! Orchestrator fails the batch with that reason. A file arriving later is excess content.
+//!
+//! `GET /v1/batches/{id}/essays` answers the batch's owner only (`X-User-ID`).
 
+pub mod deadline;
 pub mod state;
 
 use std::sync::Arc;
@@ -15,8 +23,9 @@ use async_trait::async_trait;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use essay_common::util::{now_ms, ApiError};
-use essay_common::{topics, Envelope, EventFactory, Service};
+use essay_common::identity::Caller;
+use essay_common::util::{now_ms, parse_uuid, ApiError};
+use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
 use serde::Deserialize;
@@ -68,9 +77,15 @@ CREATE TABLE IF NOT EXISTS pending_content (
 CREATE INDEX IF NOT EXISTS pending_by_batch ON pending_content (batch_id);
 ";
 
+/// How long a batch waits for its files unless `PROVISIONING_TIMEOUT_SECS` says otherwise
+/// (the original's 24 hours).
+pub const DEFAULT_PROVISIONING_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
 #[derive(Clone)]
 pub struct EssayLifecycle {
     db: ServiceDb,
+    provisioning_timeout: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +106,8 @@ struct Registered {
     batch_id: String,
     essay_ids: Vec<String>,
     course_code: String,
+    #[serde(default)]
+    user_id: Option<String>,
     #[serde(default)]
     class_id: Option<String>,
     #[serde(default)]
@@ -134,7 +151,20 @@ struct EssayResult {
 impl EssayLifecycle {
     pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db })
+        // Added after the first release: a database made by it gains them.
+        db.add_column("batches", "user_id", "TEXT").await?;
+        db.add_column("batches", "provisioning_deadline", "BIGINT")
+            .await?;
+        Ok(Self {
+            db,
+            provisioning_timeout: DEFAULT_PROVISIONING_TIMEOUT,
+        })
+    }
+
+    /// How long a registered batch waits for its files.
+    pub fn with_provisioning_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.provisioning_timeout = timeout;
+        self
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -245,8 +275,8 @@ impl EssayLifecycle {
         let inserted = tx
             .execute(
                 "INSERT INTO batches (batch_id, expected_count, class_id, kind, course_code,
-                                      correlation_id, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id) DO NOTHING",
+                                      correlation_id, updated_at, user_id, provisioning_deadline)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (batch_id) DO NOTHING",
                 params![
                     &reg.batch_id,
                     reg.essay_ids.len(),
@@ -254,7 +284,9 @@ impl EssayLifecycle {
                     kind,
                     &reg.course_code,
                     env.correlation_id.to_string(),
-                    now_ms()
+                    now_ms(),
+                    reg.user_id.clone(),
+                    now_ms().saturating_add(self.provisioning_timeout.as_millis() as i64)
                 ],
             )
             .await?;
@@ -399,6 +431,18 @@ impl EssayLifecycle {
         {
             return Ok(());
         }
+        self.complete_provisioning(tx, batch, &essays, false).await
+    }
+
+    /// Announces provisioning complete with the essays whose content is ready; `timed_out`
+    /// when the deadline ended the wait.
+    async fn complete_provisioning(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        essays: &[(String, EssayState)],
+        timed_out: bool,
+    ) -> Result<(), HandlerError> {
         tx.execute(
             "UPDATE batches SET provisioning_completed = 1 WHERE batch_id = $1",
             params![&batch.batch_id],
@@ -416,7 +460,8 @@ impl EssayLifecycle {
             batch.correlation_id,
             json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
                    "expected_count": essays.len(), "provisioned_count": ready.len(),
-                   "failed_count": essays.len() - ready.len(), "essay_ids": ready}),
+                   "failed_count": essays.len() - ready.len(), "essay_ids": ready,
+                   "timed_out": timed_out}),
         )
         .await
     }
@@ -672,7 +717,10 @@ impl EssayLifecycle {
             if state.in_flight() {
                 return Ok(());
             }
-            if state == EssayState::ContentFailed {
+            if matches!(
+                state,
+                EssayState::ContentFailed | EssayState::ContentMissing
+            ) {
                 continue;
             }
             let essay_id = r.text("essay_id")?;
@@ -711,8 +759,22 @@ impl EssayLifecycle {
         .await
     }
 
-    /// Per-essay states of a batch, for the HTTP view.
-    pub async fn batch_view(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+    /// Per-essay states of a batch, for its owner.
+    pub async fn batch_view(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        let owner = self
+            .db
+            .fetch_optional(
+                "SELECT user_id FROM batches WHERE batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no batch {batch_id}")))?
+            .opt_text("user_id")?;
+        caller.must_own(owner.as_deref(), &format!("batch {batch_id}"))?;
         let rows = self
             .db
             .fetch_all(
@@ -804,11 +866,21 @@ impl Service for EssayLifecycle {
                 .with_state(self),
         )
     }
+
+    async fn background(self: Arc<Self>, shutdown: Shutdown) {
+        let tick = essay_common::runtime::tick_for(self.provisioning_timeout);
+        essay_common::runtime::every(shutdown, tick, "provisioning deadlines", || {
+            self.end_overdue_provisioning()
+        })
+        .await
+    }
 }
 
 async fn view(
     State(svc): State<Arc<EssayLifecycle>>,
+    caller: Caller,
     Path(batch_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(svc.batch_view(&batch_id).await?))
+    parse_uuid(&batch_id, "batch id")?;
+    Ok(Json(svc.batch_view(&caller, &batch_id).await?))
 }

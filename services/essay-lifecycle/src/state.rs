@@ -9,6 +9,8 @@ pub enum EssayState {
     AwaitingContent,
     ContentReady,
     ContentFailed,
+    /// No file arrived for the slot before the batch's provisioning deadline.
+    ContentMissing,
     SpellcheckRequested,
     Spellchecked,
     SpellcheckFailed,
@@ -21,6 +23,7 @@ pub enum EssayState {
 pub enum EssayEvent {
     ContentAssigned,
     ContentInvalid,
+    ProvisioningDeadline,
     SpellcheckRequested,
     SpellcheckSucceeded,
     SpellcheckFailed,
@@ -43,10 +46,11 @@ impl fmt::Display for InvalidTransition {
 
 impl std::error::Error for InvalidTransition {}
 
-const ALL: [EssayState; 9] = [
+const ALL: [EssayState; 10] = [
     EssayState::AwaitingContent,
     EssayState::ContentReady,
     EssayState::ContentFailed,
+    EssayState::ContentMissing,
     EssayState::SpellcheckRequested,
     EssayState::Spellchecked,
     EssayState::SpellcheckFailed,
@@ -62,6 +66,7 @@ impl EssayState {
         Ok(match (self, event) {
             (S::AwaitingContent, E::ContentAssigned) => S::ContentReady,
             (S::AwaitingContent, E::ContentInvalid) => S::ContentFailed,
+            (S::AwaitingContent, E::ProvisioningDeadline) => S::ContentMissing,
             (S::ContentReady, E::SpellcheckRequested) => S::SpellcheckRequested,
             (S::SpellcheckRequested, E::SpellcheckSucceeded) => S::Spellchecked,
             (S::SpellcheckRequested, E::SpellcheckFailed) => S::SpellcheckFailed,
@@ -82,7 +87,7 @@ impl EssayState {
     pub fn failed(self) -> bool {
         matches!(
             self,
-            Self::ContentFailed | Self::SpellcheckFailed | Self::CjFailed
+            Self::ContentFailed | Self::ContentMissing | Self::SpellcheckFailed | Self::CjFailed
         )
     }
 
@@ -91,6 +96,7 @@ impl EssayState {
             Self::AwaitingContent => "AWAITING_CONTENT",
             Self::ContentReady => "CONTENT_READY",
             Self::ContentFailed => "CONTENT_FAILED",
+            Self::ContentMissing => "CONTENT_MISSING",
             Self::SpellcheckRequested => "SPELLCHECK_REQUESTED",
             Self::Spellchecked => "SPELLCHECKED",
             Self::SpellcheckFailed => "SPELLCHECK_FAILED",
@@ -136,6 +142,18 @@ mod tests {
         );
         assert!(S::CjCompleted.apply(E::CjFailed).is_err());
         assert!(S::AwaitingContent.apply(E::CjRequested).is_err());
+        assert_eq!(
+            S::AwaitingContent.apply(E::ProvisioningDeadline),
+            Ok(S::ContentMissing)
+        );
+        assert!(
+            S::ContentReady.apply(E::ProvisioningDeadline).is_err(),
+            "the deadline only ends waiting"
+        );
+        assert!(
+            S::ContentMissing.apply(E::ContentAssigned).is_err(),
+            "too late"
+        );
         assert_eq!(S::ContentReady.apply(E::CjRequested), Ok(S::CjRequested));
         assert_eq!(
             S::CjFailed.apply(E::CjRequested),
@@ -151,6 +169,7 @@ mod tests {
         let events = [
             E::ContentAssigned,
             E::ContentInvalid,
+            E::ProvisioningDeadline,
             E::SpellcheckRequested,
             E::SpellcheckSucceeded,
             E::SpellcheckFailed,

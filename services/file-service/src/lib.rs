@@ -2,11 +2,15 @@
 //! announces each file. A whole upload request is one transaction: every file row and every
 //! event of the request commit together, or nothing does.
 //!
-//! | HTTP | effect |
+//! | HTTP (caller in `X-User-ID`) | effect |
 //! |---|---|
-//! | `POST /v1/files/batch/{batch_id}` (multipart, one part per file) | per file `file.batch.file.added` + `essay.content.provisioned` or `essay.validation.failed` |
-//! | `DELETE /v1/files/{file_upload_id}` | `file.batch.file.removed` |
-//! | `GET /v1/files/{file_upload_id}/content` | the extracted text |
+//! | `POST /v1/files/batch/{batch_id}` (multipart, one part per file) | batch owner, batch not locked: per file `file.batch.file.added` + `essay.content.provisioned` or `essay.validation.failed` |
+//! | `DELETE /v1/files/{file_upload_id}` | file owner, batch not locked: `file.batch.file.removed` |
+//! | `GET /v1/files/{file_upload_id}/content` | file owner: the extracted text |
+//!
+//! Before anything is read or stored, Batch Orchestrator is asked whether the batch exists,
+//! is the caller's and has not started processing ([`batches`]); otherwise 404, 403 or 409
+//! with the reason, and nothing is written or published.
 //!
 //! Files of the wrong type, unreadable, empty, too short or too long are *accepted* and
 //! reported as `essay.validation.failed` (the batch needs to know); a malformed or oversized
@@ -18,6 +22,7 @@
 //! request with 503 before anything is written here; content stored for a request whose
 //! transaction then fails stays provisional and is swept (see `content_service::sweep`).
 
+pub mod batches;
 pub mod extract;
 
 use std::sync::Arc;
@@ -28,7 +33,9 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use batches::BatchClient;
 use essay_common::content::{ContentClient, ContentError, StorageId};
+use essay_common::identity::Caller;
 use essay_common::util::{now_ms, parse_uuid, ApiError};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
@@ -66,6 +73,7 @@ CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
 pub struct FileService {
     db: ServiceDb,
     content: ContentClient,
+    batches: BatchClient,
 }
 
 /// How many files of one request are sent to the Content Service at once.
@@ -90,9 +98,19 @@ pub struct FileOutcome {
 }
 
 impl FileService {
-    pub async fn open(db: ServiceDb, content: ContentClient) -> Result<Self, DbError> {
+    pub async fn open(
+        db: ServiceDb,
+        content: ContentClient,
+        batches: BatchClient,
+    ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db, content })
+        // Added after the first release: a database made by it gains the column.
+        db.add_column("files", "user_id", "TEXT").await?;
+        Ok(Self {
+            db,
+            content,
+            batches,
+        })
     }
 
     /// Stores a file's raw bytes (unless it is empty: the Content Service refuses nothing)
@@ -135,13 +153,16 @@ impl FileService {
         &self.db
     }
 
-    /// Extracts every file, then records all of them and their events in one transaction.
+    /// Checks that `caller` may add files to the batch, extracts every file, then records
+    /// all of them and their events in one transaction.
     pub async fn upload(
         &self,
+        caller: &Caller,
         batch_id: &str,
         correlation_id: Uuid,
         files: Vec<UploadedFile>,
     ) -> Result<Vec<FileOutcome>, ApiError> {
+        self.batches.may_change_files(caller, batch_id).await?;
         // Extraction is CPU work (PDF parsing); keep it off the async workers.
         let extracted = tokio::task::spawn_blocking(move || {
             files
@@ -203,8 +224,8 @@ impl FileService {
             tx.execute(
                 "INSERT INTO files (file_upload_id, batch_id, filename, status, error_code,
                                     raw_file_storage_id, text_storage_id, size_bytes,
-                                    correlation_id, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                    correlation_id, created_at, user_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 params![
                     &file_upload_id,
                     batch_id,
@@ -215,7 +236,8 @@ impl FileService {
                     text_id.as_ref().map(|t| t.to_string()),
                     file.bytes.len(),
                     correlation_id.to_string(),
-                    now_ms()
+                    now_ms(),
+                    caller.user_id()
                 ],
             )
             .await?;
@@ -266,8 +288,25 @@ impl FileService {
         Ok(outcomes)
     }
 
-    /// Marks a file removed and announces it; removing twice is a no-op.
-    pub async fn remove(&self, file_upload_id: &str) -> Result<bool, ApiError> {
+    /// The owner and batch of a file; 404 if there is none.
+    async fn file_of(&self, file_upload_id: &str) -> Result<(Option<String>, String), ApiError> {
+        let row = self
+            .db
+            .fetch_optional(
+                "SELECT user_id, batch_id FROM files WHERE file_upload_id = $1",
+                params![file_upload_id],
+            )
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no file {file_upload_id}")))?;
+        Ok((row.opt_text("user_id")?, row.text("batch_id")?))
+    }
+
+    /// Marks a file removed and announces it (owner only, while its batch is not locked);
+    /// removing twice is a no-op.
+    pub async fn remove(&self, caller: &Caller, file_upload_id: &str) -> Result<bool, ApiError> {
+        let (owner, batch_id) = self.file_of(file_upload_id).await?;
+        caller.must_own(owner.as_deref(), &format!("file {file_upload_id}"))?;
+        self.batches.may_change_files(caller, &batch_id).await?;
         let mut tx = self.db.begin().await?;
         let Some(row) = tx
             .fetch_optional(
@@ -337,6 +376,7 @@ fn correlation(headers: &HeaderMap) -> Result<Uuid, ApiError> {
 
 async fn upload(
     State(svc): State<Arc<FileService>>,
+    caller: Caller,
     Path(batch_id): Path<String>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
@@ -382,7 +422,9 @@ async fn upload(
     if files.is_empty() {
         return Err(ApiError::bad_request("the upload contains no files"));
     }
-    let outcomes = svc.upload(&batch_id, correlation_id, files).await?;
+    let outcomes = svc
+        .upload(&caller, &batch_id, correlation_id, files)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"batch_id": batch_id, "files": outcomes})),
@@ -391,18 +433,22 @@ async fn upload(
 
 async fn remove(
     State(svc): State<Arc<FileService>>,
+    caller: Caller,
     Path(file_upload_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     parse_uuid(&file_upload_id, "file upload id")?;
-    svc.remove(&file_upload_id).await?;
+    svc.remove(&caller, &file_upload_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn content(
     State(svc): State<Arc<FileService>>,
+    caller: Caller,
     Path(file_upload_id): Path<String>,
 ) -> Result<String, ApiError> {
     parse_uuid(&file_upload_id, "file upload id")?;
+    let (owner, _) = svc.file_of(&file_upload_id).await?;
+    caller.must_own(owner.as_deref(), &format!("file {file_upload_id}"))?;
     let row = svc
         .db
         .fetch_optional(

@@ -6,8 +6,11 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
+use batch_orchestrator::testing::LocalBatchOrchestrator;
 use content_service::testing::LocalContentService;
 use essay_common::content::StorageId;
+use essay_common::identity::Caller;
+use file_service::batches::BatchClient;
 use file_service::{FileService, MAX_FILE_BYTES};
 use outbox::portable::ServiceDb;
 use tower::ServiceExt;
@@ -85,12 +88,21 @@ fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-async fn service_with_content() -> (
-    Arc<FileService>,
-    ServiceDb,
-    std::path::PathBuf,
-    LocalContentService,
-) {
+/// A File Service with its Content Service and Batch Orchestrator (both real, over HTTP), and
+/// a batch of [`TEACHER`]'s to upload to.
+struct Files {
+    svc: Arc<FileService>,
+    batch: String,
+    bos: LocalBatchOrchestrator,
+}
+
+const TEACHER: &str = "teacher-1";
+
+fn teacher() -> Caller {
+    Caller(TEACHER.into())
+}
+
+async fn service_with_content() -> (Files, ServiceDb, std::path::PathBuf, LocalContentService) {
     let dir = std::env::temp_dir().join(format!(
         "file-service-test-{}",
         uuid::Uuid::new_v4().simple()
@@ -103,29 +115,46 @@ async fn service_with_content() -> (
     .await
     .unwrap();
     let content = LocalContentService::start(&dir).await;
-    (
-        Arc::new(
-            FileService::open(db.clone(), content.client())
-                .await
-                .unwrap(),
-        ),
-        db,
-        dir,
-        content,
-    )
+    let bos = LocalBatchOrchestrator::start(&dir).await;
+    let batch = bos
+        .service
+        .register(
+            &teacher(),
+            serde_json::from_value(
+                serde_json::json!({"course_code": "ENG5", "expected_essay_count": 10}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap()
+        .batch_id;
+    let batches = BatchClient::new(&bos.url(), essay_common::http::Policy::default()).unwrap();
+    let svc = Arc::new(
+        FileService::open(db.clone(), content.client(), batches)
+            .await
+            .unwrap(),
+    );
+    (Files { svc, batch, bos }, db, dir, content)
 }
 
-async fn post(
-    svc: &Arc<FileService>,
+async fn post(files: &Files, content_type: &str, body: Vec<u8>) -> (StatusCode, serde_json::Value) {
+    send_as(files, &files.batch, Some(TEACHER), content_type, body).await
+}
+
+async fn send_as(
+    files: &Files,
+    batch: &str,
+    user: Option<&str>,
     content_type: &str,
     body: Vec<u8>,
 ) -> (StatusCode, serde_json::Value) {
-    let batch = uuid::Uuid::new_v4();
-    let req = Request::post(format!("/v1/files/batch/{batch}"))
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Body::from(body))
-        .unwrap();
-    let resp = file_service::router(svc.clone())
+    let mut req = Request::post(format!("/v1/files/batch/{batch}"))
+        .header(header::CONTENT_TYPE, content_type);
+    if let Some(user) = user {
+        req = req.header("x-user-id", user);
+    }
+    let req = req.body(Body::from(body)).unwrap();
+    let resp = file_service::router(files.svc.clone())
         .oneshot(req)
         .await
         .unwrap();
@@ -299,9 +328,10 @@ async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
 
     let req = Request::post("/v1/files/batch/not-a-uuid")
         .header(header::CONTENT_TYPE, ct)
+        .header("x-user-id", TEACHER)
         .body(Body::empty())
         .unwrap();
-    let resp = file_service::router(svc.clone())
+    let resp = file_service::router(svc.svc.clone())
         .oneshot(req)
         .await
         .unwrap();
@@ -316,8 +346,10 @@ async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
 async fn removing_a_file_announces_it_once() {
     let (svc, db, dir, _content) = service_with_content().await;
     let files = svc
+        .svc
         .upload(
-            &uuid::Uuid::new_v4().to_string(),
+            &teacher(),
+            &svc.batch,
             uuid::Uuid::new_v4(),
             vec![file_service::UploadedFile {
                 filename: "a.txt".into(),
@@ -327,8 +359,14 @@ async fn removing_a_file_announces_it_once() {
         .await
         .unwrap();
     let id = &files[0].file_upload_id;
-    assert!(svc.remove(id).await.unwrap());
-    assert!(!svc.remove(id).await.unwrap(), "second removal is a no-op");
+    let other = Caller("teacher-2".into());
+    let refused = svc.svc.remove(&other, id).await.unwrap_err();
+    assert_eq!(refused.0, StatusCode::FORBIDDEN, "{}", refused.1);
+    assert!(svc.svc.remove(&teacher(), id).await.unwrap());
+    assert!(
+        !svc.svc.remove(&teacher(), id).await.unwrap(),
+        "second removal is a no-op"
+    );
     let removed = db
         .fetch_all(
             "SELECT topic FROM event_outbox WHERE topic = $1",
@@ -338,8 +376,62 @@ async fn removing_a_file_announces_it_once() {
         .unwrap();
     assert_eq!(removed.len(), 1);
     assert!(
-        svc.remove(&uuid::Uuid::new_v4().to_string()).await.is_err(),
+        svc.svc
+            .remove(&teacher(), &uuid::Uuid::new_v4().to_string())
+            .await
+            .is_err(),
         "unknown file: 404"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Files go only to a batch that exists and is the caller's; a refused upload writes and
+/// stores nothing, and an unreachable Batch Orchestrator is an outage (503), not a yes.
+#[tokio::test]
+async fn uploads_need_the_callers_own_existing_batch() {
+    let (files, db, dir, content) = service_with_content().await;
+    let (ct, body) = multipart(&[("a.txt", ESSAY.as_bytes().to_vec())]);
+    let stored_before = content.service.counts().await.unwrap().0;
+
+    let (status, reply) = send_as(&files, &files.batch, None, &ct, body.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{reply}");
+    let (status, reply) = send_as(&files, &files.batch, Some("teacher-2"), &ct, body.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{reply}");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (status, reply) = send_as(&files, &unknown, Some(TEACHER), &ct, body.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("register it first"),
+        "{reply}"
+    );
+
+    assert_eq!(
+        rows(&db, "files").await,
+        0,
+        "nothing written for a refused upload"
+    );
+    assert_eq!(rows(&db, "event_outbox").await, 0);
+    assert_eq!(
+        content.service.counts().await.unwrap().0,
+        stored_before,
+        "nothing stored"
+    );
+
+    let (status, reply) = post(&files, &ct, body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{reply}");
+
+    let Files { svc, batch, bos } = files;
+    bos.stop().await;
+    let down = Files {
+        svc,
+        batch: batch.clone(),
+        bos: LocalBatchOrchestrator::start(&dir.join("other")).await,
+    };
+    let (status, reply) = send_as(&down, &batch, Some(TEACHER), &ct, body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert_eq!(rows(&db, "files").await, 1, "only the accepted upload");
     let _ = std::fs::remove_dir_all(dir);
 }

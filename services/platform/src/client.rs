@@ -6,14 +6,25 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use tower::ServiceExt;
 
-/// The services' HTTP APIs behind one entry point: their routers in this process, or the
-/// services running as their own processes.
+/// The services' HTTP APIs behind one entry point, as the original's API Gateway puts them:
+/// every request carries the signed-in user in `X-User-ID` (see `essay_common::identity`).
 #[derive(Clone)]
-pub enum Gateway {
+pub struct Gateway {
+    route: Route,
+    user: Option<String>,
+}
+
+/// Where requests go: the routers in this process, or the services running as their own
+/// processes.
+#[derive(Clone)]
+enum Route {
     InProcess(Router),
     /// Service short name (as in [`crate::SERVICES`]) -> address.
     Remote(std::sync::Arc<std::collections::HashMap<String, std::net::SocketAddr>>),
 }
+
+/// The user a gateway signs requests as unless told otherwise.
+pub const DEFAULT_USER: &str = "demo-teacher";
 
 /// Which service answers `path`.
 pub fn service_for(path: &str) -> &'static str {
@@ -103,17 +114,51 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 pub type Reply = (StatusCode, serde_json::Value);
 
 impl Gateway {
+    /// Requests as [`DEFAULT_USER`] to the routers of this process.
     pub fn new(router: Router) -> Self {
-        Self::InProcess(router)
+        Self {
+            route: Route::InProcess(router),
+            user: Some(DEFAULT_USER.into()),
+        }
     }
 
+    /// Requests as [`DEFAULT_USER`] to services running as their own processes.
     pub fn remote(addrs: std::collections::HashMap<String, std::net::SocketAddr>) -> Self {
-        Self::Remote(std::sync::Arc::new(addrs))
+        Self {
+            route: Route::Remote(std::sync::Arc::new(addrs)),
+            user: Some(DEFAULT_USER.into()),
+        }
     }
 
-    pub async fn send(&self, request: Request<Body>) -> anyhow::Result<Reply> {
-        let (status, bytes) = match self {
-            Self::InProcess(router) => {
+    /// The same gateway signed in as `user`.
+    pub fn as_user(&self, user: &str) -> Self {
+        Self {
+            route: self.route.clone(),
+            user: Some(user.into()),
+        }
+    }
+
+    /// The same gateway with nobody signed in (no `X-User-ID`).
+    pub fn anonymous(&self) -> Self {
+        Self {
+            route: self.route.clone(),
+            user: None,
+        }
+    }
+
+    pub async fn send(&self, mut request: Request<Body>) -> anyhow::Result<Reply> {
+        // The gateway's rule: the user is its to set, never the client's.
+        request
+            .headers_mut()
+            .remove(essay_common::identity::USER_HEADER);
+        if let Some(user) = &self.user {
+            request.headers_mut().insert(
+                essay_common::identity::USER_HEADER,
+                axum::http::HeaderValue::from_str(user)?,
+            );
+        }
+        let (status, bytes) = match &self.route {
+            Route::InProcess(router) => {
                 let response = router.clone().oneshot(request).await?;
                 let status = response.status();
                 (
@@ -123,7 +168,7 @@ impl Gateway {
                         .to_vec(),
                 )
             }
-            Self::Remote(addrs) => {
+            Route::Remote(addrs) => {
                 let service = service_for(request.uri().path());
                 let addr = *addrs
                     .get(service)
@@ -161,6 +206,10 @@ impl Gateway {
 
     pub async fn post(&self, uri: &str, body: &serde_json::Value) -> anyhow::Result<Reply> {
         self.json(Method::POST, uri, body).await
+    }
+
+    pub async fn delete(&self, uri: &str) -> anyhow::Result<Reply> {
+        self.send(Request::delete(uri).body(Body::empty())?).await
     }
 
     /// Uploads files to a batch as `multipart/form-data`, one part per file.

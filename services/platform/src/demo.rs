@@ -133,7 +133,7 @@ pub async fn run(api: &Gateway, options: &DemoOptions) -> anyhow::Result<DemoRep
         api.post(
             "/v1/batches",
             &json!({"course_code": "ENG5", "expected_essay_count": files.len(),
-                                          "class_id": class_id, "user_id": "demo-teacher"}),
+                                          "class_id": class_id}),
         )
         .await?,
         StatusCode::CREATED,

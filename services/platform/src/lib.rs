@@ -16,8 +16,10 @@ use class_management::ClassManagement;
 use content_service::{ContentService, SweepPolicy};
 use essay_common::content::{ContentClient, ContentPolicy};
 use essay_common::runtime::{self, DataLocation, Observability, RunningService};
+use essay_common::util::env_secs;
 use essay_common::Service;
 use essay_lifecycle::EssayLifecycle;
+use file_service::batches::BatchClient;
 use file_service::FileService;
 use outbox::backend::Broker;
 use outbox::portable::ServiceDb;
@@ -26,8 +28,9 @@ use result_aggregator::ResultAggregator;
 use spellchecker::{Spellchecker, Speller};
 use student_matching::{RosterClient, StudentMatching};
 
-/// Every service, with its default HTTP port for `serve`. The Content Service and Class
-/// Management come first: the others call them (texts; the class roster).
+/// Every service, with its default HTTP port for `serve`. The Content Service, Class
+/// Management and Batch Orchestrator come first: the others call them (texts; the class
+/// roster; whether a batch's files may change).
 pub const SERVICES: &[(&str, &str, u16)] = &[
     ("content-service", content_service::NAME, 4108),
     ("class-management", class_management::NAME, 4104),
@@ -45,14 +48,17 @@ pub const SERVICES: &[(&str, &str, u16)] = &[
 pub struct Peers {
     pub content: ContentClient,
     pub roster: RosterClient,
+    pub batches: BatchClient,
 }
 
 impl Peers {
-    /// `CONTENT_SERVICE_URL` and `CLASS_MANAGEMENT_URL` (defaults: their `serve` ports).
+    /// `CONTENT_SERVICE_URL`, `CLASS_MANAGEMENT_URL` and `BATCH_ORCHESTRATOR_URL` (defaults:
+    /// their `serve` ports).
     pub fn from_env() -> anyhow::Result<Self> {
         Ok(Self {
             content: ContentClient::from_env().map_err(anyhow::Error::msg)?,
             roster: RosterClient::from_env().map_err(anyhow::Error::msg)?,
+            batches: BatchClient::from_env().map_err(anyhow::Error::msg)?,
         })
     }
 }
@@ -66,11 +72,23 @@ pub struct Options {
     pub content_sweep: SweepPolicy,
     /// Timeout and retries of the services' calls to the Content Service.
     pub content_policy: ContentPolicy,
+    /// How long Essay Lifecycle waits for a batch's files before going on with what arrived
+    /// (`PROVISIONING_TIMEOUT_SECS`).
+    pub provisioning_timeout: Duration,
+    /// How long a phase may run without an outcome before its pipeline fails
+    /// (`PHASE_TIMEOUT_SECS`).
+    pub phase_timeout: Duration,
+    /// How long the Result Aggregator waits, after a pipeline completed, for the results it
+    /// produced before announcing what it has (`RESULTS_DEADLINE_SECS`).
+    pub results_deadline: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
+            provisioning_timeout: essay_lifecycle::DEFAULT_PROVISIONING_TIMEOUT,
+            phase_timeout: batch_orchestrator::DEFAULT_PHASE_TIMEOUT,
+            results_deadline: result_aggregator::DEFAULT_RESULTS_DEADLINE,
             match_confirm_timeout: Duration::from_secs(
                 std::env::var("MATCH_CONFIRM_TIMEOUT_SECS")
                     .ok()
@@ -84,11 +102,19 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The defaults, with `CONTENT_SWEEP_GRACE_SECS` applied.
+    /// The defaults, with `CONTENT_SWEEP_GRACE_SECS`, `PROVISIONING_TIMEOUT_SECS`,
+    /// `PHASE_TIMEOUT_SECS` and `RESULTS_DEADLINE_SECS` applied.
     pub fn from_env() -> anyhow::Result<Self> {
+        let d = Self::default();
+        let secs = |name: &str, default: Duration| {
+            env_secs(name, default.as_secs()).map_err(anyhow::Error::msg)
+        };
         Ok(Self {
             content_sweep: SweepPolicy::from_env().map_err(anyhow::Error::msg)?,
-            ..Self::default()
+            provisioning_timeout: secs("PROVISIONING_TIMEOUT_SECS", d.provisioning_timeout)?,
+            phase_timeout: secs("PHASE_TIMEOUT_SECS", d.phase_timeout)?,
+            results_deadline: secs("RESULTS_DEADLINE_SECS", d.results_deadline)?,
+            ..d
         })
     }
 }
@@ -125,9 +151,19 @@ impl AnyService {
             "content-service" => Self::Content(Arc::new(
                 ContentService::open(db, options.content_sweep).await?,
             )),
-            "batch-orchestrator" => Self::Bos(Arc::new(BatchOrchestrator::open(db).await?)),
-            "file-service" => Self::Files(Arc::new(FileService::open(db, content).await?)),
-            "essay-lifecycle" => Self::Els(Arc::new(EssayLifecycle::open(db).await?)),
+            "batch-orchestrator" => Self::Bos(Arc::new(
+                BatchOrchestrator::open(db)
+                    .await?
+                    .with_phase_timeout(options.phase_timeout),
+            )),
+            "file-service" => Self::Files(Arc::new(
+                FileService::open(db, content, peers.batches.clone()).await?,
+            )),
+            "essay-lifecycle" => Self::Els(Arc::new(
+                EssayLifecycle::open(db)
+                    .await?
+                    .with_provisioning_timeout(options.provisioning_timeout),
+            )),
             "class-management" => Self::Cms(Arc::new(
                 ClassManagement::open(db, options.match_confirm_timeout).await?,
             )),
@@ -149,7 +185,11 @@ impl AnyService {
                 )
                 .await?,
             )),
-            "result-aggregator" => Self::Ras(Arc::new(ResultAggregator::open(db).await?)),
+            "result-aggregator" => Self::Ras(Arc::new(
+                ResultAggregator::open(db)
+                    .await?
+                    .with_results_deadline(options.results_deadline),
+            )),
             _ => unreachable!("listed in SERVICES"),
         })
     }
@@ -186,6 +226,8 @@ pub struct Platform {
     pub content_addr: SocketAddr,
     /// Where Class Management listens.
     pub cms_addr: SocketAddr,
+    /// Where Batch Orchestrator listens.
+    pub bos_addr: SocketAddr,
     pub bos: Arc<BatchOrchestrator>,
     pub files: Arc<FileService>,
     pub els: Arc<EssayLifecycle>,
@@ -224,17 +266,29 @@ impl Platform {
             Arc::new(ClassManagement::open(cms_db.clone(), options.match_confirm_timeout).await?);
         let (cms_running, cms_addr) =
             start_on_local_port(cms.clone(), cms_db, &broker, &obs).await?;
+        // Batch Orchestrator too: File Service asks it whether a batch's files may change.
+        let bos_db =
+            runtime::open_database(location, batch_orchestrator::NAME, &broker, &obs).await?;
+        let bos = Arc::new(
+            BatchOrchestrator::open(bos_db.clone())
+                .await?
+                .with_phase_timeout(options.phase_timeout),
+        );
+        let (bos_running, bos_addr) =
+            start_on_local_port(bos.clone(), bos_db, &broker, &obs).await?;
         let peers = Peers {
             content: content_client,
             roster: RosterClient::new(&format!("http://{cms_addr}"), options.content_policy)
                 .map_err(anyhow::Error::msg)?,
+            batches: BatchClient::new(&format!("http://{bos_addr}"), options.content_policy)
+                .map_err(anyhow::Error::msg)?,
         };
         let mut built = Vec::new();
-        for (short, full, _) in &SERVICES[2..] {
+        for (short, full, _) in &SERVICES[3..] {
             let db = runtime::open_database(location, full, &broker, &obs).await?;
             built.push(AnyService::build(short, db, options, &peers).await?);
         }
-        let mut running = vec![content_running, cms_running];
+        let mut running = vec![content_running, cms_running, bos_running];
         for s in &built {
             running.push(
                 runtime::start(
@@ -259,18 +313,19 @@ impl Platform {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let (mut bos, mut files, mut els, mut matching, mut spell, mut cj, mut ras) =
-            (None, None, None, None, None, None, None);
+        let (mut files, mut els, mut matching, mut spell, mut cj, mut ras) =
+            (None, None, None, None, None, None);
         for b in built {
             match b {
-                AnyService::Bos(x) => bos = Some(x),
                 AnyService::Files(x) => files = Some(x),
                 AnyService::Els(x) => els = Some(x),
                 AnyService::Matching(x) => matching = Some(x),
                 AnyService::Spell(x) => spell = Some(x),
                 AnyService::Cj(x) => cj = Some(x),
                 AnyService::Ras(x) => ras = Some(x),
-                AnyService::Content(_) | AnyService::Cms(_) => unreachable!("started first"),
+                AnyService::Content(_) | AnyService::Cms(_) | AnyService::Bos(_) => {
+                    unreachable!("started first")
+                }
             }
         }
         let missing = || anyhow::anyhow!("a service of SERVICES was not built");
@@ -278,7 +333,8 @@ impl Platform {
             content,
             content_addr,
             cms_addr,
-            bos: bos.ok_or_else(missing)?,
+            bos_addr,
+            bos,
             files: files.ok_or_else(missing)?,
             els: els.ok_or_else(missing)?,
             cms,

@@ -7,9 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use batch_orchestrator::testing::LocalBatchOrchestrator;
 use common::*;
 use content_service::testing::LocalContentService;
 use essay_common::content::ContentClient;
+use essay_common::identity::Caller;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::backend::Database;
 use outbox::portable::ServiceDb;
@@ -129,39 +131,38 @@ async fn http_writes_commit_with_their_events() {
     let content = LocalContentService::start(&content_dir).await;
 
     let db = schemas.db(batch_orchestrator::NAME).await;
-    let bos = batch_orchestrator::BatchOrchestrator::open(db.clone())
-        .await
-        .unwrap();
+    let bos = Arc::new(
+        batch_orchestrator::BatchOrchestrator::open(db.clone())
+            .await
+            .unwrap(),
+    );
+    let teacher = Caller("teacher-1".into());
     let req = || batch_orchestrator::RegisterBatch {
         course_code: "ENG5".into(),
         expected_essay_count: 2,
         class_id: None,
-        user_id: None,
     };
     refuse_events(&db, true).await;
-    assert!(bos.register(req()).await.is_err());
+    assert!(bos.register(&teacher, req()).await.is_err());
     assert_eq!(
         n(&db, "SELECT COUNT(*) AS n FROM batches").await,
         0,
         "no batch without its event"
     );
     refuse_events(&db, false).await;
-    let registered = bos.register(req()).await.unwrap();
+    let registered = bos.register(&teacher, req()).await.unwrap();
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM batches").await, 1);
     assert_eq!(outbox_topics(&db).await, [topics::BATCH_ESSAYS_REGISTERED]);
     // A pipeline request is the client command, enqueued in the orchestrator's outbox.
-    let pipeline = || batch_orchestrator::PipelineRequest {
-        user_id: Some("teacher-1".into()),
-        ..batch_orchestrator::PipelineRequest::named("cj_assessment")
-    };
+    let pipeline = || batch_orchestrator::PipelineRequest::named("cj_assessment");
     refuse_events(&db, true).await;
     assert!(bos
-        .request_pipeline(&registered.batch_id, pipeline())
+        .request_pipeline(&teacher, &registered.batch_id, pipeline())
         .await
         .is_err());
     refuse_events(&db, false).await;
     let accepted = bos
-        .request_pipeline(&registered.batch_id, pipeline())
+        .request_pipeline(&teacher, &registered.batch_id, pipeline())
         .await
         .unwrap();
     assert_eq!(accepted.phases, ["spellcheck", "cj_assessment"]);
@@ -174,7 +175,16 @@ async fn http_writes_commit_with_their_events() {
     );
 
     let db = schemas.db(file_service::NAME).await;
-    let files = file_service::FileService::open(db.clone(), content.client())
+    // The files go to a fresh batch: the one above has its pipeline requested, and a pipeline
+    // once started locks a batch's files.
+    let fresh = bos.register(&teacher, req()).await.unwrap();
+    let bos_http = LocalBatchOrchestrator::serve(bos.clone()).await;
+    let batches = file_service::batches::BatchClient::new(
+        &bos_http.url(),
+        essay_common::http::Policy::default(),
+    )
+    .unwrap();
+    let files = file_service::FileService::open(db.clone(), content.client(), batches)
         .await
         .unwrap();
     let upload = || {
@@ -191,7 +201,7 @@ async fn http_writes_commit_with_their_events() {
     };
     refuse_events(&db, true).await;
     assert!(files
-        .upload(&registered.batch_id, Uuid::new_v4(), upload())
+        .upload(&teacher, &fresh.batch_id, Uuid::new_v4(), upload())
         .await
         .is_err());
     assert_eq!(
@@ -201,7 +211,7 @@ async fn http_writes_commit_with_their_events() {
     );
     refuse_events(&db, false).await;
     files
-        .upload(&registered.batch_id, Uuid::new_v4(), upload())
+        .upload(&teacher, &fresh.batch_id, Uuid::new_v4(), upload())
         .await
         .unwrap();
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM files").await, 2);
@@ -220,12 +230,13 @@ async fn http_writes_commit_with_their_events() {
         .await
         .unwrap();
     refuse_events(&db, true).await;
-    assert!(cms.create_class("9B", "ENG5").await.is_err());
+    assert!(cms.create_class(&teacher, "9B", "ENG5").await.is_err());
     assert_eq!(n(&db, "SELECT COUNT(*) AS n FROM classes").await, 0);
     refuse_events(&db, false).await;
-    let class_id = cms.create_class("9B", "ENG5").await.unwrap();
+    let class_id = cms.create_class(&teacher, "9B", "ENG5").await.unwrap();
     let maya = cms
         .add_student(
+            &teacher,
             &class_id,
             class_management::NewStudent {
                 first_name: "Maya".into(),
@@ -244,7 +255,8 @@ async fn http_writes_commit_with_their_events() {
     // - once only.
     let batch_id = Uuid::new_v4().to_string();
     let roster: Vec<student_matching::matcher::Student> =
-        serde_json::from_value(cms.roster(&class_id).await.unwrap()["students"].clone()).unwrap();
+        serde_json::from_value(cms.roster(None, &class_id).await.unwrap()["students"].clone())
+            .unwrap();
     let text = "Maya Lindqvist 2026-02-09\n\nAn essay.";
     let result =
         student_matching::essay_result("e1", &stored(&content.client(), text).await, text, &roster);
@@ -553,11 +565,16 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
             json!({"batch_id": batch_id, "status": "COMPLETED"}),
         )
     };
-    apply(&ras, &db, &completed(), false).await;
+    let completed = completed();
+    apply(&ras, &db, &completed, false).await;
     assert!(outbox_topics(&db).await.is_empty());
-    apply(&ras, &db, &completed(), true).await;
-    apply(&ras, &db, &completed(), true).await;
-    assert_eq!(outbox_topics(&db).await, [topics::RESULTS_READY]);
+    apply(&ras, &db, &completed, true).await;
+    apply(&ras, &db, &completed, true).await;
+    assert_eq!(
+        outbox_topics(&db).await,
+        [topics::RESULTS_READY],
+        "the same completion twice is announced once"
+    );
     content_service.stop().await;
     let _ = std::fs::remove_dir_all(content_dir);
     schemas.drop().await;

@@ -284,7 +284,23 @@ async fn a_teacher_overrides_with_students_of_the_class_only() {
         student_ids[0].as_str()
     );
 
-    let confirm = |student: &str| json!({"associations": [{"essay_id": essay_id, "student_id": student}], "user_id": "t-1"});
+    let confirm =
+        |student: &str| json!({"associations": [{"essay_id": essay_id, "student_id": student}]});
+    // Only the teacher whose class it is may confirm or read the matching.
+    let stranger = api.as_user("another-teacher");
+    let (code, body) = stranger
+        .post(
+            &format!("/v1/matches/{batch_id}/confirm"),
+            &confirm(&student_ids[0]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "{body}");
+    let (code, _) = stranger
+        .get(&format!("/v1/matches/{batch_id}"))
+        .await
+        .unwrap();
+    assert_eq!(code, 403);
     let (code, body) = api
         .post(
             &format!("/v1/matches/{batch_id}/confirm"),
@@ -302,14 +318,18 @@ async fn a_teacher_overrides_with_students_of_the_class_only() {
     let (code, body) = api
         .post(
             &format!("/v1/matches/{batch_id}/confirm"),
-            &json!({"associations": [{"essay_id": essay_id, "student_id": null}], "user_id": "t-1"}),
+            &json!({"associations": [{"essay_id": essay_id, "student_id": null}]}),
         )
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
     let (_, done) = api.get(&format!("/v1/matches/{batch_id}")).await.unwrap();
     assert_eq!(done["status"], "CONFIRMED");
-    assert_eq!(done["confirmed_by"], "t-1");
+    assert_eq!(
+        done["confirmed_by"],
+        essay_platform::client::DEFAULT_USER,
+        "the signed-in teacher"
+    );
     assert_eq!(done["associations"][0]["student_id"], Value::Null);
     platform.stop().await;
     let _ = std::fs::remove_dir_all(dir);

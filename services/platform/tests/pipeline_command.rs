@@ -16,11 +16,28 @@ use outbox::backend::Broker;
 use outbox::bus::Bus;
 use serde_json::{json, Value};
 
+fn example() -> Value {
+    let path = original_contract_dir().join("examples/huleedu.commands.batch.pipeline.v1.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// The user of the original's example command (its gateway's signed-in teacher).
+fn example_user() -> String {
+    example()["value"]["data"]["user_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// The original's example command, re-addressed to `batch_id` (everything else as sent).
 fn original_command(batch_id: &str, pipeline: &str, is_retry: bool) -> OnBroker {
-    let path = original_contract_dir().join("examples/huleedu.commands.batch.pipeline.v1.json");
-    let example: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let mut envelope = example["value"].clone();
+    original_command_as(batch_id, pipeline, is_retry, &example_user())
+}
+
+/// The same, sent for another user.
+fn original_command_as(batch_id: &str, pipeline: &str, is_retry: bool, user: &str) -> OnBroker {
+    let mut envelope = example()["value"].clone();
+    envelope["data"]["user_id"] = json!(user);
     envelope["event_id"] = json!(uuid::Uuid::new_v4());
     envelope["data"]["batch_id"] = json!(batch_id);
     envelope["data"]["requested_pipeline"] = json!(pipeline);
@@ -47,7 +64,7 @@ async fn register_and_upload(api: &Gateway, essays: &[(String, Vec<u8>)]) -> Str
     let (code, reg) = api
         .post(
             "/v1/batches",
-            &json!({"course_code": "ENG5", "expected_essay_count": essays.len(), "user_id": "t-1"}),
+            &json!({"course_code": "ENG5", "expected_essay_count": essays.len()}),
         )
         .await
         .unwrap();
@@ -118,7 +135,8 @@ async fn the_originals_pipeline_command_runs_a_batch_and_refusals_are_answered()
     )
     .await
     .unwrap();
-    let api = platform.gateway();
+    // The teacher the original's gateway signed the example command for.
+    let api = platform.gateway().as_user(&example_user());
     let essays: Vec<_> = demo::read_essays(&demo::default_essays_dir())
         .unwrap()
         .into_iter()
@@ -147,7 +165,7 @@ async fn the_originals_pipeline_command_runs_a_batch_and_refusals_are_answered()
     );
 
     // What cannot run is answered, never dropped: unknown, unsupported, nothing left to run,
-    // an unknown batch.
+    // an unknown batch, someone else's batch.
     let unknown_batch = uuid::Uuid::new_v4().to_string();
     redeliver(
         &broker,
@@ -156,11 +174,12 @@ async fn the_originals_pipeline_command_runs_a_batch_and_refusals_are_answered()
             original_command(&batch_id, "nlp", false),
             original_command(&batch_id, "cj_assessment", false),
             original_command(&unknown_batch, "spellcheck", false),
+            original_command_as(&batch_id, "ai_feedback", false, "another-teacher"),
         ],
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while denials(&bus, &batch_id).len() < 3 || denials(&bus, &unknown_batch).is_empty() {
+    while denials(&bus, &batch_id).len() < 4 || denials(&bus, &unknown_batch).is_empty() {
         assert!(
             Instant::now() < deadline,
             "denials: {:?}",
@@ -174,6 +193,7 @@ async fn the_originals_pipeline_command_runs_a_batch_and_refusals_are_answered()
         got,
         [
             ("already_completed".to_string(), "cj_assessment".to_string()),
+            ("not_batch_owner".to_string(), "ai_feedback".to_string()),
             ("unknown_pipeline".to_string(), "astrology".to_string()),
             ("unsupported_pipeline".to_string(), "nlp".to_string()),
         ]

@@ -45,6 +45,7 @@ async fn nine_processes_run_a_batch() {
         .collect();
     let content_url = format!("http://{}", addrs["content-service"]);
     let cms_url = format!("http://{}", addrs["class-management"]);
+    let bos_url = format!("http://{}", addrs["batch-orchestrator"]);
     let mut children = Processes(Vec::new());
     for (short, _, _) in SERVICES {
         let addr = addrs[*short];
@@ -52,6 +53,7 @@ async fn nine_processes_run_a_batch() {
             .args(["serve", short, "--addr", &addr.to_string()])
             .env("CONTENT_SERVICE_URL", &content_url)
             .env("CLASS_MANAGEMENT_URL", &cms_url)
+            .env("BATCH_ORCHESTRATOR_URL", &bos_url)
             // Nine pools on one PostgreSQL beside other tests: a few connections each suffice.
             .env("OUTBOX_PG_POOL_SIZE", "4")
             .env("DATABASE_URL", url)

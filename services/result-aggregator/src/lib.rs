@@ -1,12 +1,12 @@
 //! Result Aggregator: builds each batch's result view from registration, slot, spellcheck, CJ
-//! and phase events, serves it over HTTP, and on `batch.pipeline.completed` marks the batch
-//! complete and emits `ras.batch.results.ready` (once).
+//! and phase events, serves it over HTTP, and announces `ras.batch.results.ready` once per
+//! completed pipeline, when the results that pipeline produced are here ([`readiness`]).
 //!
 //! Events of one batch arrive on different topics in any order, so every write is an upsert
 //! of the fields that event owns; nothing assumes the registration came first.
 //!
-//! `GET /v1/batches/{batch_id}/results` -> batch status, phase outcomes, and per essay: rank,
-//! score, standard error, grade, spelling errors.
+//! `GET /v1/batches/{batch_id}/results` (the batch's owner, `X-User-ID`) -> batch status,
+//! phase outcomes, and per essay: rank, score, standard error, grade, spelling errors.
 
 use std::sync::Arc;
 
@@ -14,15 +14,22 @@ use async_trait::async_trait;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
+use essay_common::identity::Caller;
 use essay_common::util::{now_ms, parse_uuid, ApiError};
-use essay_common::{topics, Envelope, EventFactory, Service};
+use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
 use serde::Deserialize;
 use serde_json::json;
 
+pub mod readiness;
+
 pub const NAME: &str = "result_aggregator_service";
 const EVENTS: EventFactory = EventFactory::new(NAME);
+
+/// How long results may lag behind their pipeline's completion before the announcement goes
+/// out with what is missing (unless `RESULTS_DEADLINE_SECS` says otherwise).
+pub const DEFAULT_RESULTS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ra_batches (
@@ -57,12 +64,35 @@ CREATE TABLE IF NOT EXISTS ra_phases (
 #[derive(Clone)]
 pub struct ResultAggregator {
     db: ServiceDb,
+    results_deadline: std::time::Duration,
 }
 
 impl ResultAggregator {
     pub async fn open(db: ServiceDb) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
-        Ok(Self { db })
+        // Added after the first release: a database made by it gains them.
+        for (column, declaration) in [
+            ("user_id", "TEXT"),
+            ("pipeline_phases", "TEXT"),
+            ("awaiting_since", "BIGINT"),
+            ("spellcheck_expected", "BIGINT"),
+            ("cj_results", "BIGINT NOT NULL DEFAULT 0"),
+            ("missing", "TEXT"),
+            ("pipeline_correlation", "TEXT"),
+            ("pipeline_event", "TEXT"),
+        ] {
+            db.add_column("ra_batches", column, declaration).await?;
+        }
+        Ok(Self {
+            db,
+            results_deadline: DEFAULT_RESULTS_DEADLINE,
+        })
+    }
+
+    /// How long to wait for a completed pipeline's results before announcing what is there.
+    pub fn with_results_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.results_deadline = deadline;
+        self
     }
 
     pub fn db(&self) -> &ServiceDb {
@@ -103,15 +133,25 @@ impl ResultAggregator {
         Ok(())
     }
 
-    pub async fn results(&self, batch_id: &str) -> Result<serde_json::Value, ApiError> {
+    /// The batch's results, for its owner.
+    pub async fn results(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
         let batch = self
             .db
             .fetch_optional(
-                "SELECT status, course_code, expected_count FROM ra_batches WHERE batch_id = $1",
+                "SELECT status, course_code, expected_count, user_id, missing FROM ra_batches
+                 WHERE batch_id = $1",
                 params![batch_id],
             )
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no batch {batch_id}")))?;
+        caller.must_own(
+            batch.opt_text("user_id")?.as_deref(),
+            &format!("batch {batch_id}"),
+        )?;
         let phases = self
             .db
             .fetch_all(
@@ -148,6 +188,8 @@ impl ResultAggregator {
             "batch_id": batch_id, "status": batch.text("status")?,
             "course_code": batch.opt_text("course_code")?,
             "expected_essay_count": batch.opt_int("expected_count")?,
+            "missing_results": batch.opt_text("missing")?
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
             "phases": phase_map, "essays": essays,
         }))
     }
@@ -187,8 +229,14 @@ impl Service for ResultAggregator {
                 let essay_ids: Vec<String> = serde_json::from_value(env.data["essay_ids"].clone())
                     .map_err(|e| HandlerError::poison(format!("essay_ids: {e}")))?;
                 tx.execute(
-                    "UPDATE ra_batches SET course_code = $2, expected_count = $3 WHERE batch_id = $1",
-                    params![&batch_id, env.data["course_code"].as_str(), essay_ids.len()],
+                    "UPDATE ra_batches SET course_code = $2, expected_count = $3, user_id = $4
+                     WHERE batch_id = $1",
+                    params![
+                        &batch_id,
+                        env.data["course_code"].as_str(),
+                        essay_ids.len(),
+                        env.data["user_id"].as_str()
+                    ],
                 )
                 .await?;
                 for id in &essay_ids {
@@ -232,6 +280,11 @@ impl Service for ResultAggregator {
                     )
                     .await?;
                 }
+                tx.execute(
+                    "UPDATE ra_batches SET cj_results = 1 WHERE batch_id = $1",
+                    params![&batch_id],
+                )
+                .await?;
             }
             topics::PHASE_OUTCOME => {
                 // The view shows the original's `BatchStatus` in capitals, as it always has.
@@ -240,45 +293,50 @@ impl Service for ResultAggregator {
                 tx.execute(
                     "INSERT INTO ra_phases (batch_id, phase, status) VALUES ($1, $2, $3)
                      ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status",
-                    params![&batch_id, phase, status],
+                    params![&batch_id, &phase, status],
                 )
                 .await?;
+                if phase == "spellcheck" {
+                    let processed = env.data["processed_essays"]
+                        .as_array()
+                        .map_or(0, |a| a.len());
+                    tx.execute(
+                        "UPDATE ra_batches SET spellcheck_expected = $2 WHERE batch_id = $1",
+                        params![&batch_id, processed],
+                    )
+                    .await?;
+                }
             }
             topics::PIPELINE_COMPLETED => {
+                // Announced once what this pipeline produced is here ([`readiness`]).
                 let status = if env.data["status"].as_str() == Some("FAILED") {
                     "FAILED"
                 } else {
                     "COMPLETED"
                 };
-                let first = tx
-                    .execute(
-                        "UPDATE ra_batches SET status = $2, results_ready_sent = 1, updated_at = $3
-                         WHERE batch_id = $1 AND results_ready_sent = 0",
-                        params![&batch_id, status, now_ms()],
-                    )
-                    .await?;
-                if first == 1 {
-                    let ranked = tx
-                        .fetch_optional(
-                            "SELECT COUNT(*) AS n FROM ra_essays WHERE batch_id = $1 AND essay_rank IS NOT NULL",
-                            params![&batch_id],
-                        )
-                        .await?
-                        .map(|r| r.int("n"))
-                        .transpose()?
-                        .unwrap_or(0);
-                    let e = EVENTS.event(
-                        topics::RESULTS_READY,
-                        ("batch", &batch_id),
-                        env.correlation_id,
-                        &json!({"batch_id": batch_id, "entity_id": batch_id, "status": status,
-                                "ranked_essays": ranked}),
-                    )?;
-                    tx.enqueue(&e).await?;
-                }
+                let phases = env.data["completed_phases"].clone();
+                // The same completion again (a redelivery past the inbox) changes nothing.
+                tx.execute(
+                    "UPDATE ra_batches SET status = $2, pipeline_phases = $3,
+                            awaiting_since = $4, updated_at = $4, pipeline_correlation = $5,
+                            pipeline_event = $6
+                     WHERE batch_id = $1
+                       AND (pipeline_event IS NULL OR pipeline_event <> $6)",
+                    params![
+                        &batch_id,
+                        status,
+                        phases.to_string(),
+                        now_ms(),
+                        env.correlation_id.to_string(),
+                        env.event_id.to_string()
+                    ],
+                )
+                .await?;
             }
             other => tracing::warn!(topic = other, "unexpected topic"),
         }
+        self.announce_if_ready(tx, &batch_id, env.correlation_id, false)
+            .await?;
         Ok(())
     }
 
@@ -289,12 +347,21 @@ impl Service for ResultAggregator {
                 .with_state(self),
         )
     }
+
+    async fn background(self: Arc<Self>, shutdown: Shutdown) {
+        let tick = essay_common::runtime::tick_for(self.results_deadline);
+        essay_common::runtime::every(shutdown, tick, "results deadlines", || {
+            self.announce_overdue()
+        })
+        .await
+    }
 }
 
 async fn results(
     State(svc): State<Arc<ResultAggregator>>,
+    caller: Caller,
     Path(batch_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     parse_uuid(&batch_id, "batch id")?;
-    Ok(Json(svc.results(&batch_id).await?))
+    Ok(Json(svc.results(&caller, &batch_id).await?))
 }
