@@ -153,6 +153,11 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     pub retry_base: Duration,
     pub retry_cap: Duration,
+    /// A stable name for this member of the group (a pod or host name). A broker that knows
+    /// static membership (Kafka's `group.instance.id`) hands a restarted member its partitions
+    /// back at once instead of waiting out the dead one's session; `None`: a new member each
+    /// start. Two live members must never share one.
+    pub instance: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -163,7 +168,14 @@ impl ConsumerConfig {
             max_attempts: 5,
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(10),
+            instance: None,
         }
+    }
+
+    /// This member's stable name (see [`ConsumerConfig::instance`]).
+    pub fn with_instance(mut self, instance: Option<String>) -> Self {
+        self.instance = instance;
+        self
     }
 }
 

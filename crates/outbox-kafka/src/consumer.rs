@@ -166,9 +166,15 @@ impl KafkaConsumer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<ConsumerReport, KafkaError> {
         let positions = Arc::new(Mutex::new(Positions::default()));
-        let consumer: StreamConsumer<Tracking> = self
-            .kafka
-            .client_config()
+        let mut client = self.kafka.client_config();
+        if let Some(instance) = &self.config.instance {
+            // Static membership: a restarted member takes its partitions back at once.
+            client.set(
+                "group.instance.id",
+                format!("{}/{instance}", self.config.group_id),
+            );
+        }
+        let consumer: StreamConsumer<Tracking> = client
             .set("group.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")

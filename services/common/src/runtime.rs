@@ -323,6 +323,8 @@ pub async fn start(
         .publisher()
         .map_err(|e| err(format!("{name}: {e}")))?;
     let relay_config = relay_config(name, instance)?;
+    // The consumer's member name is the relay's instance: one per process.
+    let member = relay_config.instance.clone();
     let relay = Relay::new(db.database().relay_store(), publisher, relay_config)
         .with_wake_signal(db.wake_signal())
         .with_metrics(obs.outbox.table(name, "event_outbox"));
@@ -332,7 +334,7 @@ pub async fn start(
     if !service.consumes().is_empty() {
         let handler = InboxHandler::new(db.clone(), name, Dispatch(service.clone()))
             .with_metrics(obs.inbox.consumer(name));
-        let config = ConsumerConfig::new(name, service.consumes());
+        let config = ConsumerConfig::new(name, service.consumes()).with_instance(member);
         let (broker, stop) = (broker.clone(), shutdown.clone());
         others.push(tokio::spawn(async move {
             if let Err(e) = broker.consume(config, handler, stop.wait()).await {

@@ -1,6 +1,8 @@
 //! The platform as nine processes (`essay-platform serve <service>`) against PostgreSQL and a
 //! real Kafka-protocol broker, driven over HTTP like any client would; the services find the
 //! Content Service by `CONTENT_SERVICE_URL` and Class Management by `CLASS_MANAGEMENT_URL`.
+//! Then Essay Lifecycle is killed (SIGKILL) and restarted at once: the time until it consumes
+//! and publishes again is measured (BENCHMARKS.md, "restart recovery of a service").
 
 mod common;
 
@@ -17,6 +19,15 @@ use outbox::portable::ServiceDb;
 use outbox_kafka::testing::{free_port, TestBroker};
 
 struct Processes(Vec<Child>);
+
+/// One of the sample essays.
+fn report_essay() -> (String, Vec<u8>) {
+    demo::read_essays(&demo::default_essays_dir())
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
+}
 
 impl Drop for Processes {
     fn drop(&mut self) {
@@ -47,9 +58,9 @@ async fn nine_processes_run_a_batch() {
     let cms_url = format!("http://{}", addrs["class-management"]);
     let bos_url = format!("http://{}", addrs["batch-orchestrator"]);
     let mut children = Processes(Vec::new());
-    for (short, _, _) in SERVICES {
-        let addr = addrs[*short];
-        let child = Command::new(env!("CARGO_BIN_EXE_essay-platform"))
+    let spawn = |short: &str| {
+        let addr = addrs[short];
+        Command::new(env!("CARGO_BIN_EXE_essay-platform"))
             .args(["serve", short, "--addr", &addr.to_string()])
             .env("CONTENT_SERVICE_URL", &content_url)
             .env("CLASS_MANAGEMENT_URL", &cms_url)
@@ -62,8 +73,10 @@ async fn nine_processes_run_a_batch() {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .expect("spawn a service");
-        children.0.push(child);
+            .expect("spawn a service")
+    };
+    for (short, _, _) in SERVICES {
+        children.0.push(spawn(short));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for (service, addr) in &addrs {
@@ -82,6 +95,61 @@ async fn nine_processes_run_a_batch() {
         .await
         .expect("the batch runs across processes");
     check_results(&report);
+
+    // Essay Lifecycle killed mid-life and started again within a moment, as a crashed pod
+    // would be: it must consume (a new batch's registration) and publish (its provisioning)
+    // again within seconds, not after its dead relay's leases and consumer session expire.
+    let els = SERVICES
+        .iter()
+        .position(|(s, _, _)| *s == "essay-lifecycle")
+        .unwrap();
+    children.0[els].kill().unwrap();
+    children.0[els].wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted_at = Instant::now();
+    children.0[els] = spawn("essay-lifecycle");
+    let (_, reg) = api
+        .post(
+            "/v1/batches",
+            &serde_json::json!({"course_code": "ENG5", "expected_essay_count": 1}),
+        )
+        .await
+        .unwrap();
+    let batch = reg["batch_id"].as_str().unwrap().to_owned();
+    let consumed = loop {
+        // Until the process listens, the request fails: not consumed yet either.
+        let answered = api.get(&format!("/v1/batches/{batch}/essays")).await;
+        if answered.is_ok_and(|(code, _)| code == 200) {
+            break restarted_at.elapsed();
+        }
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(60),
+            "never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (code, body) = api.upload(&batch, None, &[report_essay()]).await.unwrap();
+    assert_eq!(code, 201, "{body}");
+    let published = loop {
+        let (_, status) = api.get(&format!("/v1/batches/{batch}")).await.unwrap();
+        if status["status"] == "READY" {
+            break restarted_at.elapsed();
+        }
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(60),
+            "never published: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "essay-lifecycle SIGKILLed and restarted: first event consumed {consumed:?}, \
+         first event published (and consumed by Batch Orchestrator) {published:?} after restart"
+    );
+    assert!(
+        consumed < Duration::from_secs(8),
+        "the restarted consumer waited {consumed:?}: its static membership was not honoured"
+    );
+
     // Stop the nine processes first: their pools hold connections the checks below need
     // (PostgreSQL allows 100, shared with the tests running beside this one).
     drop(children);
