@@ -10,7 +10,8 @@ use outbox::portable::{params, DbError, Tx};
 use outbox::HandlerError;
 
 use crate::{
-    finish_pipeline, lock_batch, set_status, BatchOrchestrator, BatchRow, BatchStatus, Phase,
+    finish_pipeline, lock_batch, set_status, BatchOrchestrator, BatchRow, BatchStatus, Ending,
+    Phase,
 };
 
 impl BatchOrchestrator {
@@ -46,7 +47,14 @@ impl BatchOrchestrator {
             )
             .await?;
         if waiting.is_some() {
-            finish_pipeline(tx, batch, &[], false, Some(&reason)).await?;
+            let ending = Ending {
+                completed: &[],
+                final_status: "failed_critically",
+                successful_essays: 0,
+                failed_essays: expected.max(0) as usize,
+                reason: Some(&reason),
+            };
+            finish_pipeline(tx, batch, ending).await?;
         }
         Ok(())
     }
@@ -87,7 +95,14 @@ impl BatchOrchestrator {
             );
             let ran: Vec<&str> = phases.iter().take(index).map(|p| p.as_str()).collect();
             tracing::warn!(batch_id, reason, "phase timed out");
-            finish_pipeline(&mut tx, &batch, &ran, false, Some(&reason))
+            let ending = Ending {
+                completed: &ran,
+                final_status: "failed_critically",
+                successful_essays: 0,
+                failed_essays: batch.essay_count(),
+                reason: Some(&reason),
+            };
+            finish_pipeline(&mut tx, &batch, ending)
                 .await
                 .map_err(|e| DbError::Invalid(e.to_string()))?;
             tx.commit().await?;

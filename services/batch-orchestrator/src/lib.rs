@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use axum::Router;
 use essay_common::identity::Caller;
 use essay_common::util::{now_ms, utc_timestamp, ApiError};
+use essay_common::wire::{language_of, system_metadata, CourseCode};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -132,6 +133,14 @@ impl Phase {
         }
     }
 
+    /// The `event_name` of the phase's command in the original's models.
+    pub fn command_name(self) -> &'static str {
+        match self {
+            Self::Spellcheck => "batch.spellcheck.initiate.command",
+            Self::CjAssessment => "batch.cj_assessment.initiate.command",
+        }
+    }
+
     /// The phase of a wire name, if this platform runs it.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
@@ -171,6 +180,8 @@ impl BatchOrchestrator {
         db.execute_script(SCHEMA).await?;
         // Columns added after the first release: a database made by it gains them.
         db.add_column("batches", "failure_reason", "TEXT").await?;
+        // The essays the next command names (the original's `essays_to_process`).
+        db.add_column("batches", "essays", "TEXT").await?;
         db.add_column("pipelines", "started_at", "BIGINT").await?;
         db.add_column("pipelines", "phase_deadline", "BIGINT")
             .await?;
@@ -202,9 +213,7 @@ impl BatchOrchestrator {
         caller: &Caller,
         req: RegisterBatch,
     ) -> Result<Registered, ApiError> {
-        if req.course_code.trim().is_empty() {
-            return Err(ApiError::bad_request("course_code must not be empty"));
-        }
+        let course = CourseCode::parse(req.course_code.trim()).map_err(ApiError::bad_request)?;
         if !(1..=500).contains(&req.expected_essay_count) {
             return Err(ApiError::bad_request(
                 "expected_essay_count must be between 1 and 500",
@@ -228,7 +237,7 @@ impl BatchOrchestrator {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
             params![
                 &batch_id,
-                &req.course_code,
+                course.as_str(),
                 req.expected_essay_count as i64,
                 req.class_id.clone(),
                 caller.user_id(),
@@ -243,11 +252,14 @@ impl BatchOrchestrator {
             topics::BATCH_ESSAYS_REGISTERED,
             ("batch", &batch_id),
             correlation_id,
+            // `BatchEssaysRegistered`; `batch_id` and `batch_kind` are this platform's extras.
             &json!({
-                "batch_id": batch_id, "entity_id": batch_id, "essay_ids": essay_ids,
-                "expected_essay_count": req.expected_essay_count,
-                "course_code": req.course_code, "class_id": req.class_id,
-                "batch_kind": kind, "user_id": caller.user_id(),
+                "event": "batch.essays.registered", "entity_id": batch_id,
+                "expected_essay_count": req.expected_essay_count, "essay_ids": essay_ids,
+                "metadata": system_metadata(&batch_id, "batch", None, "batch.essays.registered", None),
+                "course_code": course.as_str(), "student_prompt_ref": null,
+                "user_id": caller.user_id(), "org_id": null, "class_id": req.class_id,
+                "batch_id": batch_id, "batch_kind": kind,
             }),
         )?;
         tx.enqueue(&event).await?;
@@ -490,39 +502,73 @@ impl BatchOrchestrator {
             params![&batch.batch_id, index as i64, deadline, now],
         )
         .await?;
+        let mut command = json!({
+            "event_name": phase.command_name(), "entity_id": batch.batch_id,
+            "entity_type": "batch", "parent_id": null, "timestamp": utc_timestamp(),
+            "essays_to_process": batch.essays, "language": language_of(&batch.course_code),
+            "batch_id": batch.batch_id, "phase": phase.as_str(),
+        });
+        if phase == Phase::CjAssessment {
+            command["course_code"] = json!(batch.course_code);
+            command["student_prompt_ref"] = json!(null);
+            command["class_type"] = json!(batch.kind);
+            command["assignment_id"] = json!(null);
+        }
         let event = EVENTS.event(
             phase.command_topic(),
             ("batch", &batch.batch_id),
             batch.correlation_id,
-            &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "phase": phase.as_str()}),
+            &command,
         )?;
         tx.enqueue(&event).await?;
         Ok(())
     }
 }
 
-/// Ends the batch's pipeline (`COMPLETED` or `FAILED`, with the reason of a failure) and
-/// announces it with the phases that completed.
+/// How a pipeline ended, as `batch.pipeline.completed` reports it.
+pub(crate) struct Ending<'a> {
+    /// The phases that completed.
+    pub completed: &'a [&'a str],
+    /// The original's `BatchStatus`: `completed_successfully`, `completed_with_failures` or
+    /// `failed_critically`.
+    pub final_status: &'static str,
+    pub successful_essays: usize,
+    pub failed_essays: usize,
+    pub reason: Option<&'a str>,
+}
+
+/// Ends the batch's pipeline (`COMPLETED`, or `FAILED` with the reason) and announces it in
+/// the original's `BatchPipelineCompletedV1`.
 pub(crate) async fn finish_pipeline(
     tx: &mut Tx,
     batch: &BatchRow,
-    completed: &[&str],
-    succeeded: bool,
-    reason: Option<&str>,
+    ending: Ending<'_>,
 ) -> Result<(), HandlerError> {
-    let status = if succeeded { "COMPLETED" } else { "FAILED" };
-    tx.execute(
-        "UPDATE pipelines SET status = $2, failure_reason = $3, phase_deadline = NULL
-         WHERE batch_id = $1",
-        params![&batch.batch_id, status, reason],
-    )
-    .await?;
+    let failed = ending.final_status == "failed_critically";
+    let status = if failed { "FAILED" } else { "COMPLETED" };
+    let started = tx
+        .fetch_optional(
+            "UPDATE pipelines SET status = $2, failure_reason = $3, phase_deadline = NULL
+             WHERE batch_id = $1 RETURNING started_at",
+            params![&batch.batch_id, status, ending.reason],
+        )
+        .await?
+        .and_then(|r| r.opt_int("started_at").ok().flatten());
+    // Measured from the first command of the pipeline; a pipeline that never started, zero.
+    let duration = started.map_or(0.0, |s| (now_ms() - s).max(0) as f64 / 1000.0);
     let event = EVENTS.event(
         topics::PIPELINE_COMPLETED,
         ("batch", &batch.batch_id),
         batch.correlation_id,
-        &json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "status": status,
-                "completed_phases": completed, "failure_reason": reason}),
+        &json!({"event": "batch.pipeline.completed", "batch_id": batch.batch_id,
+                "completed_phases": ending.completed, "final_status": ending.final_status,
+                "processing_duration_seconds": duration,
+                "successful_essay_count": ending.successful_essays,
+                "failed_essay_count": ending.failed_essays,
+                "correlation_id": batch.correlation_id,
+                "metadata": system_metadata(&batch.batch_id, "batch", None, "batch.pipeline.completed", None),
+                "entity_id": batch.batch_id, "status": status,
+                "failure_reason": ending.reason}),
     )?;
     tx.enqueue(&event).await?;
     Ok(())
@@ -532,6 +578,9 @@ pub(crate) async fn finish_pipeline(
 pub(crate) struct BatchRow {
     batch_id: String,
     kind: String,
+    course_code: String,
+    /// The essays the next command names, as the last event that listed them said.
+    essays: serde_json::Value,
     class_id: Option<String>,
     user_id: Option<String>,
     status: String,
@@ -546,7 +595,8 @@ pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<Bat
     let row = tx
         .fetch_optional(
             "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
-             RETURNING batch_id, kind, class_id, user_id, status, failure_reason, correlation_id",
+             RETURNING batch_id, kind, course_code, essays, class_id, user_id, status,
+                       failure_reason, correlation_id",
             params![batch_id, now_ms()],
         )
         .await?;
@@ -554,6 +604,11 @@ pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<Bat
         Ok(BatchRow {
             batch_id: r.text("batch_id")?,
             kind: r.text("kind")?,
+            course_code: r.text("course_code")?,
+            essays: r
+                .opt_text("essays")?
+                .and_then(|e| serde_json::from_str(&e).ok())
+                .unwrap_or_else(|| json!([])),
             class_id: r.opt_text("class_id")?,
             user_id: r.opt_text("user_id")?,
             status: r.text("status")?,
@@ -562,6 +617,29 @@ pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<Bat
         })
     })
     .transpose()
+}
+
+impl BatchRow {
+    /// How many essays the batch's next command names.
+    pub(crate) fn essay_count(&self) -> usize {
+        self.essays.as_array().map_or(0, Vec::len)
+    }
+}
+
+/// Keeps the essays the next command will name.
+async fn set_essays(
+    tx: &mut Tx,
+    batch_id: &str,
+    essays: &serde_json::Value,
+) -> Result<(), DbError> {
+    if essays.is_array() {
+        tx.execute(
+            "UPDATE batches SET essays = $2 WHERE batch_id = $1",
+            params![batch_id, essays.to_string()],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn set_status(tx: &mut Tx, batch_id: &str, status: BatchStatus) -> Result<(), DbError> {
@@ -665,7 +743,7 @@ impl Service for BatchOrchestrator {
         if env.event_type == topics::CLIENT_PIPELINE_REQUEST {
             return self.on_pipeline_request(tx, env).await;
         }
-        let batch_id = env.text("batch_id")?;
+        let batch_id = env.batch_id()?;
         let Some(batch) = lock_batch(tx, &batch_id).await? else {
             // Not ours (another orchestrator's batch on a shared cluster): nothing to do.
             tracing::debug!(
@@ -683,6 +761,9 @@ impl Service for BatchOrchestrator {
                 if env.data["provisioned_count"].as_i64() == Some(0) {
                     return self.fail_batch(tx, &batch, env).await;
                 }
+                let essays = env.data["essays_for_processing"].clone();
+                set_essays(tx, &batch_id, &essays).await?;
+                let batch = BatchRow { essays, ..batch };
                 if batch.kind == "GUEST" {
                     self.mark_ready(tx, &batch).await?;
                 } else {
@@ -691,7 +772,11 @@ impl Service for BatchOrchestrator {
                         topics::MATCHING_INITIATE,
                         ("batch", &batch_id),
                         batch.correlation_id,
-                        &json!({"batch_id": batch_id, "entity_id": batch_id, "class_id": batch.class_id}),
+                        &json!({"event_name": "batch.student.matching.initiate.command",
+                                "entity_id": batch_id, "entity_type": "batch", "parent_id": null,
+                                "timestamp": utc_timestamp(),
+                                "essays_to_process": batch.essays, "class_id": batch.class_id,
+                                "course_code": batch.course_code, "batch_id": batch_id}),
                     )?;
                     tx.enqueue(&event).await?;
                 }
@@ -705,7 +790,11 @@ impl Service for BatchOrchestrator {
             }
             // Recorded by Essay Lifecycle, which then reports the batch ready.
             topics::ASSOCIATIONS_CONFIRMED => {}
-            topics::BATCH_ESSAYS_READY => self.mark_ready(tx, &batch).await?,
+            topics::BATCH_ESSAYS_READY => {
+                let essays = env.data["ready_essays"].clone();
+                set_essays(tx, &batch_id, &essays).await?;
+                self.mark_ready(tx, &BatchRow { essays, ..batch }).await?
+            }
             topics::PHASE_OUTCOME => {
                 let Some(p) = tx
                     .fetch_optional(
@@ -725,6 +814,12 @@ impl Service for BatchOrchestrator {
                     return Ok(()); // an outcome for a phase we are not running: stale
                 }
                 let succeeded = outcome.succeeded();
+                // The next phase reads what this one produced (the corrected texts).
+                set_essays(tx, &batch_id, &json!(outcome.processed_essays)).await?;
+                let batch = BatchRow {
+                    essays: json!(outcome.processed_essays),
+                    ..batch
+                };
                 if succeeded {
                     tx.execute(
                         "INSERT INTO completed_phases (batch_id, phase) VALUES ($1, $2)
@@ -736,11 +831,24 @@ impl Service for BatchOrchestrator {
                 match after_phase(&phases, index, succeeded) {
                     NextStep::Start(_) => self.start_phase(tx, &batch, &phases, index + 1).await?,
                     NextStep::Complete { succeeded } => {
-                        let ran: Vec<&str> =
-                            phases.iter().take(index + 1).map(|p| p.as_str()).collect();
+                        let done = if succeeded { index + 1 } else { index };
+                        let completed: Vec<&str> =
+                            phases.iter().take(done).map(|p| p.as_str()).collect();
                         let reason = (!succeeded)
                             .then(|| format!("{reported} ended {}", outcome.phase_status));
-                        finish_pipeline(tx, &batch, &ran, succeeded, reason.as_deref()).await?;
+                        let final_status = match (succeeded, outcome.failed_essay_ids.len()) {
+                            (false, _) => "failed_critically",
+                            (true, 0) => "completed_successfully",
+                            (true, _) => "completed_with_failures",
+                        };
+                        let ending = Ending {
+                            completed: &completed,
+                            final_status,
+                            successful_essays: outcome.processed_essays.len(),
+                            failed_essays: outcome.failed_essay_ids.len(),
+                            reason: reason.as_deref(),
+                        };
+                        finish_pipeline(tx, &batch, ending).await?;
                     }
                 }
             }
@@ -786,6 +894,10 @@ struct PhaseOutcome {
     phase: String,
     /// The original's `BatchStatus` value.
     phase_status: String,
+    #[serde(default)]
+    processed_essays: Vec<serde_json::Value>,
+    #[serde(default)]
+    failed_essay_ids: Vec<String>,
 }
 
 impl PhaseOutcome {

@@ -127,24 +127,120 @@ fn invert(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
     columns
 }
 
-/// Letter grade from a score's distance to the batch mean, in batch standard deviations.
-pub fn grade(score: f64, scores: &[f64]) -> &'static str {
+/// Grade bands in batch standard deviations from the batch mean: A at 1.2 and above, then
+/// B, C, D down to -1.2, E below.
+const BANDS: [(f64, &str); 4] = [(1.2, "A"), (0.4, "B"), (-0.4, "C"), (-1.2, "D")];
+
+fn mean_sd(scores: &[f64]) -> (f64, f64) {
     let n = scores.len().max(1) as f64;
     let mean = scores.iter().sum::<f64>() / n;
     let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+    (mean, sd)
+}
+
+/// Letter grade from a score's distance to the batch mean, in batch standard deviations.
+pub fn grade(score: f64, scores: &[f64]) -> &'static str {
+    let (mean, sd) = mean_sd(scores);
     let z = if sd > 0.0 { (score - mean) / sd } else { 0.0 };
-    match z {
-        z if z >= 1.2 => "A",
-        z if z >= 0.4 => "B",
-        z if z >= -0.4 => "C",
-        z if z >= -1.2 => "D",
-        _ => "E",
+    BANDS
+        .iter()
+        .find(|(lower, _)| z >= *lower)
+        .map_or("E", |(_, g)| g)
+}
+
+/// How sure the grade is: the probability that the essay's true score lies in the band of
+/// its grade, its score taken as normal with its standard error. With no spread in the batch
+/// every essay is C, and certainly so.
+pub fn grade_confidence(score: f64, standard_error: f64, scores: &[f64]) -> f64 {
+    let (mean, sd) = mean_sd(scores);
+    if sd <= 0.0 {
+        return 1.0;
+    }
+    let z = (score - mean) / sd;
+    // The band's edges in score units.
+    let upper = BANDS
+        .iter()
+        .rev()
+        .find(|(lower, _)| *lower > z)
+        .map_or(f64::INFINITY, |(lower, _)| mean + lower * sd);
+    let lower = BANDS
+        .iter()
+        .find(|(lower, _)| z >= *lower)
+        .map_or(f64::NEG_INFINITY, |(lower, _)| mean + lower * sd);
+    if standard_error <= 0.0 || !standard_error.is_finite() {
+        return 1.0;
+    }
+    let cdf = |x: f64| normal_cdf((x - score) / standard_error);
+    (cdf(upper) - cdf(lower)).clamp(0.0, 1.0)
+}
+
+/// The original's confidence labels: HIGH from 0.7, MID from 0.4, else LOW.
+pub fn confidence_label(confidence: f64) -> &'static str {
+    match confidence {
+        c if c >= 0.7 => "HIGH",
+        c if c >= 0.4 => "MID",
+        _ => "LOW",
+    }
+}
+
+/// A score's place between the batch's lowest (0) and highest (1); 0.5 when all are equal.
+pub fn normalized(score: f64, scores: &[f64]) -> f64 {
+    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if max > min {
+        (score - min) / (max - min)
+    } else {
+        0.5
+    }
+}
+
+/// The standard normal distribution function (Abramowitz and Stegun 7.1.26, error < 1.5e-7).
+fn normal_cdf(x: f64) -> f64 {
+    if x == f64::INFINITY {
+        return 1.0;
+    }
+    if x == f64::NEG_INFINITY {
+        return 0.0;
+    }
+    let t = x.abs() / std::f64::consts::SQRT_2;
+    let k = 1.0 / (1.0 + 0.327_591_1 * t);
+    let poly = k
+        * (0.254_829_592
+            + k * (-0.284_496_736
+                + k * (1.421_413_741 + k * (-1.453_152_027 + k * 1.061_405_429))));
+    let erf = 1.0 - poly * (-t * t).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grade_confidence_is_the_chance_of_staying_in_the_band() {
+        let scores = [-2.0, -1.0, 0.0, 1.0, 2.0];
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.96) - 0.975).abs() < 1e-3);
+        // Far inside the top band with a small error: nearly certain.
+        let sure = grade_confidence(2.0, 0.05, &scores);
+        assert!(sure > 0.99, "{sure}");
+        // The same essay measured loosely: less sure, never above certainty.
+        let loose = grade_confidence(2.0, 2.0, &scores);
+        assert!(loose < sure && loose > 0.0, "{loose}");
+        // In the middle band (C spans 0.4 sd each side): symmetric and below 1.
+        let mid = grade_confidence(0.0, 0.5, &scores);
+        assert!(mid > 0.5 && mid < 1.0, "{mid}");
+        assert_eq!(confidence_label(0.8), "HIGH");
+        assert_eq!(confidence_label(0.5), "MID");
+        assert_eq!(confidence_label(0.1), "LOW");
+        assert_eq!(normalized(2.0, &scores), 1.0);
+        assert_eq!(normalized(-2.0, &scores), 0.0);
+        assert_eq!(normalized(0.0, &scores), 0.5);
+    }
 
     #[test]
     fn pairs_are_unique_and_balanced() {

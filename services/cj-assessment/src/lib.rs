@@ -18,7 +18,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use essay_common::content::ContentClient;
 use essay_common::prepared::Prepared;
-use essay_common::util::now_ms;
+use essay_common::util::{now_ms, utc_timestamp};
+use essay_common::wire::system_metadata;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::{HandlerError, NewEvent};
@@ -84,6 +85,8 @@ struct EssayIn {
 
 #[derive(Deserialize)]
 struct Requested {
+    /// `ELS_CJAssessmentRequestV1`: the batch is `entity_id`.
+    #[serde(rename = "entity_id")]
     batch_id: String,
     #[serde(default)]
     essays_for_cj: Vec<EssayIn>,
@@ -91,6 +94,9 @@ struct Requested {
     /// of the same run is not (the original's requests carry none: the first run).
     #[serde(default = "first_run")]
     run: i64,
+    /// The batch's owner, billed in `resource.consumption`.
+    #[serde(default)]
+    user_id: Option<String>,
 }
 
 fn first_run() -> i64 {
@@ -109,6 +115,11 @@ pub struct Ranked {
     pub standard_error: f64,
     pub grade: &'static str,
     pub comparisons: usize,
+    /// The score between the batch's lowest (0) and highest (1): relative, no anchors.
+    pub normalized_score: f64,
+    /// The probability that the grade is right given the score's standard error.
+    pub confidence_score: f64,
+    pub confidence_label: &'static str,
 }
 
 /// Judges every chosen pair and ranks the essays; returns the ranking and the comparisons
@@ -139,13 +150,20 @@ pub async fn assess(
     let ranked = order
         .iter()
         .enumerate()
-        .map(|(r, &i)| Ranked {
-            essay_id: essays[i].essay_id.clone(),
-            rank: r + 1,
-            score: fit.scores[i],
-            standard_error: fit.standard_errors[i],
-            grade: bt::grade(fit.scores[i], &fit.scores),
-            comparisons: per_essay[i],
+        .map(|(r, &i)| {
+            let confidence =
+                bt::grade_confidence(fit.scores[i], fit.standard_errors[i], &fit.scores);
+            Ranked {
+                essay_id: essays[i].essay_id.clone(),
+                rank: r + 1,
+                score: fit.scores[i],
+                standard_error: fit.standard_errors[i],
+                grade: bt::grade(fit.scores[i], &fit.scores),
+                comparisons: per_essay[i],
+                normalized_score: bt::normalized(fit.scores[i], &fit.scores),
+                confidence_score: confidence,
+                confidence_label: bt::confidence_label(confidence),
+            }
         })
         .collect();
     Ok((ranked, comparisons))
@@ -221,8 +239,17 @@ impl CjAssessment {
             topics::CJ_FAILED,
             ("batch", batch_id),
             correlation,
-            &json!({"batch_id": batch_id, "entity_id": batch_id, "cj_batch_id": cj_batch_id,
-                    "run": run, "reason": reason}),
+            &json!({"event_name": "cj_assessment.failed", "entity_id": batch_id,
+                    "entity_type": "batch", "parent_id": null, "timestamp": utc_timestamp(),
+                    "status": "failed_critically",
+                    "system_metadata": {
+                        "entity_id": batch_id, "entity_type": "batch", "parent_id": null,
+                        "timestamp": utc_timestamp(), "processing_stage": "failed",
+                        "started_at": null, "completed_at": utc_timestamp(),
+                        "event": "cj_assessment.failed", "error_info": {"reason": reason}},
+                    "cj_assessment_job_id": cj_batch_id,
+                    "batch_id": batch_id, "cj_batch_id": cj_batch_id, "run": run,
+                    "reason": reason}),
         )?;
         tx.enqueue(&Self::keyed(e, "cj-failed", batch_id, run))
             .await?;
@@ -268,6 +295,8 @@ impl Service for CjAssessment {
                 .fail(tx, &cj_batch_id, &req, env.correlation_id, reason)
                 .await;
         }
+        // Fetching (unless prepared) and judging: the original's processing time.
+        let started = std::time::Instant::now();
         let candidates = match self.prepared.take(&env.event_id) {
             Some(c) => c,
             None => self.fetch(&req.essays_for_cj).await?,
@@ -309,16 +338,47 @@ impl Service for CjAssessment {
         let (b, run) = (&req.batch_id, req.run);
         let c = env.correlation_id;
         let ids: Vec<&str> = ranked.iter().map(|r| r.essay_id.as_str()).collect();
+        let seconds = started.elapsed().as_secs_f64();
+        // The original's `CJAssessmentCompletedV1`, `AssessmentResultV1` and
+        // `ResourceConsumptionV1`; `batch_id`, `run`, `cj_batch_id` are this platform's extras.
         let completed = EVENTS.event(topics::CJ_COMPLETED, ("batch", b), c,
-            &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "status": "COMPLETED",
-                    "run": run, "ranked_essay_ids": ids}))?;
+            &json!({"event_name": "cj_assessment.completed", "entity_id": b, "entity_type": "batch",
+                    "parent_id": null, "timestamp": utc_timestamp(), "status": "completed_successfully",
+                    "system_metadata": system_metadata(b, "batch", None, "cj_assessment.completed", Some("completed")),
+                    "cj_assessment_job_id": cj_batch_id,
+                    "processing_summary": {"total_essays": ids.len(), "successful": ids.len(), "failed": 0,
+                                           "successful_essay_ids": ids, "failed_essay_ids": [],
+                                           "processing_time_seconds": seconds,
+                                           "single_essay_batch": ids.len() == 1},
+                    "batch_id": b, "cj_batch_id": cj_batch_id, "run": run, "ranked_essay_ids": ids}))?;
+        let essay_results: Vec<serde_json::Value> = ranked
+            .iter()
+            .map(|r| {
+                json!({
+            "essay_id": r.essay_id, "normalized_score": r.normalized_score, "letter_grade": r.grade,
+            "confidence_score": r.confidence_score, "confidence_label": r.confidence_label,
+            "bt_score": r.score, "rank": r.rank, "is_anchor": false, "feedback_uri": null,
+            "metrics_uri": null, "display_name": null,
+            "score": r.score, "standard_error": r.standard_error, "grade": r.grade,
+            "comparisons": r.comparisons})
+            })
+            .collect();
         let results = EVENTS.event(topics::ASSESSMENT_RESULT_PUBLISHED, ("batch", b), c,
-            &json!({"batch_id": b, "entity_id": b, "cj_batch_id": cj_batch_id, "assessment_method": "cj_assessment",
-                    "model": "bradley_terry", "judge": self.judge.name(), "comparisons": comparisons.len(),
-                    "essay_results": ranked}))?;
+            &json!({"event_name": "assessment.result.published", "entity_id": b, "entity_type": "batch",
+                    "parent_id": null, "timestamp": utc_timestamp(), "batch_id": b,
+                    "cj_assessment_job_id": cj_batch_id, "assignment_id": null,
+                    "assessment_method": "cj_assessment", "model_used": self.judge.name(),
+                    "model_provider": "local", "model_version": null, "essay_results": essay_results,
+                    "assessment_metadata": {"anchor_essays_used": 0, "calibration_method": "batch_relative",
+                                            "comparison_count": comparisons.len(),
+                                            "processing_duration_seconds": seconds},
+                    "cj_batch_id": cj_batch_id, "judge": self.judge.name(), "comparisons": comparisons.len()}))?;
         let usage = EVENTS.event(topics::RESOURCE_CONSUMPTION, ("batch", b), c,
-            &json!({"batch_id": b, "entity_id": b, "service_name": NAME, "resource_type": "cj_comparison",
-                    "quantity": comparisons.len(), "judge": self.judge.name()}))?;
+            &json!({"event_name": "resource.consumption.reported", "entity_id": b, "entity_type": "batch",
+                    "parent_id": null, "timestamp": utc_timestamp(), "user_id": req.user_id,
+                    "org_id": null, "resource_type": "cj_comparison", "quantity": comparisons.len(),
+                    "service_name": NAME, "processing_id": cj_batch_id, "consumed_at": utc_timestamp(),
+                    "batch_id": b, "judge": self.judge.name()}))?;
         tx.enqueue(&Self::keyed(completed, "cj-completed", b, run))
             .await?;
         tx.enqueue(&Self::keyed(results, "cj-results", b, run))

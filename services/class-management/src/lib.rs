@@ -34,6 +34,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use essay_common::identity::{Caller, OptionalCaller};
 use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError, JsonBody};
+use essay_common::wire::CourseCode;
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -158,11 +159,12 @@ impl ClassManagement {
         name: &str,
         course_code: &str,
     ) -> Result<String, ApiError> {
-        if name.trim().is_empty() || course_code.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "name and course_code must not be empty",
-            ));
+        if name.trim().is_empty() {
+            return Err(ApiError::bad_request("name must not be empty"));
         }
+        let course_code = CourseCode::parse(course_code.trim())
+            .map_err(ApiError::bad_request)?
+            .as_str();
         let class_id = Uuid::new_v4().to_string();
         let mut tx = self.db.begin().await?;
         tx.execute(
@@ -171,11 +173,19 @@ impl ClassManagement {
             params![&class_id, name, course_code, caller.user_id(), now_ms()],
         )
         .await?;
+        let correlation = Uuid::new_v4();
         let e = EVENTS.event(
             topics::CLASS_CREATED,
             ("class", &class_id),
-            Uuid::new_v4(),
-            &json!({"class_id": class_id, "name": name, "course_code": course_code}),
+            correlation,
+            &class_event(
+                "class.created",
+                &class_id,
+                name,
+                course_code,
+                caller.user_id(),
+                correlation,
+            ),
         )?;
         tx.enqueue(&e).await?;
         tx.commit().await?;
@@ -201,8 +211,20 @@ impl ClassManagement {
         else {
             return Err(ApiError::not_found(format!("no class {class_id}")));
         };
-        let e = EVENTS.event(topics::CLASS_UPDATED, ("class", class_id), Uuid::new_v4(),
-            &json!({"class_id": class_id, "name": row.text("name")?, "course_code": row.text("course_code")?}))?;
+        let correlation = Uuid::new_v4();
+        let e = EVENTS.event(
+            topics::CLASS_UPDATED,
+            ("class", class_id),
+            correlation,
+            &class_event(
+                "class.updated",
+                class_id,
+                &row.text("name")?,
+                &row.text("course_code")?,
+                caller.user_id(),
+                correlation,
+            ),
+        )?;
         tx.enqueue(&e).await?;
         tx.commit().await?;
         Ok(())
@@ -233,8 +255,11 @@ impl ClassManagement {
             topics::STUDENT_CREATED,
             ("class", class_id),
             Uuid::new_v4(),
-            &json!({"class_id": class_id, "student_id": student_id, "first_name": req.first_name,
-                    "last_name": req.last_name, "email": req.email}),
+            &json!({"event": "student.created", "student_id": student_id,
+                    "first_name": req.first_name, "last_name": req.last_name,
+                    "student_email": req.email, "class_ids": [class_id],
+                    "created_by_user_id": caller.user_id(), "timestamp": utc_timestamp(),
+                    "class_id": class_id, "email": req.email}),
         )?;
         tx.enqueue(&e).await?;
         tx.commit().await?;
@@ -261,9 +286,17 @@ impl ClassManagement {
             return Err(ApiError::not_found(format!("no student {student_id}")));
         };
         let class_id = row.text("class_id")?;
-        let e = EVENTS.event(topics::STUDENT_UPDATED, ("class", &class_id), Uuid::new_v4(),
-            &json!({"class_id": class_id, "student_id": student_id, "first_name": row.text("first_name")?,
-                    "last_name": row.text("last_name")?, "email": row.opt_text("email")?}))?;
+        let e = EVENTS.event(
+            topics::STUDENT_UPDATED,
+            ("class", &class_id),
+            Uuid::new_v4(),
+            &json!({"event": "student.updated", "student_id": student_id,
+                    "first_name": row.text("first_name")?, "last_name": row.text("last_name")?,
+                    "student_email": row.opt_text("email")?, "add_class_ids": null,
+                    "remove_class_ids": null, "updated_by_user_id": caller.user_id(),
+                    "timestamp": utc_timestamp(),
+                    "class_id": class_id, "email": row.opt_text("email")?}),
+        )?;
         tx.enqueue(&e).await?;
         tx.commit().await?;
         Ok(())
@@ -429,7 +462,10 @@ impl ClassManagement {
             .iter()
             .map(|a| {
                 json!({"essay_id": a.essay_id, "student_id": a.student_id,
-                            "student_name": a.student_name, "confidence_score": a.confidence_score,
+                            // The matcher's confidence; 0.0 where it had none (the original's
+                            // value for an essay it could not match).
+                            "student_name": a.student_name,
+                            "confidence_score": a.confidence_score.unwrap_or(0.0),
                             "validation_method": by.method(), "validated_by": who,
                             "validated_at": now})
             })
@@ -439,12 +475,24 @@ impl ClassManagement {
             .filter(|a| a.student_id.is_some())
             .count();
         let correlation = Uuid::parse_str(&row.text("correlation_id")?).unwrap_or_default();
+        let course_code = match &class_id {
+            Some(class) => tx
+                .fetch_optional(
+                    "SELECT course_code FROM classes WHERE class_id = $1",
+                    params![class],
+                )
+                .await?
+                .map(|r| r.text("course_code"))
+                .transpose()?,
+            None => None,
+        };
         let e = EVENTS.event(
             topics::ASSOCIATIONS_CONFIRMED,
             ("batch", batch_id),
             correlation,
             &json!({"event_name": "student.associations.confirmed", "batch_id": batch_id,
-                    "entity_id": batch_id, "class_id": class_id, "associations": wire,
+                    "entity_id": batch_id, "class_id": class_id, "course_code": course_code,
+                    "associations": wire,
                     "timeout_triggered": by == ConfirmedBy::Timeout, "timestamp": now,
                     "validation_summary": {"total_associations": associations.len(),
                                            "confirmed": confirmed,
@@ -480,6 +528,20 @@ impl ClassManagement {
         }
         Ok(n)
     }
+}
+
+/// `ClassCreatedV1` / `ClassUpdatedV1`; `name` and `course_code` are this platform's extras.
+fn class_event(
+    event: &str,
+    class_id: &str,
+    name: &str,
+    course_code: &str,
+    user_id: &str,
+    correlation: Uuid,
+) -> serde_json::Value {
+    json!({"event": event, "class_id": class_id, "class_designation": name,
+           "course_codes": [course_code], "user_id": user_id, "correlation_id": correlation,
+           "timestamp": utc_timestamp(), "name": name, "course_code": course_code})
 }
 
 /// The owner of a class; 404 unless the class exists.

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod prepared;
 pub mod runtime;
 pub mod util;
+pub mod wire;
 
 pub use contract::{topics, Envelope, EventFactory};
 pub use runtime::{Service, Shutdown};

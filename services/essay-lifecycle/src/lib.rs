@@ -24,7 +24,8 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use essay_common::identity::Caller;
-use essay_common::util::{now_ms, parse_uuid, ApiError};
+use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError};
+use essay_common::wire::{essay_ref, language_of, system_metadata};
 use essay_common::{topics, Envelope, EventFactory, Service, Shutdown};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -92,6 +93,9 @@ pub struct EssayLifecycle {
 struct Batch {
     batch_id: String,
     class_id: Option<String>,
+    /// GUEST or REGULAR (the original's `class_type`).
+    kind: String,
+    user_id: Option<String>,
     course_code: String,
     correlation_id: Uuid,
     provisioning_completed: bool,
@@ -101,8 +105,10 @@ struct Batch {
     phase_runs: i64,
 }
 
+/// `BatchEssaysRegistered`: the batch is its `entity_id` (the original sends no `batch_id`).
 #[derive(Deserialize)]
 struct Registered {
+    #[serde(rename = "entity_id")]
     batch_id: String,
     essay_ids: Vec<String>,
     course_code: String,
@@ -114,8 +120,10 @@ struct Registered {
     batch_kind: Option<String>,
 }
 
+/// `EssayContentProvisionedV1` / `EssayValidationFailedV1`: the batch is `entity_id`.
 #[derive(Deserialize)]
 struct Content {
+    #[serde(rename = "entity_id")]
     batch_id: String,
     file_upload_id: String,
     original_file_name: String,
@@ -176,7 +184,7 @@ impl EssayLifecycle {
         let Some(r) = tx
             .fetch_optional(
                 "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
-                 RETURNING batch_id, class_id, course_code, correlation_id,
+                 RETURNING batch_id, class_id, kind, user_id, course_code, correlation_id,
                            provisioning_completed, essays_ready_sent, current_phase, phase_status,
                            phase_runs",
                 params![batch_id, now_ms()],
@@ -188,6 +196,8 @@ impl EssayLifecycle {
         Ok(Some(Batch {
             batch_id: r.text("batch_id")?,
             class_id: r.opt_text("class_id")?,
+            kind: r.text("kind")?,
+            user_id: r.opt_text("user_id")?,
             course_code: r.text("course_code")?,
             correlation_id: Uuid::parse_str(&r.text("correlation_id")?).unwrap_or_default(),
             provisioning_completed: r.int("provisioning_completed")? != 0,
@@ -382,9 +392,12 @@ impl EssayLifecycle {
                     topics::EXCESS_CONTENT,
                     ("batch", &batch.batch_id),
                     batch.correlation_id,
-                    json!({"batch_id": batch.batch_id, "file_upload_id": content.file_upload_id,
+                    json!({"event": "excess.content.provisioned", "batch_id": batch.batch_id,
                            "original_file_name": content.original_file_name,
-                           "reason": "NO_AVAILABLE_SLOT"}),
+                           "text_storage_id": content.text_storage_id,
+                           "reason": "NO_AVAILABLE_SLOT", "correlation_id": batch.correlation_id,
+                           "timestamp": utc_timestamp(),
+                           "file_upload_id": content.file_upload_id}),
                 )
                 .await?;
             }
@@ -453,15 +466,29 @@ impl EssayLifecycle {
             .filter(|(_, s)| *s == EssayState::ContentReady)
             .map(|(e, _)| e)
             .collect();
+        let texts = tx
+            .fetch_all(
+                "SELECT essay_id, text_storage_id FROM essays WHERE batch_id = $1 AND state = $2
+                 ORDER BY slot_index",
+                params![&batch.batch_id, EssayState::ContentReady.as_str()],
+            )
+            .await?;
+        let refs = texts
+            .iter()
+            .map(|r| Ok(essay_ref(&r.text("essay_id")?, &r.text("text_storage_id")?)))
+            .collect::<Result<Vec<_>, DbError>>()?;
         self.emit(
             tx,
             topics::PROVISIONING_COMPLETED,
             ("batch", &batch.batch_id),
             batch.correlation_id,
-            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
-                   "expected_count": essays.len(), "provisioned_count": ready.len(),
-                   "failed_count": essays.len() - ready.len(), "essay_ids": ready,
-                   "timed_out": timed_out}),
+            json!({"event": "batch.content.provisioning.completed", "batch_id": batch.batch_id,
+                   "provisioned_count": ready.len(), "expected_count": essays.len(),
+                   "course_code": batch.course_code, "user_id": batch.user_id,
+                   "essays_for_processing": refs, "correlation_id": batch.correlation_id,
+                   "timestamp": utc_timestamp(),
+                   "entity_id": batch.batch_id, "failed_count": essays.len() - ready.len(),
+                   "essay_ids": ready, "timed_out": timed_out}),
         )
         .await
     }
@@ -515,20 +542,30 @@ impl EssayLifecycle {
         .await?;
         let rows = tx
             .fetch_all(
-                "SELECT essay_id, student_id FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
+                "SELECT essay_id, student_id, text_storage_id FROM essays WHERE batch_id = $1 AND state = $2 ORDER BY slot_index",
                 params![&batch.batch_id, EssayState::ContentReady.as_str()],
             )
             .await?;
         let ready: Vec<serde_json::Value> = rows
             .iter()
-            .map(|r| Ok(json!({"essay_id": r.text("essay_id")?, "student_id": r.opt_text("student_id")?})))
+            .map(|r| {
+                let mut essay = essay_ref(&r.text("essay_id")?, &r.text("text_storage_id")?);
+                essay["student_id"] = json!(r.opt_text("student_id")?);
+                Ok(essay)
+            })
             .collect::<Result<_, DbError>>()?;
         self.emit(
             tx,
             topics::BATCH_ESSAYS_READY,
             ("batch", &batch.batch_id),
             batch.correlation_id,
-            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id, "ready_essays": ready}),
+            json!({"event": "batch.essays.ready", "batch_id": batch.batch_id,
+                   "ready_essays": ready,
+                   "metadata": system_metadata(&batch.batch_id, "batch", None, "batch.essays.ready", None),
+                   "course_code": batch.course_code,
+                   "course_language": language_of(&batch.course_code),
+                   "student_prompt_ref": null, "class_type": batch.kind,
+                   "entity_id": batch.batch_id}),
         )
         .await
     }
@@ -583,8 +620,14 @@ impl EssayLifecycle {
                 topics::SPELLCHECK_REQUESTED,
                 ("essay", &essay_id),
                 batch.correlation_id,
-                json!({"batch_id": batch.batch_id, "essay_id": essay_id, "entity_id": essay_id,
-                       "text_storage_id": r.text("text_storage_id")?, "language": "en"}),
+                json!({"event_name": "essay.spellcheck.requested", "entity_id": essay_id,
+                       "entity_type": "essay", "parent_id": batch.batch_id,
+                       "timestamp": utc_timestamp(), "status": "awaiting_spellcheck",
+                       "system_metadata": system_metadata(&essay_id, "essay", Some(&batch.batch_id),
+                                                          "essay.spellcheck.requested", Some("pending")),
+                       "text_storage_id": r.text("text_storage_id")?,
+                       "language": language_of(&batch.course_code),
+                       "batch_id": batch.batch_id, "essay_id": essay_id}),
             )
             .await?;
         }
@@ -661,17 +704,24 @@ impl EssayLifecycle {
                 Some(corrected) => corrected,
                 None => r.text("text_storage_id")?,
             };
-            essays.push(json!({"essay_id": essay_id, "text_storage_id": text,
-                               "spelling_errors": r.opt_int("spelling_errors")?}));
+            let mut essay = essay_ref(&essay_id, &text);
+            essay["spelling_errors"] = json!(r.opt_int("spelling_errors")?);
+            essays.push(essay);
         }
         self.emit(
             tx,
             topics::CJ_REQUESTED,
             ("batch", &batch.batch_id),
             batch.correlation_id,
-            json!({"batch_id": batch.batch_id, "entity_id": batch.batch_id,
-                   "course_code": batch.course_code, "language": "en", "essays_for_cj": essays,
-                   "run": run}),
+            json!({"event_name": "els.cj_assessment.requested", "entity_id": batch.batch_id,
+                   "entity_type": "batch", "parent_id": null, "timestamp": utc_timestamp(),
+                   "system_metadata": system_metadata(&batch.batch_id, "batch", None,
+                                                      "els.cj_assessment.requested", Some("pending")),
+                   "essays_for_cj": essays, "language": language_of(&batch.course_code),
+                   "course_code": batch.course_code, "student_prompt_ref": null,
+                   "llm_config_overrides": null, "assignment_id": null,
+                   "user_id": batch.user_id, "org_id": null,
+                   "batch_id": batch.batch_id, "run": run}),
         )
         .await
     }
@@ -831,7 +881,7 @@ impl Service for EssayLifecycle {
             topics::SPELLCHECK_PHASE_COMPLETED => return self.on_spellchecked(tx, env).await,
             _ => {}
         }
-        let batch_id = env.text("batch_id")?;
+        let batch_id = env.batch_id()?;
         let Some(batch) = self.lock_batch(tx, &batch_id).await? else {
             return Err(HandlerError::poison(format!(
                 "{} for unknown batch {batch_id}",

@@ -47,6 +47,23 @@ impl Invalid {
             Self::TooLong { .. } => "CONTENT_TOO_LONG",
         }
     }
+
+    /// The original's `FileValidationErrorCode` on the wire: a file of a type that cannot be
+    /// read is a failed extraction there.
+    pub fn wire_code(&self) -> &'static str {
+        match self {
+            Self::WrongType(_) => "TEXT_EXTRACTION_FAILED",
+            other => other.error_code(),
+        }
+    }
+
+    /// The step that failed, as the original's `ErrorDetail.operation` names it.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Self::WrongType(_) | Self::Unreadable(_) => "extract_text",
+            _ => "validate_content",
+        }
+    }
 }
 
 pub const MIN_WORDS: usize = 25;

@@ -36,7 +36,7 @@ use axum::{Json, Router};
 use batches::BatchClient;
 use essay_common::content::{ContentClient, ContentError, StorageId};
 use essay_common::identity::Caller;
-use essay_common::util::{now_ms, parse_uuid, ApiError};
+use essay_common::util::{now_ms, parse_uuid, utc_timestamp, ApiError};
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -241,37 +241,55 @@ impl FileService {
                 ],
             )
             .await?;
+            let now = utc_timestamp();
             let added = EVENTS.event(
                 topics::FILE_ADDED,
                 ("batch", batch_id),
                 correlation_id,
-                &json!({"batch_id": batch_id, "file_upload_id": file_upload_id,
-                        "filename": file.filename}),
+                &json!({"event": "batch.file.added", "batch_id": batch_id,
+                        "file_upload_id": file_upload_id, "filename": file.filename,
+                        "user_id": caller.user_id(), "correlation_id": correlation_id,
+                        "timestamp": now}),
             )?;
             tx.enqueue(&added).await?;
+            // The original's models: the batch is `entity_id` (`batch_id` is this platform's
+            // extra), the raw file's storage id is always there.
+            let raw_file_storage_id = raw_id
+                .as_ref()
+                .map(StorageId::as_str)
+                .ok_or_else(|| ApiError::bad_request(format!("{} is empty", file.filename)))?;
             let outcome = match (&text, &text_id) {
                 (Ok(t), Some(text_id)) => EVENTS.event(
                     topics::CONTENT_PROVISIONED,
                     ("file_upload", &file_upload_id),
                     correlation_id,
-                    &json!({"entity_id": file_upload_id, "batch_id": batch_id,
-                            "file_upload_id": file_upload_id,
+                    &json!({"event": "essay.content.provisioned", "entity_id": batch_id,
+                            "batch_id": batch_id, "file_upload_id": file_upload_id,
                             "original_file_name": file.filename,
-                            "raw_file_storage_id": raw_id.as_ref().map(StorageId::as_str),
+                            "raw_file_storage_id": raw_file_storage_id,
                             "text_storage_id": text_id.as_str(),
                             "file_size_bytes": file.bytes.len(),
+                            "correlation_id": correlation_id, "timestamp": now,
                             "word_count": t.split_whitespace().count()}),
                 )?,
                 (Err(e), _) => EVENTS.event(
                     topics::VALIDATION_FAILED,
                     ("file_upload", &file_upload_id),
                     correlation_id,
-                    &json!({"entity_id": file_upload_id, "batch_id": batch_id,
-                            "file_upload_id": file_upload_id,
+                    &json!({"event": "essay.validation.failed", "entity_id": batch_id,
+                            "batch_id": batch_id, "file_upload_id": file_upload_id,
                             "original_file_name": file.filename,
-                            "raw_file_storage_id": raw_id.as_ref().map(StorageId::as_str),
-                            "validation_error_code": e.error_code(),
-                            "validation_error_message": e.to_string()}),
+                            "raw_file_storage_id": raw_file_storage_id,
+                            "validation_error_code": e.wire_code(),
+                            "validation_error_detail": {
+                                "error_code": e.wire_code(), "message": e.to_string(),
+                                "correlation_id": correlation_id, "timestamp": now,
+                                "service": NAME, "operation": e.operation(),
+                                "details": {"file_name": file.filename, "reason": e.error_code()},
+                                "stack_trace": null, "trace_id": null, "span_id": null},
+                            "validation_error_message": e.to_string(),
+                            "file_size_bytes": file.bytes.len(),
+                            "correlation_id": correlation_id, "timestamp": now}),
                 )?,
                 (Ok(_), None) => unreachable!("valid text is always stored"),
             };
@@ -328,8 +346,10 @@ impl FileService {
             topics::FILE_REMOVED,
             ("batch", &batch_id),
             correlation,
-            &json!({"batch_id": batch_id, "file_upload_id": file_upload_id,
-                    "filename": row.text("filename")?}),
+            &json!({"event": "batch.file.removed", "batch_id": batch_id,
+                    "file_upload_id": file_upload_id, "filename": row.text("filename")?,
+                    "user_id": caller.user_id(), "correlation_id": correlation,
+                    "timestamp": utc_timestamp()}),
         )?;
         tx.enqueue(&event).await?;
         tx.commit().await?;
@@ -400,6 +420,13 @@ async fn upload(
             .bytes()
             .await
             .map_err(|e| ApiError(e.status(), format!("malformed upload: {}", e.body_text())))?;
+        if bytes.is_empty() {
+            // Nothing to store (the Content Service, like the original's, refuses an empty
+            // body), so nothing to announce: the whole request is refused, nothing written.
+            return Err(ApiError::bad_request(format!(
+                "{filename} is empty (0 bytes); nothing was accepted, send it again without it"
+            )));
+        }
         if bytes.len() > MAX_FILE_BYTES {
             return Err(ApiError(
                 StatusCode::PAYLOAD_TOO_LARGE,

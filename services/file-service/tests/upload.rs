@@ -198,7 +198,7 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
         ("d.exe", b"MZ\x90\x00".to_vec()),
         ("e.txt", b"too short".to_vec()),
         ("f.pdf", b"%PDF-1.7 this is not really a pdf".to_vec()),
-        ("g.txt", Vec::new()),
+        ("g.txt", b"  \n \t ".to_vec()),
     ];
     let (ct, body) = multipart(&sent);
     let (status, reply) = post(&svc, &ct, body).await;
@@ -275,8 +275,8 @@ async fn txt_docx_and_pdf_are_extracted_and_bad_files_reported() {
     }
     assert_eq!(
         content.service.counts().await.unwrap(),
-        (9, 9),
-        "6 raw files (the empty one is not stored) and 3 texts, provisional until the Content Service sees their events"
+        (10, 10),
+        "7 raw files and 3 texts, provisional until the Content Service sees their events"
     );
     content.stop().await;
     let _ = std::fs::remove_dir_all(dir);
@@ -325,6 +325,20 @@ async fn malformed_or_oversized_uploads_are_4xx_and_write_nothing() {
     let (ct, body) = multipart(&[]);
     let (status, _) = post(&svc, &ct, body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "no files");
+
+    let (ct, body) = multipart(&[
+        ("a.txt", ESSAY.as_bytes().to_vec()),
+        ("empty.txt", Vec::new()),
+    ]);
+    let (status, reply) = post(&svc, &ct, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("empty.txt is empty"),
+        "{reply}"
+    );
 
     let req = Request::post("/v1/files/batch/not-a-uuid")
         .header(header::CONTENT_TYPE, ct)

@@ -337,13 +337,13 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
         batch_orchestrator::NAME,
         topics::BATCH_ESSAYS_REGISTERED,
         ("batch", &batch_id),
-        json!({"batch_id": batch_id, "essay_ids": [essay_id], "course_code": "ENG5", "batch_kind": "GUEST"}),
+        json!({"entity_id": batch_id, "batch_id": batch_id, "essay_ids": [essay_id], "course_code": "ENG5", "batch_kind": "GUEST"}),
     );
     let content = envelope(
         file_service::NAME,
         topics::CONTENT_PROVISIONED,
         ("file_upload", "f1"),
-        json!({"batch_id": batch_id, "file_upload_id": "f1", "original_file_name": "a.txt",
+        json!({"entity_id": batch_id, "batch_id": batch_id, "file_upload_id": "f1", "original_file_name": "a.txt",
                "text_storage_id": stored(&client, "some text").await}),
     );
     // Content first: parked until the registration arrives.
@@ -437,7 +437,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
             essay_lifecycle::NAME,
             topics::SPELLCHECK_REQUESTED,
             ("essay", &essay_id),
-            json!({"batch_id": batch_id, "essay_id": essay_id, "text_storage_id": text_id}),
+            json!({"parent_id": batch_id, "entity_id": essay_id, "text_storage_id": text_id}),
         )
     };
     apply_prepared(&spell, &db, &requested(), false).await;
@@ -462,7 +462,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
         essay_lifecycle::NAME,
         topics::SPELLCHECK_REQUESTED,
         ("essay", "e-unknown"),
-        json!({"batch_id": batch_id, "essay_id": "e-unknown",
+        json!({"parent_id": batch_id, "entity_id": "e-unknown",
                "text_storage_id": essay_common::content::StorageId::new().to_string()}),
     );
     match spell.prepare(&unknown).await {
@@ -513,7 +513,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
             essay_lifecycle::NAME,
             topics::CJ_REQUESTED,
             ("batch", &batch_id),
-            json!({"batch_id": batch_id, "essays_for_cj": essays}),
+            json!({"entity_id": batch_id, "essays_for_cj": essays}),
         )
     };
     apply_prepared(&cj, &db, &cj_requested(), false).await;
@@ -547,7 +547,7 @@ async fn handlers_roll_back_with_their_events_and_repeat_nothing() {
         essay_lifecycle::NAME,
         topics::CJ_REQUESTED,
         ("batch", "other"),
-        json!({"batch_id": "other", "essays_for_cj": [essays[0]]}),
+        json!({"entity_id": "other", "essays_for_cj": [essays[0]]}),
     );
     apply_prepared(&cj, &db, &too_few, true).await;
     assert_eq!(outbox_topics(&db).await.last().unwrap(), topics::CJ_FAILED);

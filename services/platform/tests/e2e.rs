@@ -41,6 +41,7 @@ async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
     let messages = broker_messages(&broker, published).await;
     assert_events_once(&messages, &regular.batch_id, true);
     assert_events_once(&messages, &guest.batch_id, false);
+    assert_all_conform(&messages);
     let batches = [
         (regular.batch_id.clone(), true),
         (guest.batch_id.clone(), false),
@@ -108,6 +109,7 @@ async fn chaos_broker_frozen_mid_batch() {
     );
     let messages = broker_messages(&kafka, platform.published() as usize).await;
     assert_events_once(&messages, &report.batch_id, true);
+    assert_all_conform(&messages);
     platform.stop().await;
     drop_schemas(&location).await;
 }

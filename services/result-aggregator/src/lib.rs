@@ -80,9 +80,15 @@ impl ResultAggregator {
             ("missing", "TEXT"),
             ("pipeline_correlation", "TEXT"),
             ("pipeline_event", "TEXT"),
+            ("final_status", "TEXT"),
+            ("pipeline_seconds", "DOUBLE PRECISION"),
+            ("successful_essays", "BIGINT"),
         ] {
             db.add_column("ra_batches", column, declaration).await?;
         }
+        db.add_column("ra_phases", "completed_count", "BIGINT")
+            .await?;
+        db.add_column("ra_phases", "failed_count", "BIGINT").await?;
         Ok(Self {
             db,
             results_deadline: DEFAULT_RESULTS_DEADLINE,
@@ -195,13 +201,21 @@ impl ResultAggregator {
     }
 }
 
+/// `EssayResultV1`: the original's names (`bt_score`, `letter_grade`); the standard error is
+/// this platform's extra.
 #[derive(Deserialize)]
 struct EssayResult {
     essay_id: String,
     rank: i64,
+    #[serde(rename = "bt_score")]
     score: f64,
-    standard_error: f64,
+    #[serde(default)]
+    standard_error: Option<f64>,
+    #[serde(rename = "letter_grade")]
     grade: String,
+    /// Anchor essays are compared with the batch but are not its essays.
+    #[serde(default)]
+    is_anchor: bool,
 }
 
 #[async_trait]
@@ -222,7 +236,7 @@ impl Service for ResultAggregator {
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        let batch_id = env.text("batch_id")?;
+        let batch_id = env.batch_id()?;
         self.ensure_batch(tx, &batch_id).await?;
         match env.event_type.as_str() {
             topics::BATCH_ESSAYS_REGISTERED => {
@@ -250,14 +264,17 @@ impl Service for ResultAggregator {
                     .await?;
             }
             topics::SPELLCHECK_RESULTS => {
-                let essay_id = env.text("essay_id")?;
+                // `SpellcheckResultV1`: the essay is `entity_id`.
+                let essay_id = env.text("entity_id")?;
+                let corrections = env.data["corrections_made"].as_i64();
+                let words = env.data["correction_metrics"]["word_count"].as_i64();
                 self.upsert_essay(
                     tx,
                     &essay_id,
                     &batch_id,
                     &[
-                        ("spelling_errors", env.data["error_count"].as_i64().into()),
-                        ("word_count", env.data["word_count"].as_i64().into()),
+                        ("spelling_errors", corrections.into()),
+                        ("word_count", words.into()),
                     ],
                 )
                 .await?;
@@ -266,7 +283,7 @@ impl Service for ResultAggregator {
                 let results: Vec<EssayResult> =
                     serde_json::from_value(env.data["essay_results"].clone())
                         .map_err(|e| HandlerError::poison(format!("essay_results: {e}")))?;
-                for r in results {
+                for r in results.into_iter().filter(|r| !r.is_anchor) {
                     self.upsert_essay(
                         tx,
                         &r.essay_id,
@@ -290,10 +307,15 @@ impl Service for ResultAggregator {
                 // The view shows the original's `BatchStatus` in capitals, as it always has.
                 let phase = env.text("phase_name")?;
                 let status = env.text("phase_status")?.to_uppercase();
+                let processed = env.data["processed_essays"].as_array().map_or(0, Vec::len);
+                let failed = env.data["failed_essay_ids"].as_array().map_or(0, Vec::len);
                 tx.execute(
-                    "INSERT INTO ra_phases (batch_id, phase, status) VALUES ($1, $2, $3)
-                     ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status",
-                    params![&batch_id, &phase, status],
+                    "INSERT INTO ra_phases (batch_id, phase, status, completed_count, failed_count)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (batch_id, phase) DO UPDATE SET status = excluded.status,
+                         completed_count = excluded.completed_count,
+                         failed_count = excluded.failed_count",
+                    params![&batch_id, &phase, status, processed, failed],
                 )
                 .await?;
                 if phase == "spellcheck" {
@@ -309,7 +331,16 @@ impl Service for ResultAggregator {
             }
             topics::PIPELINE_COMPLETED => {
                 // Announced once what this pipeline produced is here ([`readiness`]).
-                let status = if env.data["status"].as_str() == Some("FAILED") {
+                // `BatchPipelineCompletedV1.final_status` (this platform's earlier `status`
+                // where it is missing).
+                let final_status = match env.data["final_status"].as_str() {
+                    Some(f) => f.to_owned(),
+                    None if env.data["status"].as_str() == Some("FAILED") => {
+                        "failed_critically".into()
+                    }
+                    None => "completed_successfully".into(),
+                };
+                let status = if final_status == "failed_critically" {
                     "FAILED"
                 } else {
                     "COMPLETED"
@@ -319,7 +350,8 @@ impl Service for ResultAggregator {
                 tx.execute(
                     "UPDATE ra_batches SET status = $2, pipeline_phases = $3,
                             awaiting_since = $4, updated_at = $4, pipeline_correlation = $5,
-                            pipeline_event = $6
+                            pipeline_event = $6, final_status = $7, pipeline_seconds = $8,
+                            successful_essays = $9
                      WHERE batch_id = $1
                        AND (pipeline_event IS NULL OR pipeline_event <> $6)",
                     params![
@@ -328,7 +360,10 @@ impl Service for ResultAggregator {
                         phases.to_string(),
                         now_ms(),
                         env.correlation_id.to_string(),
-                        env.event_id.to_string()
+                        env.event_id.to_string(),
+                        final_status,
+                        env.data["processing_duration_seconds"].as_f64(),
+                        env.data["successful_essay_count"].as_i64()
                     ],
                 )
                 .await?;

@@ -8,7 +8,8 @@
 //! the announcement goes out anyway and names what is missing (also in the results view).
 
 use essay_common::topics;
-use essay_common::util::now_ms;
+use essay_common::util::{now_ms, utc_timestamp};
+use essay_common::wire::system_metadata;
 use outbox::portable::{params, DbError, Tx};
 use outbox::HandlerError;
 use serde_json::json;
@@ -127,12 +128,50 @@ impl ResultAggregator {
             .map(|r| r.int("n"))
             .transpose()?
             .unwrap_or(0);
+        let b = tx
+            .fetch_optional(
+                "SELECT user_id, expected_count, final_status, pipeline_seconds, successful_essays
+                 FROM ra_batches WHERE batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+            .expect("the batch row exists");
+        let final_status = b
+            .opt_text("final_status")?
+            .unwrap_or_else(|| "completed_successfully".into());
+        let mut phase_results = serde_json::Map::new();
+        for p in tx
+            .fetch_all(
+                "SELECT phase, status, completed_count, failed_count FROM ra_phases
+                 WHERE batch_id = $1",
+                params![batch_id],
+            )
+            .await?
+        {
+            let phase = p.text("phase")?;
+            let failed = p.text("status")? == "FAILED_CRITICALLY";
+            phase_results.insert(
+                phase.clone(),
+                json!({"phase_name": phase, "status": if failed { "failed" } else { "completed" },
+                       "completed_count": p.opt_int("completed_count")?.unwrap_or(0),
+                       "failed_count": p.opt_int("failed_count")?.unwrap_or(0)}),
+            );
+        }
+        // `BatchResultsReadyV1`; `ranked_essays` and `missing` are this platform's extras.
         let e = EVENTS.event(
             topics::RESULTS_READY,
             ("batch", batch_id),
             correlation,
-            &json!({"batch_id": batch_id, "entity_id": batch_id, "status": status,
-                    "ranked_essays": ranked, "missing": missing}),
+            &json!({"event_name": "batch.results.ready", "entity_id": batch_id,
+                    "entity_type": "batch", "parent_id": null, "timestamp": utc_timestamp(),
+                    "status": final_status,
+                    "system_metadata": system_metadata(batch_id, "batch", None, "results_ready", None),
+                    "batch_id": batch_id, "user_id": b.opt_text("user_id")?,
+                    "total_essays": b.opt_int("expected_count")?.unwrap_or(0),
+                    "completed_essays": b.opt_int("successful_essays")?.unwrap_or(ranked),
+                    "phase_results": phase_results, "overall_status": final_status,
+                    "processing_duration_seconds": b.float("pipeline_seconds").unwrap_or(0.0),
+                    "ranked_essays": ranked, "missing": missing, "pipeline_status": status}),
         )?;
         tx.enqueue(&e).await?;
         Ok(true)

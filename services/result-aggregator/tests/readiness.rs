@@ -85,7 +85,8 @@ impl Batch {
                     "spell_checker_service",
                     topics::SPELLCHECK_RESULTS,
                     &self.id,
-                    json!({"batch_id": self.id, "essay_id": e, "error_count": 3, "word_count": 200}),
+                    json!({"batch_id": self.id, "entity_id": e, "corrections_made": 3,
+                           "correction_metrics": {"word_count": 200}}),
                 )
             })
             .collect()
@@ -97,8 +98,12 @@ impl Batch {
             topics::ASSESSMENT_RESULT_PUBLISHED,
             &self.id,
             json!({"batch_id": self.id, "essay_results": [
-                {"essay_id": self.essays[0], "rank": 1, "score": 1.0, "standard_error": 0.5, "grade": "A"},
-                {"essay_id": self.essays[1], "rank": 2, "score": -1.0, "standard_error": 0.5, "grade": "C"}]}),
+                {"essay_id": self.essays[0], "rank": 1, "bt_score": 1.0, "standard_error": 0.5,
+                 "letter_grade": "A", "normalized_score": 1.0, "confidence_score": 0.9,
+                 "confidence_label": "HIGH"},
+                {"essay_id": self.essays[1], "rank": 2, "bt_score": -1.0, "standard_error": 0.5,
+                 "letter_grade": "C", "normalized_score": 0.0, "confidence_score": 0.6,
+                 "confidence_label": "MID"}]}),
         )
     }
 

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use essay_common::content::ContentClient;
 use essay_common::prepared::Prepared;
 use essay_common::util::{now_ms, utc_timestamp};
+use essay_common::wire::system_metadata;
 use essay_common::{topics, Envelope, EventFactory, Service};
 use outbox::portable::{params, DbError, ServiceDb, Tx};
 use outbox::HandlerError;
@@ -193,11 +194,30 @@ struct Done {
     duration_ms: u64,
 }
 
+/// `EssayLifecycleSpellcheckRequestV1`: the essay is `entity_id`, its batch `parent_id`.
 #[derive(Deserialize)]
 struct Requested {
-    batch_id: String,
+    #[serde(rename = "entity_id")]
     essay_id: String,
+    #[serde(rename = "parent_id")]
+    batch_id: Option<String>,
     text_storage_id: String,
+}
+
+impl Requested {
+    fn of(env: &Envelope) -> Result<Self, HandlerError> {
+        let req: Self = env.data()?;
+        if req.batch_id.is_none() {
+            return Err(HandlerError::poison(
+                "a spellcheck request without its batch (parent_id) cannot be reported",
+            ));
+        }
+        Ok(req)
+    }
+
+    fn batch(&self) -> &str {
+        self.batch_id.as_deref().unwrap_or_default()
+    }
 }
 
 impl Spellchecker {
@@ -261,14 +281,14 @@ impl Service for Spellchecker {
     /// Fetching, checking (~100 ms for an essay with misspellings) and storing the corrected
     /// text run before the transaction.
     async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
-        let req: Requested = env.data()?;
+        let req = Requested::of(env)?;
         let done = self.run(&req, env.correlation_id).await?;
         self.prepared.put(env.event_id, done);
         Ok(())
     }
 
     async fn handle(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandlerError> {
-        let req: Requested = env.data()?;
+        let req = Requested::of(env)?;
         let done = match self.prepared.take(&env.event_id) {
             Some(done) => done,
             None => self.run(&req, env.correlation_id).await?,
@@ -279,7 +299,6 @@ impl Service for Spellchecker {
             corrected_text_storage_id,
             duration_ms,
         } = done;
-        let status = if empty { "FAILED" } else { "SUCCESS" };
         let inserted = tx
             .execute(
                 "INSERT INTO spellcheck_results (essay_id, batch_id, error_count, word_count,
@@ -287,7 +306,7 @@ impl Service for Spellchecker {
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (essay_id) DO NOTHING",
                 params![
                     &req.essay_id,
-                    &req.batch_id,
+                    req.batch(),
                     checked.corrections.len(),
                     checked.word_count,
                     serde_json::to_string(&checked.corrections).expect("serialises"),
@@ -306,7 +325,7 @@ impl Service for Spellchecker {
             env.correlation_id,
             // The original's `SpellcheckPhaseCompletedV1`, plus the error count Essay Lifecycle
             // passes on to CJ (absent from the original's: then unknown).
-            &json!({"entity_id": req.essay_id, "batch_id": req.batch_id,
+            &json!({"entity_id": req.essay_id, "batch_id": req.batch(),
                     "correlation_id": env.correlation_id.to_string(),
                     "status": if empty { "failed" } else { "completed" },
                     "corrected_text_storage_id": (!empty).then_some(&corrected_text_storage_id),
@@ -319,15 +338,40 @@ impl Service for Spellchecker {
             topics::SPELLCHECK_RESULTS,
             ("essay", &req.essay_id),
             env.correlation_id,
-            &json!({"batch_id": req.batch_id, "essay_id": req.essay_id, "entity_id": req.essay_id,
-                    "status": status, "error_count": error_count, "word_count": checked.word_count,
-                    "corrections": checked.corrections,
+            // `SpellcheckResultV1`; `essay_id`, `error_count`, `word_count` and the corrections
+            // themselves are this platform's extras.
+            &json!({"event_name": "essay.spellcheck.completed", "entity_id": req.essay_id,
+                    "entity_type": "essay", "parent_id": req.batch(), "timestamp": utc_timestamp(),
+                    "status": if empty { "spellcheck_failed" } else { "spellchecked_success" },
+                    "system_metadata": system_metadata(&req.essay_id, "essay", Some(req.batch()),
+                        "essay.spellcheck.completed", Some(if empty { "failed" } else { "completed" })),
+                    "batch_id": req.batch(), "correlation_id": env.correlation_id,
+                    "user_id": null, "corrections_made": error_count,
+                    "correction_metrics": {
+                        "total_corrections": error_count, "l2_dictionary_corrections": 0,
+                        "spellchecker_corrections": error_count,
+                        "word_count": checked.word_count,
+                        "correction_density": density(error_count, checked.word_count)},
                     "original_text_storage_id": req.text_storage_id,
-                    "corrected_text_storage_id": corrected_text_storage_id}),
+                    "corrected_text_storage_id": corrected_text_storage_id,
+                    "processing_duration_ms": duration_ms,
+                    "processor_version": concat!("spellbook/", env!("CARGO_PKG_VERSION")),
+                    "essay_id": req.essay_id,
+                    "error_count": error_count, "word_count": checked.word_count,
+                    "corrections": checked.corrections}),
         )?;
         tx.enqueue(&thin).await?;
         tx.enqueue(&rich).await?;
         Ok(())
+    }
+}
+
+/// Corrections per 100 words (the original's `correction_density`).
+fn density(corrections: usize, words: usize) -> f64 {
+    if words == 0 {
+        0.0
+    } else {
+        corrections as f64 * 100.0 / words as f64
     }
 }
 

@@ -480,3 +480,57 @@ pub fn original_contract_dir() -> PathBuf {
              set ORIGINAL_CONTRACT_DIR to its folder",
         )
 }
+
+/// The original's JSON Schema called `name` (a topic, or `envelope`).
+pub fn original_schema(name: &str) -> Option<jsonschema::Validator> {
+    let path = original_contract_dir().join(format!("schemas/{name}.schema.json"));
+    let schema: Value = serde_json::from_slice(&std::fs::read(path).ok()?).expect("schema JSON");
+    Some(jsonschema::validator_for(&schema).expect("a valid schema"))
+}
+
+/// The first violation of `value`, naming the field and the rule.
+pub fn schema_violation(validator: &jsonschema::Validator, value: &Value) -> Option<String> {
+    validator
+        .iter_errors(value)
+        .next()
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+}
+
+/// Per topic: how many messages, and the first violation of the original's schema.
+pub fn against_the_originals_schemas(
+    messages: &[OnBroker],
+) -> std::collections::BTreeMap<String, (usize, Option<String>)> {
+    let envelope = original_schema("envelope").expect("the envelope schema");
+    let mut validators = HashMap::new();
+    let mut per_topic = std::collections::BTreeMap::new();
+    for m in messages {
+        let value = m.envelope();
+        let entry = per_topic.entry(m.topic.clone()).or_insert((0, None));
+        entry.0 += 1;
+        if entry.1.is_some() {
+            continue;
+        }
+        let validator = validators.entry(m.topic.clone()).or_insert_with(|| {
+            original_schema(&m.topic)
+                .unwrap_or_else(|| panic!("the original has no schema for {}", m.topic))
+        });
+        entry.1 = schema_violation(&envelope, &value)
+            .map(|v| format!("envelope: {v}"))
+            .or_else(|| schema_violation(validator, &value["data"]));
+    }
+    per_topic
+}
+
+/// Every message validates against the original's schema of its topic; otherwise the
+/// failure names the topic, the field and the rule.
+pub fn assert_all_conform(messages: &[OnBroker]) {
+    let failures: Vec<String> = against_the_originals_schemas(messages)
+        .into_iter()
+        .filter_map(|(topic, (_, v))| v.map(|v| format!("{topic}: {v}")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "not the original's contract:\n{}",
+        failures.join("\n")
+    );
+}
