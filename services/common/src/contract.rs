@@ -168,6 +168,7 @@ impl EventFactory {
         data: &impl Serialize,
     ) -> Result<NewEvent, HandlerError> {
         let event_id = EventId::new();
+        let trace = crate::trace::TraceContext::current().map(|t| t.child());
         let occurred_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, false);
         let envelope = Envelope {
             event_id: *event_id.as_uuid(),
@@ -178,14 +179,15 @@ impl EventFactory {
             correlation_id,
             data_schema_uri: None,
             data: serde_json::to_value(data).map_err(HandlerError::retry)?,
-            metadata: None,
+            // Written inside a request or a handling: the trace goes on, in a span of its own.
+            metadata: trace.map(|t| serde_json::json!({crate::trace::TRACEPARENT: t.to_string()})),
         };
         let body = serde_json::to_vec(&envelope).map_err(HandlerError::retry)?;
         let topic_name = Topic::new(topic).map_err(HandlerError::retry)?;
         let aggregate = AggregateRef::new(aggregate.0, aggregate.1)
             .map_err(|e| HandlerError::poison(format!("aggregate id: {e}")))?;
         let correlation = correlation_id.to_string();
-        Ok(NewEvent::new(topic_name, aggregate, body)
+        let event = NewEvent::new(topic_name, aggregate, body)
             .with_event_id(event_id)
             .with_event_type(topic)
             .with_header("event_id", event_id.to_string())
@@ -195,7 +197,11 @@ impl EventFactory {
             .with_header("trace_id", correlation)
             .with_header("schema_version", "1")
             .with_header("occurred_at", occurred_at)
-            .with_header("content_type", "application/json"))
+            .with_header("content_type", "application/json");
+        Ok(match trace {
+            Some(t) => event.with_header(crate::trace::TRACEPARENT, t.to_string()),
+            None => event,
+        })
     }
 }
 

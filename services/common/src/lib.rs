@@ -7,8 +7,10 @@ pub mod content;
 pub mod contract;
 pub mod http;
 pub mod identity;
+pub mod original;
 pub mod prepared;
 pub mod runtime;
+pub mod trace;
 pub mod util;
 pub mod wire;
 

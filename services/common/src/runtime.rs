@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::contract::{topics, Envelope};
+use crate::trace::TraceContext;
 
 /// A service of the platform.
 #[async_trait]
@@ -228,15 +229,31 @@ pub async fn prepare_broker(broker: &Broker) -> Result<(), StartError> {
 
 struct Dispatch(Arc<dyn Service>);
 
+/// The trace an incoming message continues (see [`crate::trace`]).
+fn trace_of(envelope: &Envelope, message: &IncomingMessage) -> TraceContext {
+    TraceContext::of_message(
+        envelope.metadata.as_ref(),
+        message
+            .headers
+            .get(crate::trace::TRACEPARENT)
+            .map(String::as_str),
+    )
+}
+
 #[async_trait]
 impl TxHandler for Dispatch {
     async fn prepare(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
-        self.0.prepare(&Envelope::parse(message)?).await
+        let envelope = Envelope::parse(message)?;
+        trace_of(&envelope, message)
+            .scope("prepare", self.0.prepare(&envelope))
+            .await
     }
 
     async fn handle(&self, tx: &mut Tx, message: &IncomingMessage) -> Result<(), HandlerError> {
         let envelope = Envelope::parse(message)?;
-        self.0.handle(tx, &envelope).await
+        trace_of(&envelope, message)
+            .scope("handle", self.0.handle(tx, &envelope))
+            .await
     }
 }
 
@@ -355,7 +372,8 @@ pub async fn start(
                 "/metrics",
                 axum::routing::get(move || async move { metrics.encode() }),
             )
-            .route("/healthz", axum::routing::get(|| async { "ok" }));
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(crate::trace::http_layer));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| err(format!("{name}: cannot listen on {addr}: {e}")))?;

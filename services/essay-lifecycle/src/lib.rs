@@ -767,9 +767,13 @@ impl EssayLifecycle {
             if state.in_flight() {
                 return Ok(());
             }
+            // Essays without content take part in no phase (a phase command may come from a
+            // producer that did not wait for provisioning).
             if matches!(
                 state,
-                EssayState::ContentFailed | EssayState::ContentMissing
+                EssayState::ContentFailed
+                    | EssayState::ContentMissing
+                    | EssayState::AwaitingContent
             ) {
                 continue;
             }

@@ -12,6 +12,8 @@ use tower::ServiceExt;
 pub struct Gateway {
     route: Route,
     user: Option<String>,
+    /// A W3C `traceparent` every request continues (see `essay_common::trace`).
+    traceparent: Option<String>,
 }
 
 /// Where requests go: the routers in this process, or the services running as their own
@@ -119,6 +121,7 @@ impl Gateway {
         Self {
             route: Route::InProcess(router),
             user: Some(DEFAULT_USER.into()),
+            traceparent: None,
         }
     }
 
@@ -127,22 +130,31 @@ impl Gateway {
         Self {
             route: Route::Remote(std::sync::Arc::new(addrs)),
             user: Some(DEFAULT_USER.into()),
+            traceparent: None,
         }
     }
 
     /// The same gateway signed in as `user`.
     pub fn as_user(&self, user: &str) -> Self {
         Self {
-            route: self.route.clone(),
             user: Some(user.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The same gateway, every request part of the trace `traceparent` names.
+    pub fn in_trace(&self, traceparent: &str) -> Self {
+        Self {
+            traceparent: Some(traceparent.into()),
+            ..self.clone()
         }
     }
 
     /// The same gateway with nobody signed in (no `X-User-ID`).
     pub fn anonymous(&self) -> Self {
         Self {
-            route: self.route.clone(),
             user: None,
+            ..self.clone()
         }
     }
 
@@ -155,6 +167,12 @@ impl Gateway {
             request.headers_mut().insert(
                 essay_common::identity::USER_HEADER,
                 axum::http::HeaderValue::from_str(user)?,
+            );
+        }
+        if let Some(t) = &self.traceparent {
+            request.headers_mut().insert(
+                essay_common::trace::TRACEPARENT,
+                axum::http::HeaderValue::from_str(t)?,
             );
         }
         let (status, bytes) = match &self.route {

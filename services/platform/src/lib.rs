@@ -365,6 +365,7 @@ impl Platform {
             .into_iter()
             .flatten()
             .fold(Router::new(), Router::merge)
+            .layer(axum::middleware::from_fn(essay_common::trace::http_layer))
     }
 
     /// The same, as a client.

@@ -9,46 +9,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use essay_common::content::ContentClient;
+use essay_common::original::{self, ids::*};
 use essay_common::topics;
 use essay_platform::client::Gateway;
 use essay_platform::{demo, Options, Platform};
 use outbox::backend::Broker;
 use serde_json::{json, Value};
 
-/// Ids in the original's examples, replaced by fresh ones per use.
-const BATCH: &str = "29877c84-f212-5213-ade3-9977be2d7e6d";
-const ESSAY_1: &str = "13d687a3-2fad-5906-bb5b-ee9a08782b1a";
-const ESSAY_2: &str = "f5611ded-1da1-5213-89de-e272947cbfed";
-const TEXT_1: &str = "22219c382f1e50bf9bc5f69a5c5677dc";
-const TEXT_2: &str = "126bbbe83a3d56c195de030511501c85";
-const CORRECTED_1: &str = "0824dcc41e5d5e1baca6bd1b8ade8215";
-const CORRECTED_2: &str = "62d042ac5e355f5786a3c6e938fd1c7d";
-const FILE_1: &str = "41126985-5087-5020-9336-c716504f62de";
-const FAILED_FILE: &str = "bfd98cc6-429c-511d-8f26-ad492c412b7b";
-
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The original's example message of `topic` with `replace`d ids and a new event id.
+/// The original's example of `topic`, re-addressed; it sends no headers.
 fn example(topic: &str, replace: &[(&str, &str)]) -> (String, Option<String>, Value) {
-    let path = original_contract_dir().join(format!("examples/{topic}.json"));
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    for (old, new) in replace {
-        text = text.replace(old, new);
-    }
-    let mut message: Value = serde_json::from_str(&text).unwrap();
-    message["value"]["event_id"] = json!(uuid());
-    assert_eq!(
-        message["headers"],
-        json!({}),
-        "the original sends no headers"
-    );
-    (
-        message["topic"].as_str().unwrap().to_owned(),
-        message["key"].as_str().map(str::to_owned),
-        message["value"].clone(),
-    )
+    let message = original::example(topic, replace);
+    let path = original::contract_dir().join(format!("examples/{topic}.json"));
+    let raw: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(raw["headers"], json!({}), "the original sends no headers");
+    message
 }
 
 /// Puts a message on the broker as the original's producer would (no headers).
@@ -281,6 +259,8 @@ async fn the_originals_messages_have_their_effect_here() {
     send(&broker, example(topics::BATCH_ESSAYS_REGISTERED, &r4)).await;
     send(&broker, example(topics::ASSESSMENT_RESULT_PUBLISHED, &r4)).await;
     send(&broker, example(topics::SPELLCHECK_RESULTS, &r4)).await;
+    send(&broker, example(topics::SLOT_ASSIGNED, &r4)).await;
+    send(&broker, example(topics::PHASE_OUTCOME, &r4)).await;
     let view = until("the original's results in the view", async || {
         let (_, v) = api.get(&format!("/v1/batches/{b4}/results")).await.unwrap();
         let essays = v["essays"].as_array()?;
@@ -296,6 +276,14 @@ async fn the_originals_messages_have_their_effect_here() {
     );
     assert_eq!(view["essays"][0]["grade"], "B");
     assert_eq!(view["essays"][1]["grade"], "C+");
+    let view = until("the slot's file name and the phase outcome", async || {
+        let (_, v) = api.get(&format!("/v1/batches/{b4}/results")).await.unwrap();
+        (v["essays"][0]["filename"] == "anna_lindqvist_argumentative.docx"
+            && v["phases"]["spellcheck"] == "COMPLETED_SUCCESSFULLY")
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(view["essays"][0]["essay_id"], e5.as_str());
 
     // 4. The original's File Service reports a file that failed validation.
     let b5 = uuid();
@@ -366,6 +354,61 @@ async fn the_originals_messages_have_their_effect_here() {
         .map(|e| e["text_storage_id"].as_str().unwrap())
         .collect();
     assert_eq!(named, [t1.as_str(), t2.as_str()], "{command}");
+
+    // 6. Matching: the original's Essay Lifecycle asks this platform's Student Matching, and
+    //    the original's matching service suggests to this platform's Class Management.
+    let (_, class) = api
+        .post("/v1/classes", &json!({"name": "9B", "course_code": "ENG5"}))
+        .await
+        .unwrap();
+    let class_id = class["class_id"].as_str().unwrap().to_owned();
+    let mut students = Vec::new();
+    for (first, last) in demo::STUDENTS {
+        let (_, s) = api
+            .post(
+                &format!("/v1/classes/{class_id}/students"),
+                &json!({"first_name": first, "last_name": last}),
+            )
+            .await
+            .unwrap();
+        students.push(s["student_id"].as_str().unwrap().to_owned());
+    }
+    let b7 = uuid();
+    let r7 = [
+        (BATCH, b7.as_str()),
+        (CLASS, class_id.as_str()),
+        (TEXT_1, t1.as_str()),
+        (TEXT_2, t2.as_str()),
+    ];
+    send(&broker, example(topics::MATCHING_REQUESTED, &r7)).await;
+    let matches = until("suggestions for the original's request", async || {
+        let (code, m) = api.get(&format!("/v1/matches/{b7}")).await.unwrap();
+        (code == 200).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        matches["suggestions"].as_array().unwrap().len(),
+        2,
+        "{matches}"
+    );
+    let b8 = uuid();
+    let r8 = [
+        (BATCH, b8.as_str()),
+        (CLASS, class_id.as_str()),
+        (STUDENT_1, students[0].as_str()),
+        (STUDENT_2, students[1].as_str()),
+    ];
+    send(&broker, example(topics::AUTHOR_MATCHES_SUGGESTED, &r8)).await;
+    let matches = until("the original's suggestions kept", async || {
+        let (code, m) = api.get(&format!("/v1/matches/{b8}")).await.unwrap();
+        (code == 200).then_some(m)
+    })
+    .await;
+    assert_eq!(matches["status"], "PENDING");
+    assert_eq!(
+        matches["suggestions"][0]["student_id"],
+        students[0].as_str()
+    );
 
     assert_eq!(platform.dead_events().await.unwrap(), 0);
     platform.stop().await;
