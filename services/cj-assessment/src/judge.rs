@@ -1,6 +1,7 @@
 //! Who decides which of two essays is better. The default [`FeatureJudge`] is deterministic
-//! and explains itself; another judge (e.g. an LLM behind an OpenAI-compatible API) plugs in
-//! through [`Judge`].
+//! and explains itself; [`crate::llm::LlmJudge`] asks a language model behind an
+//! OpenAI-compatible API; [`crate::cache::CachingJudge`] remembers every verdict so a
+//! redelivered request does not pay for the same comparison twice.
 
 use async_trait::async_trait;
 
@@ -8,6 +9,8 @@ use async_trait::async_trait;
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub essay_id: String,
+    /// The Content Service id of `text`: which text was judged.
+    pub text_storage_id: String,
     pub text: String,
     /// From the spellcheck phase, when it ran.
     pub spelling_errors: Option<u32>,
@@ -18,17 +21,50 @@ pub struct Judgement {
     pub a_wins: bool,
     /// Why, in words a teacher can check.
     pub reason: String,
+    /// How sure the judge says it is, 0 to 1, when it says.
+    pub confidence: Option<f64>,
+    /// Tokens the judgement cost (0 for a judge that uses none).
+    pub tokens: u64,
 }
 
+/// Why a comparison has no verdict.
 #[derive(Debug, thiserror::Error)]
-#[error("judge failed: {0}")]
-pub struct JudgeError(pub String);
+pub enum JudgeError {
+    /// The judge did not answer (down, timing out, rate-limiting past every retry): the
+    /// batch waits and tries again later; nothing is failed for it.
+    #[error("the judge is unavailable: {0}")]
+    Unavailable(String),
+    /// The judge answered something that is not a verdict: this comparison is lost, the
+    /// others go on.
+    #[error("the judge's answer is not a verdict: {0}")]
+    Unparseable(String),
+    /// The judge refused the request (e.g. a 4xx: a wrong model or key).
+    #[error("the judge refused: {0}")]
+    Refused(String),
+}
 
 #[async_trait]
 pub trait Judge: Send + Sync + 'static {
     /// A short name, recorded with each comparison and billed in `resource.consumption`.
     fn name(&self) -> &'static str;
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError>;
+    /// Whether a verdict costs enough (money, seconds) to be remembered and never asked twice.
+    fn costly(&self) -> bool {
+        false
+    }
+}
+
+#[async_trait]
+impl<J: Judge + ?Sized> Judge for std::sync::Arc<J> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
+        (**self).compare(a, b).await
+    }
+    fn costly(&self) -> bool {
+        (**self).costly()
+    }
 }
 
 /// Measurable features of an essay.
@@ -155,7 +191,12 @@ impl Judge for FeatureJudge {
             if a_wins { "A" } else { "B" },
             if a_wins { diff } else { -diff }
         );
-        Ok(Judgement { a_wins, reason })
+        Ok(Judgement {
+            a_wins,
+            reason,
+            confidence: None,
+            tokens: 0,
+        })
     }
 }
 
@@ -166,6 +207,7 @@ mod tests {
     fn c(id: &str, text: &str, errors: u32) -> Candidate {
         Candidate {
             essay_id: id.into(),
+            text_storage_id: format!("text-{id}"),
             text: text.into(),
             spelling_errors: Some(errors),
         }

@@ -11,7 +11,9 @@
 //! kilobytes whatever the batch's size.
 
 pub mod bt;
+pub mod cache;
 pub mod judge;
+pub mod llm;
 
 use std::sync::Arc;
 
@@ -34,6 +36,10 @@ const EVENTS: EventFactory = EventFactory::new(NAME);
 
 /// Comparisons each essay takes part in (fewer when the batch is small).
 pub const COMPARISONS_PER_ESSAY: usize = 10;
+
+/// The most comparisons one batch may ask of the judge unless `CJ_MAX_COMPARISONS` says
+/// otherwise: ten per essay for a batch of up to 500 essays.
+pub const DEFAULT_MAX_COMPARISONS: usize = 2500;
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cj_batches (
@@ -71,8 +77,9 @@ pub struct CjAssessment {
     db: ServiceDb,
     judge: Arc<dyn Judge>,
     content: ContentClient,
-    /// The batch's essays, fetched in `prepare`, by event id.
-    prepared: Prepared<Vec<Candidate>>,
+    /// The batch's essays fetched and judged in `prepare`, outside the transaction, by event id.
+    prepared: Prepared<Judged>,
+    max_comparisons: usize,
 }
 
 #[derive(Deserialize)]
@@ -122,23 +129,72 @@ pub struct Ranked {
     pub confidence_label: &'static str,
 }
 
-/// Judges every chosen pair and ranks the essays; returns the ranking and the comparisons
-/// (a, b, winner, reason).
+/// A batch judged: its ranking, the comparisons with a verdict (a, b, winner, reason), the
+/// tokens they cost, and how many comparisons got no verdict.
+#[derive(Debug)]
+pub struct Assessed {
+    pub ranked: Vec<Ranked>,
+    pub comparisons: Vec<(usize, usize, usize, String)>,
+    pub tokens: u64,
+    pub lost: usize,
+}
+
+/// Why a batch could not be judged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssessError {
+    /// The judge is unavailable: try again later, fail nothing.
+    Unavailable(String),
+    /// The batch cannot be judged (the judge refuses, or an essay got no verdict at all).
+    Failed(String),
+}
+
+/// Judges the chosen pairs (at most `max_comparisons`) and ranks the essays. A comparison
+/// whose answer is not a verdict is lost and the others go on; an essay left without any
+/// verdict fails the batch, with the reason.
 pub async fn assess(
     judge: &dyn Judge,
     essays: &[Candidate],
-) -> Result<(Vec<Ranked>, Vec<(usize, usize, usize, String)>), judge::JudgeError> {
-    let pairs = bt::choose_pairs(essays.len(), COMPARISONS_PER_ESSAY);
+    max_comparisons: usize,
+) -> Result<Assessed, AssessError> {
+    let mut pairs = bt::choose_pairs(essays.len(), COMPARISONS_PER_ESSAY);
+    pairs.truncate(max_comparisons.max(1));
     let mut outcomes = Vec::with_capacity(pairs.len());
     let mut comparisons = Vec::with_capacity(pairs.len());
     let mut per_essay = vec![0; essays.len()];
+    let (mut tokens, mut lost, mut last_loss) = (0, 0, String::new());
     for (a, b) in pairs {
-        let j = judge.compare(&essays[a], &essays[b]).await?;
+        let j = match judge.compare(&essays[a], &essays[b]).await {
+            Ok(j) => j,
+            Err(judge::JudgeError::Unavailable(e)) => return Err(AssessError::Unavailable(e)),
+            Err(judge::JudgeError::Refused(e)) => {
+                return Err(AssessError::Failed(format!("the judge refused: {e}")))
+            }
+            Err(e @ judge::JudgeError::Unparseable(_)) => {
+                tracing::warn!(a = essays[a].essay_id, b = essays[b].essay_id, error = %e, "comparison lost");
+                lost += 1;
+                last_loss = e.to_string();
+                continue;
+            }
+        };
+        tokens += j.tokens;
         let (w, l) = if j.a_wins { (a, b) } else { (b, a) };
         outcomes.push((w, l));
         comparisons.push((a, b, w, j.reason));
         per_essay[a] += 1;
         per_essay[b] += 1;
+    }
+    if let Some(unjudged) = per_essay.iter().position(|n| *n == 0) {
+        return Err(AssessError::Failed(format!(
+            "essay {} got no verdict ({} of {} comparisons lost{}; budget {max_comparisons})",
+            essays[unjudged].essay_id,
+            lost,
+            lost + comparisons.len(),
+            if last_loss.is_empty() {
+                String::new()
+            } else {
+                format!(", last: {last_loss}")
+            }
+        )));
     }
     let fit = bt::fit(essays.len(), &outcomes);
     let mut order: Vec<usize> = (0..essays.len()).collect();
@@ -166,7 +222,19 @@ pub async fn assess(
             }
         })
         .collect();
-    Ok((ranked, comparisons))
+    Ok(Assessed {
+        ranked,
+        comparisons,
+        tokens,
+        lost,
+    })
+}
+
+/// What `prepare` did for a request: the essays and their judging.
+struct Judged {
+    candidates: Vec<Candidate>,
+    outcome: Result<Assessed, String>,
+    seconds: f64,
 }
 
 impl CjAssessment {
@@ -176,11 +244,47 @@ impl CjAssessment {
         content: ContentClient,
     ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
+        // A judge that costs (an LLM) is asked each pair once, whatever is redelivered.
+        let judge: Arc<dyn Judge> = if judge.costly() {
+            Arc::new(cache::CachingJudge::new(judge, db.clone()).await?)
+        } else {
+            judge
+        };
         Ok(Self {
             db,
             judge,
             content,
             prepared: Prepared::new(16),
+            max_comparisons: DEFAULT_MAX_COMPARISONS,
+        })
+    }
+
+    /// The most comparisons one batch may ask of the judge.
+    pub fn with_max_comparisons(mut self, max: usize) -> Self {
+        self.max_comparisons = max.max(1);
+        self
+    }
+
+    /// Fetches and judges the request's essays. An unavailable judge is an outage (the
+    /// request is retried later, no attempt counted); a batch that cannot be judged is an
+    /// outcome (`cj_assessment.failed` with the reason).
+    async fn judge_batch(&self, req: &Requested) -> Result<Judged, HandlerError> {
+        let started = std::time::Instant::now();
+        let candidates = self.fetch(&req.essays_for_cj).await?;
+        let outcome = match assess(self.judge.as_ref(), &candidates, self.max_comparisons).await {
+            Ok(assessed) => Ok(assessed),
+            Err(AssessError::Unavailable(e)) => {
+                return Err(HandlerError::unavailable(format!(
+                    "CJ judge {}: {e}; the batch waits for it",
+                    self.judge.name()
+                )))
+            }
+            Err(AssessError::Failed(reason)) => Err(reason),
+        };
+        Ok(Judged {
+            candidates,
+            outcome,
+            seconds: started.elapsed().as_secs_f64(),
         })
     }
 
@@ -205,6 +309,7 @@ impl CjAssessment {
                     let text = content.fetch_text(&storage_id).await?;
                     Ok::<_, HandlerError>(Candidate {
                         essay_id,
+                        text_storage_id: storage_id,
                         text,
                         spelling_errors,
                     })
@@ -267,10 +372,14 @@ impl Service for CjAssessment {
         &[topics::CJ_REQUESTED]
     }
 
+    /// Fetching and judging (an LLM: seconds per comparison) run before the transaction.
     async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
         let req: Requested = env.data()?;
-        let candidates = self.fetch(&req.essays_for_cj).await?;
-        self.prepared.put(env.event_id, candidates);
+        if req.essays_for_cj.len() < 2 {
+            return Ok(()); // nothing to judge: `handle` reports it
+        }
+        let judged = self.judge_batch(&req).await?;
+        self.prepared.put(env.event_id, judged);
         Ok(())
     }
 
@@ -295,17 +404,24 @@ impl Service for CjAssessment {
                 .fail(tx, &cj_batch_id, &req, env.correlation_id, reason)
                 .await;
         }
-        // Fetching (unless prepared) and judging: the original's processing time.
-        let started = std::time::Instant::now();
-        let candidates = match self.prepared.take(&env.event_id) {
-            Some(c) => c,
-            None => self.fetch(&req.essays_for_cj).await?,
+        let Judged {
+            candidates,
+            outcome,
+            seconds,
+        } = match self.prepared.take(&env.event_id) {
+            Some(judged) => judged,
+            None => self.judge_batch(&req).await?,
         };
-        let (ranked, comparisons) = match assess(self.judge.as_ref(), &candidates).await {
-            Ok(r) => r,
-            Err(e) => {
+        let Assessed {
+            ranked,
+            comparisons,
+            tokens,
+            lost,
+        } = match outcome {
+            Ok(assessed) => assessed,
+            Err(reason) => {
                 return self
-                    .fail(tx, &cj_batch_id, &req, env.correlation_id, e.to_string())
+                    .fail(tx, &cj_batch_id, &req, env.correlation_id, reason)
                     .await
             }
         };
@@ -338,7 +454,6 @@ impl Service for CjAssessment {
         let (b, run) = (&req.batch_id, req.run);
         let c = env.correlation_id;
         let ids: Vec<&str> = ranked.iter().map(|r| r.essay_id.as_str()).collect();
-        let seconds = started.elapsed().as_secs_f64();
         // The original's `CJAssessmentCompletedV1`, `AssessmentResultV1` and
         // `ResourceConsumptionV1`; `batch_id`, `run`, `cj_batch_id` are this platform's extras.
         let completed = EVENTS.event(topics::CJ_COMPLETED, ("batch", b), c,
@@ -371,6 +486,7 @@ impl Service for CjAssessment {
                     "model_provider": "local", "model_version": null, "essay_results": essay_results,
                     "assessment_metadata": {"anchor_essays_used": 0, "calibration_method": "batch_relative",
                                             "comparison_count": comparisons.len(),
+                                            "comparisons_without_verdict": lost,
                                             "processing_duration_seconds": seconds},
                     "cj_batch_id": cj_batch_id, "judge": self.judge.name(), "comparisons": comparisons.len()}))?;
         let usage = EVENTS.event(topics::RESOURCE_CONSUMPTION, ("batch", b), c,
@@ -384,6 +500,20 @@ impl Service for CjAssessment {
         tx.enqueue(&Self::keyed(results, "cj-results", b, run))
             .await?;
         tx.enqueue(&Self::keyed(usage, "cj-usage", b, run)).await?;
+        if tokens > 0 {
+            // What the judge's model used, for the original's Entitlements Service.
+            let spent = EVENTS.event(
+                topics::RESOURCE_CONSUMPTION,
+                ("batch", b),
+                c,
+                &json!({"event_name": "resource.consumption.reported", "entity_id": b,
+                        "entity_type": "batch", "parent_id": null, "timestamp": utc_timestamp(),
+                        "user_id": req.user_id, "org_id": null, "resource_type": "llm_tokens",
+                        "quantity": tokens, "service_name": NAME, "processing_id": cj_batch_id,
+                        "consumed_at": utc_timestamp(), "batch_id": b, "judge": self.judge.name()}),
+            )?;
+            tx.enqueue(&Self::keyed(spent, "cj-tokens", b, run)).await?;
+        }
         Ok(())
     }
 }
@@ -397,6 +527,7 @@ mod tests {
         let essays: Vec<Candidate> = (0..6)
             .map(|i| Candidate {
                 essay_id: format!("e{i}"),
+                text_storage_id: format!("t{i}"),
                 // Distinct words in 15-word sentences; longer with fewer errors = better.
                 text: (0..20 + i * 30)
                     .map(|k| format!("term{k}"))
@@ -408,7 +539,17 @@ mod tests {
                 spelling_errors: Some(6 - i as u32),
             })
             .collect();
-        let (ranked, comparisons) = assess(&judge::FeatureJudge::new(), &essays).await.unwrap();
+        let Assessed {
+            ranked,
+            comparisons,
+            ..
+        } = assess(
+            &judge::FeatureJudge::new(),
+            &essays,
+            DEFAULT_MAX_COMPARISONS,
+        )
+        .await
+        .unwrap();
         assert_eq!(ranked.len(), 6);
         assert_eq!(
             ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),

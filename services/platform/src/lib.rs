@@ -81,6 +81,8 @@ pub struct Options {
     /// How long the Result Aggregator waits, after a pipeline completed, for the results it
     /// produced before announcing what it has (`RESULTS_DEADLINE_SECS`).
     pub results_deadline: Duration,
+    /// The most comparisons CJ asks of its judge per batch (`CJ_MAX_COMPARISONS`).
+    pub max_comparisons: usize,
 }
 
 impl Default for Options {
@@ -89,6 +91,7 @@ impl Default for Options {
             provisioning_timeout: essay_lifecycle::DEFAULT_PROVISIONING_TIMEOUT,
             phase_timeout: batch_orchestrator::DEFAULT_PHASE_TIMEOUT,
             results_deadline: result_aggregator::DEFAULT_RESULTS_DEADLINE,
+            max_comparisons: cj_assessment::DEFAULT_MAX_COMPARISONS,
             match_confirm_timeout: Duration::from_secs(
                 std::env::var("MATCH_CONFIRM_TIMEOUT_SECS")
                     .ok()
@@ -114,6 +117,19 @@ impl Options {
             provisioning_timeout: secs("PROVISIONING_TIMEOUT_SECS", d.provisioning_timeout)?,
             phase_timeout: secs("PHASE_TIMEOUT_SECS", d.phase_timeout)?,
             results_deadline: secs("RESULTS_DEADLINE_SECS", d.results_deadline)?,
+            max_comparisons: match std::env::var("CJ_MAX_COMPARISONS") {
+                Err(_) => d.max_comparisons,
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n: &usize| *n > 0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "CJ_MAX_COMPARISONS must be a whole number above 0, got {v:?}"
+                        )
+                    })?,
+            },
             ..d
         })
     }
@@ -177,14 +193,22 @@ impl AnyService {
                     Spellchecker::open(db, Arc::new(speller), content).await?,
                 ))
             }
-            "cj-assessment" => Self::Cj(Arc::new(
-                CjAssessment::open(
-                    db,
-                    Arc::new(cj_assessment::judge::FeatureJudge::new()),
-                    content,
-                )
-                .await?,
-            )),
+            "cj-assessment" => {
+                // An LLM when CJ_LLM_URL names one; the deterministic judge otherwise.
+                let judge: Arc<dyn cj_assessment::judge::Judge> =
+                    match cj_assessment::llm::LlmConfig::from_env().map_err(anyhow::Error::msg)? {
+                        Some(config) => Arc::new(
+                            cj_assessment::llm::LlmJudge::new(config)
+                                .map_err(anyhow::Error::msg)?,
+                        ),
+                        None => Arc::new(cj_assessment::judge::FeatureJudge::new()),
+                    };
+                Self::Cj(Arc::new(
+                    CjAssessment::open(db, judge, content)
+                        .await?
+                        .with_max_comparisons(options.max_comparisons),
+                ))
+            }
             "result-aggregator" => Self::Ras(Arc::new(
                 ResultAggregator::open(db)
                     .await?
