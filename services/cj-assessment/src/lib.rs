@@ -14,6 +14,8 @@ pub mod bt;
 pub mod cache;
 pub mod judge;
 pub mod llm;
+pub mod pairing;
+pub mod simulation;
 
 use std::sync::Arc;
 
@@ -148,40 +150,99 @@ pub enum AssessError {
     Failed(String),
 }
 
-/// Judges the chosen pairs (at most `max_comparisons`) and ranks the essays. A comparison
-/// whose answer is not a verdict is lost and the others go on; an essay left without any
-/// verdict fails the batch, with the reason.
+/// How the pairs of a batch are chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Strategy {
+    /// [`bt::choose_pairs`]: a fixed round-robin, [`COMPARISONS_PER_ESSAY`] per essay.
+    RoundRobin,
+    /// [`pairing::Waves`]: by information, until stable.
+    Adaptive(pairing::Pairing),
+}
+
+/// Verdicts asked of the judge at once within a wave (an LLM answers in seconds).
+const JUDGE_CONCURRENCY: usize = 8;
+
+/// Judges adaptively chosen pairs (at most `max_comparisons`) and ranks the essays.
 pub async fn assess(
     judge: &dyn Judge,
     essays: &[Candidate],
     max_comparisons: usize,
 ) -> Result<Assessed, AssessError> {
-    let mut pairs = bt::choose_pairs(essays.len(), COMPARISONS_PER_ESSAY);
-    pairs.truncate(max_comparisons.max(1));
-    let mut outcomes = Vec::with_capacity(pairs.len());
-    let mut comparisons = Vec::with_capacity(pairs.len());
+    assess_with(
+        judge,
+        essays,
+        max_comparisons,
+        Strategy::Adaptive(pairing::Pairing::default()),
+    )
+    .await
+}
+
+/// [`assess`] with the pairing `strategy`. A comparison whose answer is not a verdict is lost
+/// and the others go on; an essay left without any verdict fails the batch, with the reason.
+pub async fn assess_with(
+    judge: &dyn Judge,
+    essays: &[Candidate],
+    max_comparisons: usize,
+    strategy: Strategy,
+) -> Result<Assessed, AssessError> {
+    use futures::stream::{self, StreamExt};
+    let budget = max_comparisons.max(1);
+    let mut fixed = match strategy {
+        Strategy::RoundRobin => {
+            let mut pairs = bt::choose_pairs(essays.len(), COMPARISONS_PER_ESSAY);
+            pairs.truncate(budget);
+            Some(pairs)
+        }
+        Strategy::Adaptive(_) => None,
+    };
+    let mut waves = match strategy {
+        Strategy::Adaptive(p) => Some(pairing::Waves::new(essays.len(), p, budget)),
+        Strategy::RoundRobin => None,
+    };
+    let mut outcomes = Vec::new();
+    let mut comparisons = Vec::new();
     let mut per_essay = vec![0; essays.len()];
     let (mut tokens, mut lost, mut last_loss) = (0, 0, String::new());
-    for (a, b) in pairs {
-        let j = match judge.compare(&essays[a], &essays[b]).await {
-            Ok(j) => j,
-            Err(judge::JudgeError::Unavailable(e)) => return Err(AssessError::Unavailable(e)),
-            Err(judge::JudgeError::Refused(e)) => {
-                return Err(AssessError::Failed(format!("the judge refused: {e}")))
-            }
-            Err(e @ judge::JudgeError::Unparseable(_)) => {
-                tracing::warn!(a = essays[a].essay_id, b = essays[b].essay_id, error = %e, "comparison lost");
-                lost += 1;
-                last_loss = e.to_string();
-                continue;
-            }
+    loop {
+        let wave = match (&mut fixed, &mut waves) {
+            (Some(pairs), _) => std::mem::take(pairs),
+            (None, Some(w)) => w.next_wave(),
+            (None, None) => unreachable!("one strategy"),
         };
-        tokens += j.tokens;
-        let (w, l) = if j.a_wins { (a, b) } else { (b, a) };
-        outcomes.push((w, l));
-        comparisons.push((a, b, w, j.reason));
-        per_essay[a] += 1;
-        per_essay[b] += 1;
+        if wave.is_empty() {
+            break;
+        }
+        let answers: Vec<_> = stream::iter(wave.iter().copied())
+            .map(|(a, b)| async move { (a, b, judge.compare(&essays[a], &essays[b]).await) })
+            .buffered(JUDGE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut verdicts = Vec::new();
+        for (a, b, answer) in answers {
+            let j = match answer {
+                Ok(j) => j,
+                Err(judge::JudgeError::Unavailable(e)) => return Err(AssessError::Unavailable(e)),
+                Err(judge::JudgeError::Refused(e)) => {
+                    return Err(AssessError::Failed(format!("the judge refused: {e}")))
+                }
+                Err(e @ judge::JudgeError::Unparseable(_)) => {
+                    tracing::warn!(a = essays[a].essay_id, b = essays[b].essay_id, error = %e, "comparison lost");
+                    lost += 1;
+                    last_loss = e.to_string();
+                    continue;
+                }
+            };
+            tokens += j.tokens;
+            let (w, l) = if j.a_wins { (a, b) } else { (b, a) };
+            verdicts.push((w, l));
+            comparisons.push((a, b, w, j.reason));
+            per_essay[a] += 1;
+            per_essay[b] += 1;
+        }
+        outcomes.extend_from_slice(&verdicts);
+        if let Some(w) = &mut waves {
+            w.record(&verdicts);
+        }
     }
     if let Some(unjudged) = per_essay.iter().position(|n| *n == 0) {
         return Err(AssessError::Failed(format!(

@@ -273,9 +273,15 @@ async fn the_service_pays_once_per_pair_and_waits_out_an_unavailable_judge() {
     fake.calls.store(0, Ordering::SeqCst);
     apply(&cj, &db, &request(&batch, &essays)).await.unwrap();
     let asked = fake.calls.load(Ordering::SeqCst);
-    let pairs = cj_assessment::bt::choose_pairs(4, cj_assessment::COMPARISONS_PER_ESSAY).len();
-    assert_eq!(asked, pairs, "every chosen pair once");
     let results = payloads(&db, topics::ASSESSMENT_RESULT_PUBLISHED).await;
+    let pairs = results[0]["assessment_metadata"]["comparison_count"]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(asked, pairs, "every chosen pair once");
+    assert_eq!(
+        pairs, 6,
+        "four essays: every pair, the abilities never settle sooner"
+    );
     assert_eq!(
         results[0]["essay_results"][0]["essay_id"], "e1",
         "the strong essay first"
