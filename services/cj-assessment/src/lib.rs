@@ -12,6 +12,7 @@
 
 pub mod bt;
 pub mod cache;
+mod http;
 pub mod judge;
 pub mod llm;
 pub mod pairing;
@@ -305,6 +306,9 @@ impl CjAssessment {
         content: ContentClient,
     ) -> Result<Self, DbError> {
         db.execute_script(SCHEMA).await?;
+        // Added after the first release: a database made by it gains them.
+        db.add_column("cj_batches", "user_id", "TEXT").await?;
+        db.add_column("cj_batches", "judge", "TEXT").await?;
         // A judge that costs (an LLM) is asked each pair once, whatever is redelivered.
         let judge: Arc<dyn Judge> = if judge.costly() {
             Arc::new(cache::CachingJudge::new(judge, db.clone()).await?)
@@ -433,6 +437,10 @@ impl Service for CjAssessment {
         &[topics::CJ_REQUESTED]
     }
 
+    fn router(self: Arc<Self>) -> Option<axum::Router> {
+        Some(http::router(self))
+    }
+
     /// Fetching and judging (an LLM: seconds per comparison) run before the transaction.
     async fn prepare(&self, env: &Envelope) -> Result<(), HandlerError> {
         let req: Requested = env.data()?;
@@ -450,9 +458,11 @@ impl Service for CjAssessment {
         let cj_batch_id = Uuid::new_v4().to_string();
         let fresh = tx
             .execute(
-                "INSERT INTO cj_batches (cj_batch_id, batch_id, run, status, essay_count, created_at)
-                 VALUES ($1, $2, $3, 'RUNNING', $4, $5) ON CONFLICT (batch_id, run) DO NOTHING",
-                params![&cj_batch_id, &req.batch_id, req.run, essay_count, now_ms()],
+                "INSERT INTO cj_batches (cj_batch_id, batch_id, run, status, essay_count, created_at,
+                                         user_id, judge)
+                 VALUES ($1, $2, $3, 'RUNNING', $4, $5, $6, $7) ON CONFLICT (batch_id, run) DO NOTHING",
+                params![&cj_batch_id, &req.batch_id, req.run, essay_count, now_ms(),
+                        req.user_id.clone(), self.judge.name()],
             )
             .await?;
         if fresh == 0 {

@@ -42,7 +42,9 @@ pub fn service_for(path: &str) -> &'static str {
         "class-management"
     } else if path.ends_with("/essays") {
         "essay-lifecycle"
-    } else if path.ends_with("/results") {
+    } else if path.ends_with("/comparisons") {
+        "cj-assessment"
+    } else if path.ends_with("/results") || path.ends_with("/results.csv") {
         "result-aggregator"
     } else {
         "batch-orchestrator"

@@ -300,16 +300,24 @@ fn upload_chunks(files: &[(String, Vec<u8>)]) -> Vec<&[(String, Vec<u8>)]> {
     chunks
 }
 
-/// The ranked results as a table.
+/// The ranked results as a table: rank, grade with its confidence, score, spelling, the
+/// student (when matched) or the file; then which judge ranked them and what the grades mean.
 pub fn results_table(results: &Value) -> String {
-    let mut out = String::from("rank grade   score    ±se  spelling  words  essay\n");
+    let mut out =
+        String::from("rank grade  sure   score    ±se  spelling  words  student / essay\n");
     for e in results["essays"].as_array().into_iter().flatten() {
         let Some(rank) = e["rank"].as_i64() else {
             continue;
         };
+        let who = match (e["student_name"].as_str(), e["filename"].as_str()) {
+            (Some(name), Some(file)) => format!("{name} ({file})"),
+            (Some(name), None) => name.to_owned(),
+            (None, file) => file.unwrap_or("?").to_owned(),
+        };
         out.push_str(&format!(
-            "{rank:>4} {:<5} {:>7.2} {:>6.2} {:>9} {:>6}  {}\n",
+            "{rank:>4} {:<5} {:>4} {:>7.2} {:>6.2} {:>9} {:>6}  {who}\n",
             e["grade"].as_str().unwrap_or("-"),
+            e["confidence_label"].as_str().unwrap_or("-"),
             e["score"].as_f64().unwrap_or(0.0),
             e["standard_error"].as_f64().unwrap_or(0.0),
             e["spelling_errors"]
@@ -320,7 +328,19 @@ pub fn results_table(results: &Value) -> String {
                 .as_i64()
                 .map(|n| n.to_string())
                 .unwrap_or("-".into()),
-            e["filename"].as_str().unwrap_or("?"),
+        ));
+    }
+    if let Some(judge) = results["judge"].as_str() {
+        out.push_str(&format!(
+            "judged by {judge}{}; grades {}\n",
+            if judge.starts_with("llm:") {
+                ""
+            } else {
+                " (set CJ_LLM_URL for a language model)"
+            },
+            results["grades"]
+                .as_str()
+                .unwrap_or("as the judge gave them")
         ));
     }
     out

@@ -22,6 +22,7 @@ use outbox::HandlerError;
 use serde::Deserialize;
 use serde_json::json;
 
+pub mod csv;
 pub mod readiness;
 
 pub const NAME: &str = "result_aggregator_service";
@@ -88,6 +89,18 @@ impl ResultAggregator {
         }
         db.add_column("ra_phases", "completed_count", "BIGINT")
             .await?;
+        db.add_column("ra_batches", "calibration", "TEXT").await?;
+        db.add_column("ra_batches", "judge", "TEXT").await?;
+        for (column, declaration) in [
+            ("normalized_score", "DOUBLE PRECISION"),
+            ("grade_confidence", "DOUBLE PRECISION"),
+            ("confidence_label", "TEXT"),
+            ("student_id", "TEXT"),
+            ("student_name", "TEXT"),
+            ("corrections", "TEXT"),
+        ] {
+            db.add_column("ra_essays", column, declaration).await?;
+        }
         db.add_column("ra_phases", "failed_count", "BIGINT").await?;
         Ok(Self {
             db,
@@ -148,7 +161,8 @@ impl ResultAggregator {
         let batch = self
             .db
             .fetch_optional(
-                "SELECT status, course_code, expected_count, user_id, missing FROM ra_batches
+                "SELECT status, course_code, expected_count, user_id, missing, calibration, judge
+                 FROM ra_batches
                  WHERE batch_id = $1",
                 params![batch_id],
             )
@@ -172,7 +186,9 @@ impl ResultAggregator {
         let essays = self
             .db
             .fetch_all(
-                "SELECT essay_id, filename, spelling_errors, word_count, essay_rank, score, standard_error, grade
+                "SELECT essay_id, filename, spelling_errors, word_count, essay_rank, score, standard_error, grade,
+                        normalized_score, grade_confidence, confidence_label, student_id, student_name,
+                        corrections
                  FROM ra_essays WHERE batch_id = $1
                  ORDER BY CASE WHEN essay_rank IS NULL THEN 1 ELSE 0 END, essay_rank, filename",
                 params![batch_id],
@@ -187,6 +203,13 @@ impl ResultAggregator {
                     "score": r.float("score").ok(), "standard_error": r.float("standard_error").ok(),
                     "grade": r.opt_text("grade")?, "spelling_errors": r.opt_int("spelling_errors")?,
                     "word_count": r.opt_int("word_count")?,
+                    "normalized_score": r.float("normalized_score").ok(),
+                    "grade_confidence": r.float("grade_confidence").ok(),
+                    "confidence_label": r.opt_text("confidence_label")?,
+                    "student_id": r.opt_text("student_id")?,
+                    "student_name": r.opt_text("student_name")?,
+                    "corrections": r.opt_text("corrections")?
+                        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok()),
                 }))
             })
             .collect::<Result<Vec<_>, DbError>>()?;
@@ -196,6 +219,13 @@ impl ResultAggregator {
             "expected_essay_count": batch.opt_int("expected_count")?,
             "missing_results": batch.opt_text("missing")?
                 .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
+            "judge": batch.opt_text("judge")?,
+            // Without anchors a grade places an essay within its batch, not on a fixed scale.
+            "grades": match batch.opt_text("calibration")?.as_deref() {
+                Some("batch_relative") => Some("relative to this batch (no anchor essays)"),
+                Some(_) => Some("calibrated against anchor essays"),
+                None => None,
+            },
             "phases": phase_map, "essays": essays,
         }))
     }
@@ -216,6 +246,12 @@ struct EssayResult {
     /// Anchor essays are compared with the batch but are not its essays.
     #[serde(default)]
     is_anchor: bool,
+    #[serde(default)]
+    normalized_score: Option<f64>,
+    #[serde(default)]
+    confidence_score: Option<f64>,
+    #[serde(default)]
+    confidence_label: Option<String>,
 }
 
 #[async_trait]
@@ -232,6 +268,7 @@ impl Service for ResultAggregator {
             topics::ASSESSMENT_RESULT_PUBLISHED,
             topics::PHASE_OUTCOME,
             topics::PIPELINE_COMPLETED,
+            topics::ASSOCIATIONS_CONFIRMED,
         ]
     }
 
@@ -275,6 +312,15 @@ impl Service for ResultAggregator {
                     &[
                         ("spelling_errors", corrections.into()),
                         ("word_count", words.into()),
+                        // The corrections themselves, when the spellchecker lists them.
+                        (
+                            "corrections",
+                            env.data
+                                .get("corrections")
+                                .filter(|c| c.is_array())
+                                .map(|c| c.to_string())
+                                .into(),
+                        ),
                     ],
                 )
                 .await?;
@@ -293,13 +339,21 @@ impl Service for ResultAggregator {
                             ("score", r.score.into()),
                             ("standard_error", r.standard_error.into()),
                             ("grade", r.grade.into()),
+                            ("normalized_score", r.normalized_score.into()),
+                            ("grade_confidence", r.confidence_score.into()),
+                            ("confidence_label", r.confidence_label.into()),
                         ],
                     )
                     .await?;
                 }
                 tx.execute(
-                    "UPDATE ra_batches SET cj_results = 1 WHERE batch_id = $1",
-                    params![&batch_id],
+                    "UPDATE ra_batches SET cj_results = 1, judge = $2, calibration = $3
+                     WHERE batch_id = $1",
+                    params![
+                        &batch_id,
+                        env.data["model_used"].as_str(),
+                        env.data["assessment_metadata"]["calibration_method"].as_str()
+                    ],
                 )
                 .await?;
             }
@@ -368,6 +422,24 @@ impl Service for ResultAggregator {
                 )
                 .await?;
             }
+            topics::ASSOCIATIONS_CONFIRMED => {
+                // The students the teacher confirmed; the name where the confirmation has it.
+                for a in env.data["associations"].as_array().into_iter().flatten() {
+                    let Some(essay_id) = a["essay_id"].as_str() else {
+                        continue;
+                    };
+                    self.upsert_essay(
+                        tx,
+                        essay_id,
+                        &batch_id,
+                        &[
+                            ("student_id", a["student_id"].as_str().into()),
+                            ("student_name", a["student_name"].as_str().into()),
+                        ],
+                    )
+                    .await?;
+                }
+            }
             other => tracing::warn!(topic = other, "unexpected topic"),
         }
         self.announce_if_ready(tx, &batch_id, env.correlation_id, false)
@@ -379,6 +451,7 @@ impl Service for ResultAggregator {
         Some(
             Router::new()
                 .route("/v1/batches/{batch_id}/results", get(results))
+                .route("/v1/batches/{batch_id}/results.csv", get(results_csv))
                 .with_state(self),
         )
     }
@@ -390,6 +463,27 @@ impl Service for ResultAggregator {
         })
         .await
     }
+}
+
+/// The results as CSV, one essay per row, for a spreadsheet.
+async fn results_csv(
+    State(svc): State<Arc<ResultAggregator>>,
+    caller: Caller,
+    Path(batch_id): Path<String>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    parse_uuid(&batch_id, "batch id")?;
+    let view = svc.results(&caller, &batch_id).await?;
+    let disposition = format!("attachment; filename=\"results-{batch_id}.csv\"");
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/csv; charset=utf-8".to_owned(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        csv::of(&view),
+    ))
 }
 
 async fn results(
