@@ -182,6 +182,7 @@ impl BatchOrchestrator {
         db.add_column("batches", "failure_reason", "TEXT").await?;
         // The essays the next command names (the original's `essays_to_process`).
         db.add_column("batches", "essays", "TEXT").await?;
+        db.add_column("batches", "assignment_id", "TEXT").await?;
         db.add_column("pipelines", "started_at", "BIGINT").await?;
         db.add_column("pipelines", "phase_deadline", "BIGINT")
             .await?;
@@ -233,8 +234,8 @@ impl BatchOrchestrator {
         let mut tx = self.db.begin().await?;
         tx.execute(
             "INSERT INTO batches (batch_id, course_code, expected_count, class_id, user_id, kind,
-                                  correlation_id, status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+                                  correlation_id, status, created_at, updated_at, assignment_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
             params![
                 &batch_id,
                 course.as_str(),
@@ -244,7 +245,8 @@ impl BatchOrchestrator {
                 kind,
                 correlation_id.to_string(),
                 BatchStatus::AwaitingContent.as_str(),
-                now
+                now,
+                req.assignment_id.clone()
             ],
         )
         .await?;
@@ -512,7 +514,7 @@ impl BatchOrchestrator {
             command["course_code"] = json!(batch.course_code);
             command["student_prompt_ref"] = json!(null);
             command["class_type"] = json!(batch.kind);
-            command["assignment_id"] = json!(null);
+            command["assignment_id"] = json!(batch.assignment_id);
         }
         let event = EVENTS.event(
             phase.command_topic(),
@@ -579,6 +581,7 @@ pub(crate) struct BatchRow {
     batch_id: String,
     kind: String,
     course_code: String,
+    assignment_id: Option<String>,
     /// The essays the next command names, as the last event that listed them said.
     essays: serde_json::Value,
     class_id: Option<String>,
@@ -595,7 +598,7 @@ pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<Bat
     let row = tx
         .fetch_optional(
             "UPDATE batches SET updated_at = $2 WHERE batch_id = $1
-             RETURNING batch_id, kind, course_code, essays, class_id, user_id, status,
+             RETURNING batch_id, kind, course_code, assignment_id, essays, class_id, user_id, status,
                        failure_reason, correlation_id",
             params![batch_id, now_ms()],
         )
@@ -605,6 +608,7 @@ pub(crate) async fn lock_batch(tx: &mut Tx, batch_id: &str) -> Result<Option<Bat
             batch_id: r.text("batch_id")?,
             kind: r.text("kind")?,
             course_code: r.text("course_code")?,
+            assignment_id: r.opt_text("assignment_id")?,
             essays: r
                 .opt_text("essays")?
                 .and_then(|e| serde_json::from_str(&e).ok())
@@ -876,6 +880,9 @@ pub struct RegisterBatch {
     pub expected_essay_count: u32,
     #[serde(default)]
     pub class_id: Option<String>,
+    /// The assignment the essays answer: CJ grades them by its anchor essays.
+    #[serde(default)]
+    pub assignment_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -194,6 +194,21 @@ pub fn normalized(score: f64, scores: &[f64]) -> f64 {
     }
 }
 
+/// P(X <= x) for X normal with `mean` and standard deviation `sd` (a point mass when `sd`
+/// is 0).
+pub fn normal_cdf_at(x: f64, mean: f64, sd: f64) -> f64 {
+    if x == f64::INFINITY {
+        return 1.0;
+    }
+    if x == f64::NEG_INFINITY {
+        return 0.0;
+    }
+    if sd <= 0.0 || !sd.is_finite() {
+        return if x >= mean { 1.0 } else { 0.0 };
+    }
+    normal_cdf((x - mean) / sd)
+}
+
 /// The standard normal distribution function (Abramowitz and Stegun 7.1.26, error < 1.5e-7).
 fn normal_cdf(x: f64) -> f64 {
     if x == f64::INFINITY {

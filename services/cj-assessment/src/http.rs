@@ -17,7 +17,8 @@ use crate::CjAssessment;
 pub fn router(svc: Arc<CjAssessment>) -> Router {
     Router::new()
         .route("/v1/batches/{batch_id}/comparisons", get(comparisons))
-        .with_state(svc)
+        .with_state(svc.clone())
+        .merge(crate::anchors::router(svc))
 }
 
 async fn comparisons(

@@ -10,8 +10,10 @@
 //! the Content Service before the transaction (eight at a time), so the request stays a few
 //! kilobytes whatever the batch's size.
 
+pub mod anchors;
 pub mod bt;
 pub mod cache;
+pub mod calibration;
 mod http;
 pub mod judge;
 pub mod llm;
@@ -94,7 +96,7 @@ struct EssayIn {
 }
 
 #[derive(Deserialize)]
-struct Requested {
+pub(crate) struct Requested {
     /// `ELS_CJAssessmentRequestV1`: the batch is `entity_id`.
     #[serde(rename = "entity_id")]
     batch_id: String,
@@ -107,6 +109,9 @@ struct Requested {
     /// The batch's owner, billed in `resource.consumption`.
     #[serde(default)]
     user_id: Option<String>,
+    /// Whose anchor essays grade the batch (the owner's for this assignment).
+    #[serde(default)]
+    assignment_id: Option<String>,
 }
 
 fn first_run() -> i64 {
@@ -130,6 +135,8 @@ pub struct Ranked {
     /// The probability that the grade is right given the score's standard error.
     pub confidence_score: f64,
     pub confidence_label: &'static str,
+    /// An anchor essay (known grade), compared with the batch but not one of its essays.
+    pub is_anchor: bool,
 }
 
 /// A batch judged: its ranking, the comparisons with a verdict (a, b, winner, reason), the
@@ -140,6 +147,9 @@ pub struct Assessed {
     pub comparisons: Vec<(usize, usize, usize, String)>,
     pub tokens: u64,
     pub lost: usize,
+    /// The scale the grades were projected onto by anchors; None: relative to the batch.
+    pub calibration: Option<&'static str>,
+    pub anchors_used: usize,
 }
 
 /// Why a batch could not be judged.
@@ -160,6 +170,14 @@ pub enum Strategy {
     Adaptive(pairing::Pairing),
 }
 
+/// Anchor essays among the candidates: their indexes and known grades on `scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anchors {
+    pub scale: calibration::Scale,
+    /// (candidate index, grade position on the scale)
+    pub known: Vec<(usize, usize)>,
+}
+
 /// Verdicts asked of the judge at once within a wave (an LLM answers in seconds).
 const JUDGE_CONCURRENCY: usize = 8;
 
@@ -178,6 +196,67 @@ pub async fn assess(
     .await
 }
 
+/// [`assess`], then every essay projected onto the anchors' grade scale
+/// ([`calibration::project`]); the anchors themselves come back marked, out of the ranks.
+pub async fn assess_calibrated(
+    judge: &dyn Judge,
+    candidates: &[Candidate],
+    max_comparisons: usize,
+    strategy: Strategy,
+    anchors: Option<&Anchors>,
+) -> Result<Assessed, AssessError> {
+    let anchor_indexes: Vec<usize> = anchors
+        .map(|a| a.known.iter().map(|(i, _)| *i).collect())
+        .unwrap_or_default();
+    let mut assessed = judge_and_rank(
+        judge,
+        candidates,
+        max_comparisons,
+        strategy,
+        &anchor_indexes,
+    )
+    .await?;
+    let Some(anchors) = anchors.filter(|a| !a.known.is_empty()) else {
+        return Ok(assessed);
+    };
+    let index_of = |id: &str| candidates.iter().position(|c| c.essay_id == id);
+    let known: Vec<(f64, usize)> = anchors
+        .known
+        .iter()
+        .filter_map(|(i, g)| {
+            assessed
+                .ranked
+                .iter()
+                .find(|r| r.essay_id == candidates[*i].essay_id)
+                .map(|r| (r.score, *g))
+        })
+        .collect();
+    let (scores, ses): (Vec<f64>, Vec<f64>) = assessed
+        .ranked
+        .iter()
+        .map(|r| (r.score, r.standard_error))
+        .unzip();
+    let Some(projections) = calibration::project(anchors.scale, &known, &scores, &ses) else {
+        return Ok(assessed);
+    };
+    let anchor_ids: Vec<usize> = anchors.known.iter().map(|(i, _)| *i).collect();
+    let mut rank = 0;
+    for (r, p) in assessed.ranked.iter_mut().zip(projections) {
+        r.is_anchor = index_of(&r.essay_id).is_some_and(|i| anchor_ids.contains(&i));
+        r.grade = p.grade;
+        r.confidence_score = p.confidence;
+        r.confidence_label = p.label;
+        r.normalized_score = p.normalized;
+        if !r.is_anchor {
+            rank += 1;
+            r.rank = rank;
+        }
+    }
+    assessed.calibration = Some(anchors.scale.id);
+    assessed.anchors_used = anchors.known.len();
+    Ok(assessed)
+}
+
 /// [`assess`] with the pairing `strategy`. A comparison whose answer is not a verdict is lost
 /// and the others go on; an essay left without any verdict fails the batch, with the reason.
 pub async fn assess_with(
@@ -185,6 +264,17 @@ pub async fn assess_with(
     essays: &[Candidate],
     max_comparisons: usize,
     strategy: Strategy,
+) -> Result<Assessed, AssessError> {
+    judge_and_rank(judge, essays, max_comparisons, strategy, &[]).await
+}
+
+/// Judges and ranks; `anchor_indexes` are compared more (see `Pairing::anchor_factor`).
+async fn judge_and_rank(
+    judge: &dyn Judge,
+    essays: &[Candidate],
+    max_comparisons: usize,
+    strategy: Strategy,
+    anchor_indexes: &[usize],
 ) -> Result<Assessed, AssessError> {
     use futures::stream::{self, StreamExt};
     let budget = max_comparisons.max(1);
@@ -197,7 +287,9 @@ pub async fn assess_with(
         Strategy::Adaptive(_) => None,
     };
     let mut waves = match strategy {
-        Strategy::Adaptive(p) => Some(pairing::Waves::new(essays.len(), p, budget)),
+        Strategy::Adaptive(p) => {
+            Some(pairing::Waves::new(essays.len(), p, budget).with_anchors(anchor_indexes))
+        }
         Strategy::RoundRobin => None,
     };
     let mut outcomes = Vec::new();
@@ -281,6 +373,7 @@ pub async fn assess_with(
                 normalized_score: bt::normalized(fit.scores[i], &fit.scores),
                 confidence_score: confidence,
                 confidence_label: bt::confidence_label(confidence),
+                is_anchor: false,
             }
         })
         .collect();
@@ -289,6 +382,8 @@ pub async fn assess_with(
         comparisons,
         tokens,
         lost,
+        calibration: None,
+        anchors_used: 0,
     })
 }
 
@@ -309,6 +404,7 @@ impl CjAssessment {
         // Added after the first release: a database made by it gains them.
         db.add_column("cj_batches", "user_id", "TEXT").await?;
         db.add_column("cj_batches", "judge", "TEXT").await?;
+        db.execute_script(anchors::SCHEMA).await?;
         // A judge that costs (an LLM) is asked each pair once, whatever is redelivered.
         let judge: Arc<dyn Judge> = if judge.costly() {
             Arc::new(cache::CachingJudge::new(judge, db.clone()).await?)
@@ -335,8 +431,17 @@ impl CjAssessment {
     /// outcome (`cj_assessment.failed` with the reason).
     async fn judge_batch(&self, req: &Requested) -> Result<Judged, HandlerError> {
         let started = std::time::Instant::now();
-        let candidates = self.fetch(&req.essays_for_cj).await?;
-        let outcome = match assess(self.judge.as_ref(), &candidates, self.max_comparisons).await {
+        let mut candidates = self.fetch(&req.essays_for_cj).await?;
+        let anchors = self.anchors_for(req, &mut candidates).await?;
+        let outcome = match assess_calibrated(
+            self.judge.as_ref(),
+            &candidates,
+            self.max_comparisons,
+            Strategy::Adaptive(pairing::Pairing::default()),
+            anchors.as_ref(),
+        )
+        .await
+        {
             Ok(assessed) => Ok(assessed),
             Err(AssessError::Unavailable(e)) => {
                 return Err(HandlerError::unavailable(format!(
@@ -488,6 +593,8 @@ impl Service for CjAssessment {
             comparisons,
             tokens,
             lost,
+            calibration,
+            anchors_used,
         } = match outcome {
             Ok(assessed) => assessed,
             Err(reason) => {
@@ -503,7 +610,7 @@ impl Service for CjAssessment {
             )
             .await?;
         }
-        for r in &ranked {
+        for r in ranked.iter().filter(|r| !r.is_anchor) {
             tx.execute(
                 "INSERT INTO cj_results (cj_batch_id, essay_id, essay_rank, score, standard_error, grade)
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -524,7 +631,11 @@ impl Service for CjAssessment {
         }
         let (b, run) = (&req.batch_id, req.run);
         let c = env.correlation_id;
-        let ids: Vec<&str> = ranked.iter().map(|r| r.essay_id.as_str()).collect();
+        let ids: Vec<&str> = ranked
+            .iter()
+            .filter(|r| !r.is_anchor)
+            .map(|r| r.essay_id.as_str())
+            .collect();
         // The original's `CJAssessmentCompletedV1`, `AssessmentResultV1` and
         // `ResourceConsumptionV1`; `batch_id`, `run`, `cj_batch_id` are this platform's extras.
         let completed = EVENTS.event(topics::CJ_COMPLETED, ("batch", b), c,
@@ -543,8 +654,9 @@ impl Service for CjAssessment {
                 json!({
             "essay_id": r.essay_id, "normalized_score": r.normalized_score, "letter_grade": r.grade,
             "confidence_score": r.confidence_score, "confidence_label": r.confidence_label,
-            "bt_score": r.score, "rank": r.rank, "is_anchor": false, "feedback_uri": null,
-            "metrics_uri": null, "display_name": null,
+            "bt_score": r.score, "rank": r.rank, "is_anchor": r.is_anchor, "feedback_uri": null,
+            "metrics_uri": null,
+            "display_name": r.is_anchor.then(|| format!("ANCHOR GRADE {}", r.grade)),
             "score": r.score, "standard_error": r.standard_error, "grade": r.grade,
             "comparisons": r.comparisons})
             })
@@ -552,10 +664,12 @@ impl Service for CjAssessment {
         let results = EVENTS.event(topics::ASSESSMENT_RESULT_PUBLISHED, ("batch", b), c,
             &json!({"event_name": "assessment.result.published", "entity_id": b, "entity_type": "batch",
                     "parent_id": null, "timestamp": utc_timestamp(), "batch_id": b,
-                    "cj_assessment_job_id": cj_batch_id, "assignment_id": null,
+                    "cj_assessment_job_id": cj_batch_id, "assignment_id": req.assignment_id,
                     "assessment_method": "cj_assessment", "model_used": self.judge.name(),
                     "model_provider": "local", "model_version": null, "essay_results": essay_results,
-                    "assessment_metadata": {"anchor_essays_used": 0, "calibration_method": "batch_relative",
+                    "assessment_metadata": {"anchor_essays_used": anchors_used,
+                                            "calibration_method": if calibration.is_some() { "anchor" } else { "batch_relative" },
+                                            "grade_scale": calibration,
                                             "comparison_count": comparisons.len(),
                                             "comparisons_without_verdict": lost,
                                             "processing_duration_seconds": seconds},

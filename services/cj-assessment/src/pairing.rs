@@ -26,6 +26,9 @@ pub struct Pairing {
     pub max_per_essay: usize,
     /// Stop when the ranking before and after a wave agrees this well (Spearman's rho).
     pub stability: f64,
+    /// How many times an anchor essay's cap and minimum are an essay's: the anchors carry
+    /// the grade scale, so their abilities must be the best measured.
+    pub anchor_factor: usize,
 }
 
 impl Default for Pairing {
@@ -34,6 +37,7 @@ impl Default for Pairing {
             min_per_essay: 4,
             max_per_essay: crate::COMPARISONS_PER_ESSAY,
             stability: 0.98,
+            anchor_factor: 3,
         }
     }
 }
@@ -51,6 +55,8 @@ pub struct Waves {
     abilities: Vec<f64>,
     waves: usize,
     stable: bool,
+    /// Anchor essays (see [`Pairing::anchor_factor`]).
+    anchors: Vec<bool>,
 }
 
 impl Waves {
@@ -66,7 +72,36 @@ impl Waves {
             abilities: vec![0.0; n],
             waves: 0,
             stable: false,
+            anchors: vec![false; n],
         }
+    }
+
+    /// Marks anchor essays: they get [`Pairing::anchor_factor`] times the comparisons.
+    pub fn with_anchors(mut self, anchors: &[usize]) -> Self {
+        for &i in anchors {
+            if i < self.n {
+                self.anchors[i] = true;
+            }
+        }
+        self
+    }
+
+    fn cap(&self, i: usize) -> usize {
+        let factor = if self.anchors[i] {
+            self.pairing.anchor_factor.max(1)
+        } else {
+            1
+        };
+        self.pairing.max_per_essay * factor
+    }
+
+    fn minimum(&self, i: usize) -> usize {
+        let factor = if self.anchors[i] {
+            self.pairing.anchor_factor.max(1)
+        } else {
+            1
+        };
+        (self.pairing.min_per_essay * factor).min(self.n - 1)
     }
 
     /// The next wave's pairs `(shown first, shown second)`; empty when judging is done.
@@ -107,9 +142,11 @@ impl Waves {
 
     /// Greedy matching on information: essays with the fewest comparisons choose first.
     fn informative_pairs(&self) -> Vec<(usize, usize)> {
-        let cap = self.pairing.max_per_essay;
-        let mut order: Vec<usize> = (0..self.n).filter(|&i| self.per_essay[i] < cap).collect();
-        order.sort_by_key(|&i| (self.per_essay[i], i));
+        let mut order: Vec<usize> = (0..self.n)
+            .filter(|&i| self.per_essay[i] < self.cap(i))
+            .collect();
+        // The furthest from their cap choose first (anchors, with the larger caps, early).
+        order.sort_by_key(|&i| (self.per_essay[i] * 100 / self.cap(i).max(1), i));
         let mut taken = vec![false; self.n];
         let mut wave = Vec::new();
         for &i in &order {
@@ -144,10 +181,7 @@ impl Waves {
         // (single essays keep jittering with each new verdict; the order as a whole settles).
         let settled = crate::simulation::spearman(&next, &self.abilities);
         self.abilities = next;
-        let minimum_met = self
-            .per_essay
-            .iter()
-            .all(|&c| c >= self.pairing.min_per_essay.min(self.n - 1));
+        let minimum_met = (0..self.n).all(|i| self.per_essay[i] >= self.minimum(i));
         self.stable = self.waves > 1 && minimum_met && settled >= self.pairing.stability;
     }
 

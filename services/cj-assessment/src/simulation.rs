@@ -114,6 +114,104 @@ mod tests {
     /// The adaptive default is as accurate as the round-robin with fewer comparisons, on
     /// simulated batches of 50 essays (means over seeds; the full table is the
     /// `pairing_bench` example's).
+    /// Anchors with known grades on a simulated corpus: the anchors' projected grades are
+    /// (mostly) their known grades, and the essays' grades their planted grades or next to them.
+    #[tokio::test]
+    async fn anchors_project_grades_that_match_what_is_known() {
+        use crate::calibration::Scale;
+        let scale = Scale::named("swedish_8_anchor").unwrap();
+        // Grades 1.5 logits apart: a judge tells an E from a D about four times in five.
+        let levels = [("E", -3.0), ("D", -1.5), ("C", 0.0), ("B", 1.5), ("A", 3.0)];
+        let (mut anchors_right, mut anchors_all) = (0, 0);
+        let (mut exact, mut near, mut essays_all) = (0, 0, 0);
+        for seed in 0..3 {
+            let (mut candidates, mut abilities) = planted(40, 2.0, seed);
+            let mut known = Vec::new();
+            for (k, (grade, level)) in levels.iter().enumerate() {
+                for offset in [-0.2, 0.2] {
+                    let i = candidates.len();
+                    candidates.push(Candidate {
+                        essay_id: format!("e{i:03}"),
+                        text_storage_id: format!("anchor-{i}"),
+                        text: String::new(),
+                        spelling_errors: None,
+                    });
+                    abilities.push(level + offset);
+                    known.push((i, scale.position(grade).unwrap()));
+                    let _ = k;
+                }
+            }
+            let judge = SimulatedJudge {
+                abilities: abilities.clone(),
+                seed,
+            };
+            let anchors = crate::Anchors {
+                scale,
+                known: known.clone(),
+            };
+            let assessed = crate::assess_calibrated(
+                &judge,
+                &candidates,
+                2500,
+                Strategy::Adaptive(crate::pairing::Pairing::default()),
+                Some(&anchors),
+            )
+            .await
+            .unwrap();
+            assert_eq!(assessed.calibration, Some("swedish_8_anchor"));
+            // The planted grade: the band of the planted ability between the levels.
+            let planted_grade = |a: f64| {
+                let band = [-2.25, -0.75, 0.75, 2.25]
+                    .iter()
+                    .filter(|c| a >= **c)
+                    .count();
+                scale.position(levels[band].0).unwrap() as i64
+            };
+            for r in &assessed.ranked {
+                let i = index(
+                    &candidates[candidates
+                        .iter()
+                        .position(|c| c.essay_id == r.essay_id)
+                        .unwrap()],
+                );
+                let got = scale.position(r.grade).unwrap() as i64;
+                if r.is_anchor {
+                    anchors_all += 1;
+                    let want = known.iter().find(|(k, _)| *k == i).unwrap().1 as i64;
+                    anchors_right += usize::from(got == want);
+                } else {
+                    essays_all += 1;
+                    let want = planted_grade(abilities[i]);
+                    exact += usize::from(got == want);
+                    // Neighbouring anchored grades are two positions apart on this scale.
+                    near += usize::from((got - want).abs() <= 2);
+                }
+            }
+            let ranks: Vec<usize> = assessed
+                .ranked
+                .iter()
+                .filter(|r| !r.is_anchor)
+                .map(|r| r.rank)
+                .collect();
+            assert_eq!(
+                ranks,
+                (1..=40).collect::<Vec<_>>(),
+                "essays ranked among themselves"
+            );
+        }
+        let summary = format!(
+            "anchors {anchors_right} of {anchors_all}; essays exactly {exact}, \
+             within a grade {near} of {essays_all}"
+        );
+        println!("{summary}");
+        // Measured: anchors 25 of 30, essays 73 of 120 exactly and 119 of 120 within a grade.
+        // An anchor's ability is measured to about 0.7 logits after its comparisons, against
+        // bands 1.5 wide: more anchors per grade, or more comparisons per anchor, narrow it.
+        assert!(anchors_right * 10 >= anchors_all * 8, "{summary}");
+        assert!(exact * 100 >= essays_all * 55, "{summary}");
+        assert!(near * 100 >= essays_all * 95, "{summary}");
+    }
+
     #[tokio::test]
     async fn adaptive_pairing_matches_round_robin_with_fewer_comparisons() {
         let (mut rr, mut ad) = ((0.0, 0.0), (0.0, 0.0));

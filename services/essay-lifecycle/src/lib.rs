@@ -677,7 +677,13 @@ impl EssayLifecycle {
         self.check_phase(tx, &batch).await
     }
 
-    async fn on_cj_initiate(&self, tx: &mut Tx, batch: &Batch) -> Result<(), HandlerError> {
+    /// Starts CJ on the batch's essays; `assignment_id` (the command's) chooses the anchors.
+    async fn on_cj_initiate(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        assignment_id: Option<&str>,
+    ) -> Result<(), HandlerError> {
         let Some(run) = self.begin_phase(tx, batch, "cj_assessment").await? else {
             return Ok(());
         };
@@ -719,7 +725,7 @@ impl EssayLifecycle {
                                                       "els.cj_assessment.requested", Some("pending")),
                    "essays_for_cj": essays, "language": language_of(&batch.course_code),
                    "course_code": batch.course_code, "student_prompt_ref": null,
-                   "llm_config_overrides": null, "assignment_id": null,
+                   "llm_config_overrides": null, "assignment_id": assignment_id,
                    "user_id": batch.user_id, "org_id": null,
                    "batch_id": batch.batch_id, "run": run}),
         )
@@ -896,7 +902,10 @@ impl Service for EssayLifecycle {
             topics::MATCHING_INITIATE => self.on_matching_initiate(tx, &batch).await,
             topics::ASSOCIATIONS_CONFIRMED => self.on_associations(tx, &batch, env).await,
             topics::SPELLCHECK_INITIATE => self.on_spellcheck_initiate(tx, &batch).await,
-            topics::CJ_INITIATE => self.on_cj_initiate(tx, &batch).await,
+            topics::CJ_INITIATE => {
+                let assignment = env.data["assignment_id"].as_str();
+                self.on_cj_initiate(tx, &batch, assignment).await
+            }
             topics::CJ_COMPLETED | topics::CJ_FAILED
                 if env.data["run"]
                     .as_i64()

@@ -42,7 +42,10 @@ pub fn service_for(path: &str) -> &'static str {
         "class-management"
     } else if path.ends_with("/essays") {
         "essay-lifecycle"
-    } else if path.ends_with("/comparisons") {
+    } else if path.ends_with("/comparisons")
+        || path.starts_with("/v1/assignments")
+        || path.starts_with("/v1/anchors")
+    {
         "cj-assessment"
     } else if path.ends_with("/results") || path.ends_with("/results.csv") {
         "result-aggregator"

@@ -141,6 +141,7 @@ async fn http_writes_commit_with_their_events() {
         course_code: "ENG5".into(),
         expected_essay_count: 2,
         class_id: None,
+        assignment_id: None,
     };
     refuse_events(&db, true).await;
     assert!(bos.register(&teacher, req()).await.is_err());
