@@ -5,17 +5,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use essay_common::local::LocalServer;
 use outbox::portable::ServiceDb;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::BatchOrchestrator;
 
 pub struct LocalBatchOrchestrator {
     pub addr: SocketAddr,
     pub service: Arc<BatchOrchestrator>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    server: LocalServer,
 }
 
 impl LocalBatchOrchestrator {
@@ -33,33 +31,19 @@ impl LocalBatchOrchestrator {
 
     /// Serves `service`'s routes.
     pub async fn serve(service: Arc<BatchOrchestrator>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a free port");
-        let addr = listener.local_addr().expect("bound");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let router = crate::router(service.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let server = LocalServer::start(crate::router(service.clone())).await;
         Self {
-            addr,
+            addr: server.addr,
             service,
-            stop,
-            task,
+            server,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
+        self.server.stop().await
     }
 }

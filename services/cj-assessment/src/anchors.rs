@@ -1,10 +1,14 @@
-//! Anchor essays: essays with known grades a teacher registers for an assignment, on one of
+//! An assignment's assessment and its anchor essays. What the judge is told (the students'
+//! task, the criteria, the rubric) is set per assignment; anchor essays are essays with known
+//! grades a teacher registers for an assignment, on one of
 //! the original's grade scales. A batch whose CJ request names the assignment is compared
 //! with its owner's anchors of that assignment, and its grades are projected onto the scale
 //! ([`crate::calibration`]); a batch without anchors is graded relative to itself.
 //!
 //! | HTTP (`X-User-ID`) | effect |
 //! |---|---|
+//! | `PUT /v1/assignments/{assignment_id}/assessment` `{student_prompt?, instructions?, rubric?}` | what the judge is told for the caller's batches of it |
+//! | `GET /v1/assignments/{assignment_id}/assessment` | the same |
 //! | `POST /v1/assignments/{assignment_id}/anchors` `{scale, grade, text}` | an anchor of the caller's; 201 `{anchor_id}` |
 //! | `GET /v1/assignments/{assignment_id}/anchors` | the caller's anchors of the assignment |
 //! | `DELETE /v1/anchors/{anchor_id}` | the caller's anchor removed |
@@ -26,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::calibration::Scale;
-use crate::judge::Candidate;
+use crate::judge::{Assessment, Candidate};
 use crate::{Anchors, CjAssessment, Requested};
 
 pub const SCHEMA: &str = "
@@ -40,6 +44,15 @@ CREATE TABLE IF NOT EXISTS cj_anchors (
     created_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cj_anchors_by_assignment ON cj_anchors (user_id, assignment_id);
+CREATE TABLE IF NOT EXISTS cj_assessments (
+    user_id TEXT NOT NULL,
+    assignment_id TEXT NOT NULL,
+    student_prompt TEXT,
+    instructions TEXT,
+    rubric TEXT,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (user_id, assignment_id)
+);
 ";
 
 /// Words an anchor needs to be worth comparing.
@@ -52,7 +65,82 @@ pub struct NewAnchor {
     pub text: String,
 }
 
+/// Longest text of an assessment field.
+const MAX_ASSESSMENT_CHARS: usize = 20_000;
+
 impl CjAssessment {
+    /// Sets what the judge is told for the caller's batches of `assignment_id`.
+    pub async fn set_assessment(
+        &self,
+        caller: &Caller,
+        assignment_id: &str,
+        assessment: Assessment,
+    ) -> Result<(), ApiError> {
+        if assignment_id.trim().is_empty() || assignment_id.len() > 200 {
+            return Err(ApiError::bad_request(
+                "assignment_id must be 1-200 characters",
+            ));
+        }
+        for (name, text) in [
+            ("student_prompt", &assessment.student_prompt),
+            ("instructions", &assessment.instructions),
+            ("rubric", &assessment.rubric),
+        ] {
+            if text
+                .as_ref()
+                .is_some_and(|t| t.chars().count() > MAX_ASSESSMENT_CHARS)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "{name} is longer than {MAX_ASSESSMENT_CHARS} characters"
+                )));
+            }
+        }
+        self.db
+            .execute(
+                "INSERT INTO cj_assessments (user_id, assignment_id, student_prompt, instructions,
+                                             rubric, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (user_id, assignment_id) DO UPDATE SET
+                     student_prompt = excluded.student_prompt,
+                     instructions = excluded.instructions, rubric = excluded.rubric,
+                     updated_at = excluded.updated_at",
+                params![
+                    caller.user_id(),
+                    assignment_id,
+                    assessment.student_prompt,
+                    assessment.instructions,
+                    assessment.rubric,
+                    now_ms()
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// What the judge is told for `user`'s batches of `assignment_id` (empty if nothing set).
+    pub async fn assessment(
+        &self,
+        user: &str,
+        assignment_id: &str,
+    ) -> Result<Assessment, outbox::portable::DbError> {
+        let row = self
+            .db
+            .fetch_optional(
+                "SELECT student_prompt, instructions, rubric FROM cj_assessments
+                 WHERE user_id = $1 AND assignment_id = $2",
+                params![user, assignment_id],
+            )
+            .await?;
+        Ok(match row {
+            Some(r) => Assessment {
+                student_prompt: r.opt_text("student_prompt")?,
+                instructions: r.opt_text("instructions")?,
+                rubric: r.opt_text("rubric")?,
+            },
+            None => Assessment::default(),
+        })
+    }
+
     pub async fn add_anchor(
         &self,
         caller: &Caller,
@@ -184,8 +272,43 @@ impl CjAssessment {
 
 type Svc = State<Arc<CjAssessment>>;
 
+#[derive(Debug, Default, Deserialize)]
+struct AssessmentBody {
+    #[serde(default)]
+    student_prompt: Option<String>,
+    #[serde(default)]
+    instructions: Option<String>,
+    #[serde(default)]
+    rubric: Option<String>,
+}
+
 pub fn router(svc: Arc<CjAssessment>) -> Router {
     Router::new()
+        .route(
+            "/v1/assignments/{assignment_id}/assessment",
+            get(
+                |State(s): Svc, caller: Caller, Path(a): Path<String>| async move {
+                    let found = s.assessment(caller.user_id(), &a).await?;
+                    Ok::<_, ApiError>(Json(json!({"assignment_id": a,
+                    "student_prompt": found.student_prompt, "instructions": found.instructions,
+                    "rubric": found.rubric})))
+                },
+            )
+            .put(
+                |State(s): Svc,
+                 caller: Caller,
+                 Path(a): Path<String>,
+                 JsonBody(b): JsonBody<AssessmentBody>| async move {
+                    let assessment = Assessment {
+                        student_prompt: b.student_prompt.filter(|t| !t.trim().is_empty()),
+                        instructions: b.instructions.filter(|t| !t.trim().is_empty()),
+                        rubric: b.rubric.filter(|t| !t.trim().is_empty()),
+                    };
+                    s.set_assessment(&caller, &a, assessment).await?;
+                    Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
         .route(
             "/v1/assignments/{assignment_id}/anchors",
             get(

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use outbox::portable::{params, DbError, ServiceDb};
 
-use crate::judge::{Candidate, Judge, JudgeError, Judgement};
+use crate::judge::{Assessment, Candidate, Judge, JudgeError, Judgement};
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cj_judgements (
@@ -31,13 +31,27 @@ impl<J: Judge> CachingJudge<J> {
         Ok(Self { inner, db })
     }
 
-    async fn remembered(&self, a: &Candidate, b: &Candidate) -> Result<Option<Judgement>, DbError> {
+    /// The judge under an assessment: a verdict is reused only under the same one.
+    fn key(&self, assessment: &Assessment) -> String {
+        if assessment.is_empty() {
+            self.inner.name().to_owned()
+        } else {
+            format!("{}#{}", self.inner.name(), assessment.fingerprint())
+        }
+    }
+
+    async fn remembered(
+        &self,
+        key: &str,
+        a: &Candidate,
+        b: &Candidate,
+    ) -> Result<Option<Judgement>, DbError> {
         let row = self
             .db
             .fetch_optional(
                 "SELECT a_wins, reason, confidence, tokens FROM cj_judgements
                  WHERE judge = $1 AND text_a = $2 AND text_b = $3",
-                params![self.inner.name(), &a.text_storage_id, &b.text_storage_id],
+                params![key, &a.text_storage_id, &b.text_storage_id],
             )
             .await?;
         row.map(|r| {
@@ -64,18 +78,28 @@ impl<J: Judge> Judge for CachingJudge<J> {
     }
 
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
+        self.compare_in(&Assessment::default(), a, b).await
+    }
+
+    async fn compare_in(
+        &self,
+        assessment: &Assessment,
+        a: &Candidate,
+        b: &Candidate,
+    ) -> Result<Judgement, JudgeError> {
         let unavailable = |e: DbError| JudgeError::Unavailable(format!("the judgement cache: {e}"));
-        if let Some(known) = self.remembered(a, b).await.map_err(unavailable)? {
+        let key = self.key(assessment);
+        if let Some(known) = self.remembered(&key, a, b).await.map_err(unavailable)? {
             return Ok(known);
         }
-        let fresh = self.inner.compare(a, b).await?;
+        let fresh = self.inner.compare_in(assessment, a, b).await?;
         self.db
             .execute(
                 "INSERT INTO cj_judgements (judge, text_a, text_b, a_wins, reason, confidence, tokens)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (judge, text_a, text_b) DO NOTHING",
                 params![
-                    self.inner.name(),
+                    &key,
                     &a.text_storage_id,
                     &b.text_storage_id,
                     fresh.a_wins,

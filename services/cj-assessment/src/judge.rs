@@ -5,6 +5,32 @@
 
 use async_trait::async_trait;
 
+/// What the judge is told besides the essays: the assignment's task, the teacher's criteria
+/// and how to weigh them (set per assignment over HTTP, see `crate::anchors`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Assessment {
+    /// The task the students answered.
+    pub student_prompt: Option<String>,
+    /// The teacher's criteria.
+    pub instructions: Option<String>,
+    /// How to weigh them.
+    pub rubric: Option<String>,
+}
+
+impl Assessment {
+    pub fn is_empty(&self) -> bool {
+        self.student_prompt.is_none() && self.instructions.is_none() && self.rubric.is_none()
+    }
+
+    /// A short fingerprint: verdicts given under one assessment are not reused for another.
+    pub fn fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+}
+
 /// An essay as the judge sees it.
 #[derive(Clone, Debug)]
 pub struct Candidate {
@@ -48,6 +74,17 @@ pub trait Judge: Send + Sync + 'static {
     /// A short name, recorded with each comparison and billed in `resource.consumption`.
     fn name(&self) -> &'static str;
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError>;
+    /// A verdict under an assignment's `assessment`; a judge that reads no instructions (the
+    /// feature judge) ignores it.
+    async fn compare_in(
+        &self,
+        assessment: &Assessment,
+        a: &Candidate,
+        b: &Candidate,
+    ) -> Result<Judgement, JudgeError> {
+        let _ = assessment;
+        self.compare(a, b).await
+    }
     /// Whether a verdict costs enough (money, seconds) to be remembered and never asked twice.
     fn costly(&self) -> bool {
         false
@@ -62,8 +99,35 @@ impl<J: Judge + ?Sized> Judge for std::sync::Arc<J> {
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
         (**self).compare(a, b).await
     }
+    async fn compare_in(
+        &self,
+        assessment: &Assessment,
+        a: &Candidate,
+        b: &Candidate,
+    ) -> Result<Judgement, JudgeError> {
+        (**self).compare_in(assessment, a, b).await
+    }
     fn costly(&self) -> bool {
         (**self).costly()
+    }
+}
+
+/// A judge bound to one assignment's assessment (what a batch is judged under).
+pub struct InAssessment<J> {
+    pub judge: J,
+    pub assessment: Assessment,
+}
+
+#[async_trait]
+impl<J: Judge> Judge for InAssessment<J> {
+    fn name(&self) -> &'static str {
+        self.judge.name()
+    }
+    async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
+        self.judge.compare_in(&self.assessment, a, b).await
+    }
+    fn costly(&self) -> bool {
+        self.judge.costly()
     }
 }
 

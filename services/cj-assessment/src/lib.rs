@@ -137,6 +137,8 @@ pub struct Ranked {
     pub confidence_label: &'static str,
     /// An anchor essay (known grade), compared with the batch but not one of its essays.
     pub is_anchor: bool,
+    /// With anchors: the probability of each anchored grade, lowest first.
+    pub grade_probabilities: Vec<(&'static str, f64)>,
 }
 
 /// A batch judged: its ranking, the comparisons with a verdict (a, b, winner, reason), the
@@ -247,6 +249,7 @@ pub async fn assess_calibrated(
         r.confidence_score = p.confidence;
         r.confidence_label = p.label;
         r.normalized_score = p.normalized;
+        r.grade_probabilities = p.probabilities;
         if !r.is_anchor {
             rank += 1;
             r.rank = rank;
@@ -374,6 +377,7 @@ async fn judge_and_rank(
                 confidence_score: confidence,
                 confidence_label: bt::confidence_label(confidence),
                 is_anchor: false,
+                grade_probabilities: Vec::new(),
             }
         })
         .collect();
@@ -433,8 +437,17 @@ impl CjAssessment {
         let started = std::time::Instant::now();
         let mut candidates = self.fetch(&req.essays_for_cj).await?;
         let anchors = self.anchors_for(req, &mut candidates).await?;
+        // The assignment's assessment: what the judge is told (the configured default if none).
+        let assessment = match (&req.user_id, &req.assignment_id) {
+            (Some(user), Some(assignment)) => self.assessment(user, assignment).await?,
+            _ => judge::Assessment::default(),
+        };
+        let judge = judge::InAssessment {
+            judge: self.judge.clone(),
+            assessment,
+        };
         let outcome = match assess_calibrated(
-            self.judge.as_ref(),
+            &judge,
             &candidates,
             self.max_comparisons,
             Strategy::Adaptive(pairing::Pairing::default()),
@@ -657,6 +670,10 @@ impl Service for CjAssessment {
             "bt_score": r.score, "rank": r.rank, "is_anchor": r.is_anchor, "feedback_uri": null,
             "metrics_uri": null,
             "display_name": r.is_anchor.then(|| format!("ANCHOR GRADE {}", r.grade)),
+            "grade_probabilities": (!r.grade_probabilities.is_empty()).then(|| {
+                r.grade_probabilities.iter().map(|(g, p)| (g.to_string(), json!(p)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>()
+            }),
             "score": r.score, "standard_error": r.standard_error, "grade": r.grade,
             "comparisons": r.comparisons})
             })

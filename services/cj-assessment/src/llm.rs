@@ -15,18 +15,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
+pub use crate::judge::Assessment;
 use crate::judge::{Candidate, Judge, JudgeError, Judgement};
-
-/// What the judge is told besides the essays.
-#[derive(Clone, Debug, Default)]
-pub struct Assessment {
-    /// The task the students answered.
-    pub student_prompt: Option<String>,
-    /// The teacher's criteria.
-    pub instructions: Option<String>,
-    /// How to weigh them.
-    pub rubric: Option<String>,
-}
 
 #[derive(Clone, Debug)]
 pub struct LlmConfig {
@@ -49,7 +39,8 @@ JSON only: {\"winner\": \"Essay A\" or \"Essay B\", \"justification\": a brief r
 impl LlmConfig {
     /// `CJ_LLM_URL` (unset: no LLM judge), `CJ_LLM_MODEL` (required with it), `CJ_LLM_API_KEY`,
     /// `CJ_LLM_TIMEOUT_MS` (default 60000), `CJ_LLM_ATTEMPTS` (default 4), and the assessment:
-    /// `CJ_STUDENT_PROMPT`, `CJ_INSTRUCTIONS`, `CJ_RUBRIC`.
+    /// `CJ_STUDENT_PROMPT`, `CJ_INSTRUCTIONS`, `CJ_RUBRIC` (the defaults for assignments that set
+    /// none of their own).
     pub fn from_env() -> Result<Option<Self>, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let Some(base_url) = var("CJ_LLM_URL") else {
@@ -110,8 +101,13 @@ impl LlmJudge {
         Ok(Self { config, name, http })
     }
 
-    fn messages(&self, a: &Candidate, b: &Candidate) -> serde_json::Value {
-        let ctx = &self.config.assessment;
+    fn messages(&self, assessment: &Assessment, a: &Candidate, b: &Candidate) -> serde_json::Value {
+        // The assignment's own, else the configured default.
+        let ctx = if assessment.is_empty() {
+            &self.config.assessment
+        } else {
+            assessment
+        };
         let mut context = Vec::new();
         if let Some(p) = &ctx.student_prompt {
             context.push(format!("**Student Assignment:**\n{p}"));
@@ -283,8 +279,18 @@ impl Judge for LlmJudge {
     }
 
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
+        self.compare_in(&Assessment::default(), a, b).await
+    }
+
+    async fn compare_in(
+        &self,
+        assessment: &Assessment,
+        a: &Candidate,
+        b: &Candidate,
+    ) -> Result<Judgement, JudgeError> {
         let body = json!({
-            "model": self.config.model, "messages": self.messages(a, b), "temperature": 0.1,
+            "model": self.config.model, "messages": self.messages(assessment, a, b),
+            "temperature": 0.1,
         });
         let response = self.ask(&body).await?;
         let tokens = response.usage.as_ref().map_or(0, |u| {

@@ -313,6 +313,34 @@ async fn the_service_pays_once_per_pair_and_waits_out_an_unavailable_judge() {
         2,
         "two runs"
     );
+
+    // An assignment's own assessment reaches the model, and verdicts given under another one
+    // are not reused for it.
+    cj.set_assessment(
+        &essay_common::identity::Caller("t1".into()),
+        "a1",
+        Assessment {
+            rubric: Some("Judge only the conclusion.".into()),
+            ..Assessment::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut in_assignment = request(&batch, &essays);
+    in_assignment.data["assignment_id"] = json!("a1");
+    in_assignment.data["run"] = json!(3);
+    apply(&cj, &db, &in_assignment).await.unwrap();
+    assert!(
+        fake.calls.load(Ordering::SeqCst) > asked,
+        "judged again under its rubric"
+    );
+    let (body, _) = fake.last.lock().unwrap().clone().unwrap();
+    let prompt = body["messages"][1]["content"].as_str().unwrap();
+    assert!(prompt.contains("Judge only the conclusion."), "{prompt}");
+    assert!(
+        !prompt.contains("Argument over style."),
+        "the assignment's, not the default"
+    );
     content.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,6 +7,7 @@ pub mod content;
 pub mod contract;
 pub mod http;
 pub mod identity;
+pub mod local;
 pub mod original;
 pub mod prepared;
 pub mod runtime;

@@ -5,17 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use essay_common::content::{ContentClient, ContentPolicy};
+use essay_common::local::LocalServer;
 use outbox::portable::ServiceDb;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::{ContentService, SweepPolicy};
 
 pub struct LocalContentService {
     pub addr: SocketAddr,
     pub service: Arc<ContentService>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    server: LocalServer,
 }
 
 impl LocalContentService {
@@ -38,24 +36,11 @@ impl LocalContentService {
                 .await
                 .expect("content schema"),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a free port");
-        let addr = listener.local_addr().expect("bound");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let router = crate::routes::router(service.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let server = LocalServer::start(crate::routes::router(service.clone())).await;
         Self {
-            addr,
+            addr: server.addr,
             service,
-            stop,
-            task,
+            server,
         }
     }
 
@@ -73,7 +58,6 @@ impl LocalContentService {
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
+        self.server.stop().await
     }
 }

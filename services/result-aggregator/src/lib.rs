@@ -98,6 +98,7 @@ impl ResultAggregator {
             ("student_id", "TEXT"),
             ("student_name", "TEXT"),
             ("corrections", "TEXT"),
+            ("grade_probabilities", "TEXT"),
         ] {
             db.add_column("ra_essays", column, declaration).await?;
         }
@@ -188,7 +189,7 @@ impl ResultAggregator {
             .fetch_all(
                 "SELECT essay_id, filename, spelling_errors, word_count, essay_rank, score, standard_error, grade,
                         normalized_score, grade_confidence, confidence_label, student_id, student_name,
-                        corrections
+                        corrections, grade_probabilities
                  FROM ra_essays WHERE batch_id = $1
                  ORDER BY CASE WHEN essay_rank IS NULL THEN 1 ELSE 0 END, essay_rank, filename",
                 params![batch_id],
@@ -209,6 +210,8 @@ impl ResultAggregator {
                     "student_id": r.opt_text("student_id")?,
                     "student_name": r.opt_text("student_name")?,
                     "corrections": r.opt_text("corrections")?
+                        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok()),
+                    "grade_probabilities": r.opt_text("grade_probabilities")?
                         .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok()),
                 }))
             })
@@ -252,6 +255,8 @@ struct EssayResult {
     confidence_score: Option<f64>,
     #[serde(default)]
     confidence_label: Option<String>,
+    #[serde(default)]
+    grade_probabilities: Option<serde_json::Value>,
 }
 
 #[async_trait]
@@ -342,6 +347,13 @@ impl Service for ResultAggregator {
                             ("normalized_score", r.normalized_score.into()),
                             ("grade_confidence", r.confidence_score.into()),
                             ("confidence_label", r.confidence_label.into()),
+                            (
+                                "grade_probabilities",
+                                r.grade_probabilities
+                                    .filter(|p| p.is_object())
+                                    .map(|p| p.to_string())
+                                    .into(),
+                            ),
                         ],
                     )
                     .await?;

@@ -468,17 +468,7 @@ pub async fn drain_outboxes(platform: &Platform, limit: Duration) {
 /// repository: `ORIGINAL_CONTRACT_DIR`, else the first `shared/contracts/original` found in a
 /// folder above this crate.
 pub fn original_contract_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ORIGINAL_CONTRACT_DIR") {
-        return dir.into();
-    }
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/contracts/original"))
-        .find(|d| d.join("index.json").is_file())
-        .expect(
-            "the original's contract is not beside the repository (../shared/contracts/original); \
-             set ORIGINAL_CONTRACT_DIR to its folder",
-        )
+    essay_common::original::contract_dir()
 }
 
 /// The original's JSON Schema called `name` (a topic, or `envelope`).
