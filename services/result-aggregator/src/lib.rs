@@ -406,23 +406,18 @@ impl Service for ResultAggregator {
                     }
                     None => "completed_successfully".into(),
                 };
-                let status = if final_status == "failed_critically" {
-                    "FAILED"
-                } else {
-                    "COMPLETED"
-                };
                 let phases = env.data["completed_phases"].clone();
-                // The same completion again (a redelivery past the inbox) changes nothing.
+                // The same completion again (a redelivery past the inbox) changes nothing. The
+                // view says COMPLETED or FAILED once the results are announced, not before.
                 tx.execute(
-                    "UPDATE ra_batches SET status = $2, pipeline_phases = $3,
-                            awaiting_since = $4, updated_at = $4, pipeline_correlation = $5,
-                            pipeline_event = $6, final_status = $7, pipeline_seconds = $8,
-                            successful_essays = $9
+                    "UPDATE ra_batches SET status = 'AWAITING_RESULTS', pipeline_phases = $2,
+                            awaiting_since = $3, updated_at = $3, pipeline_correlation = $4,
+                            pipeline_event = $5, final_status = $6, pipeline_seconds = $7,
+                            successful_essays = $8
                      WHERE batch_id = $1
-                       AND (pipeline_event IS NULL OR pipeline_event <> $6)",
+                       AND (pipeline_event IS NULL OR pipeline_event <> $5)",
                     params![
                         &batch_id,
-                        status,
                         phases.to_string(),
                         now_ms(),
                         env.correlation_id.to_string(),

@@ -84,7 +84,7 @@ impl ResultAggregator {
     ) -> Result<bool, HandlerError> {
         let Some(row) = tx
             .fetch_optional(
-                "SELECT status, pipeline_phases FROM ra_batches
+                "SELECT final_status, pipeline_phases FROM ra_batches
                  WHERE batch_id = $1 AND awaiting_since IS NOT NULL",
                 params![batch_id],
             )
@@ -92,7 +92,10 @@ impl ResultAggregator {
         else {
             return Ok(false);
         };
-        let status = row.text("status")?;
+        let status = match row.opt_text("final_status")?.as_deref() {
+            Some("failed_critically") => "FAILED",
+            _ => "COMPLETED",
+        };
         let phases: Vec<String> = row
             .opt_text("pipeline_phases")?
             .and_then(|p| serde_json::from_str(&p).ok())
@@ -110,12 +113,13 @@ impl ResultAggregator {
         }
         tx.execute(
             "UPDATE ra_batches SET awaiting_since = NULL, results_ready_sent = results_ready_sent + 1,
-                    missing = $2, updated_at = $3
+                    missing = $2, updated_at = $3, status = $4
              WHERE batch_id = $1",
             params![
                 batch_id,
                 (!missing.is_empty()).then(|| json!(missing).to_string()),
-                now_ms()
+                now_ms(),
+                status
             ],
         )
         .await?;
