@@ -396,6 +396,22 @@ impl BatchOrchestrator {
         Ok(())
     }
 
+    /// The names of the phases the batch completed, in name order.
+    pub(crate) async fn completed_phase_names(
+        &self,
+        batch_id: &str,
+    ) -> Result<Vec<String>, DbError> {
+        self.db
+            .fetch_all(
+                "SELECT phase FROM completed_phases WHERE batch_id = $1 ORDER BY phase",
+                params![batch_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.text("phase"))
+            .collect()
+    }
+
     /// The batch as its owner sees it.
     pub async fn status(
         &self,
@@ -421,16 +437,7 @@ impl BatchOrchestrator {
             b.opt_text("user_id")?.as_deref(),
             &format!("batch {batch_id}"),
         )?;
-        let completed: Vec<String> = self
-            .db
-            .fetch_all(
-                "SELECT phase FROM completed_phases WHERE batch_id = $1 ORDER BY phase",
-                params![batch_id],
-            )
-            .await?
-            .iter()
-            .map(|r| r.text("phase"))
-            .collect::<Result<_, _>>()?;
+        let completed = self.completed_phase_names(batch_id).await?;
         let denial = self
             .db
             .fetch_optional(

@@ -51,16 +51,7 @@ impl BatchOrchestrator {
         else {
             return Err(ApiError::not_found(format!("no batch {batch_id}")));
         };
-        let completed: Vec<String> = self
-            .db
-            .fetch_all(
-                "SELECT phase FROM completed_phases WHERE batch_id = $1",
-                params![batch_id],
-            )
-            .await?
-            .iter()
-            .map(|r| r.text("phase"))
-            .collect::<Result<_, _>>()?;
+        let completed = self.completed_phase_names(batch_id).await?;
         let phases: Vec<Phase> = b
             .opt_text("phases")?
             .and_then(|p| serde_json::from_str(&p).ok())
