@@ -170,8 +170,25 @@ pub fn grade_confidence(score: f64, standard_error: f64, scores: &[f64]) -> f64 
     if standard_error <= 0.0 || !standard_error.is_finite() {
         return 1.0;
     }
-    let cdf = |x: f64| normal_cdf((x - score) / standard_error);
+    let cdf = |x: f64| normal_cdf_at(x, score, standard_error);
     (cdf(upper) - cdf(lower)).clamp(0.0, 1.0)
+}
+
+/// Spearman's rank correlation of two score lists (1: the same order, -1: reversed).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    let rank = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        for (pos, &i) in idx.iter().enumerate() {
+            r[i] = pos as f64;
+        }
+        r
+    };
+    let (rx, ry) = (rank(x), rank(y));
+    let n = x.len() as f64;
+    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b).powi(2)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
 }
 
 /// The original's confidence labels: HIGH from 0.7, MID from 0.4, else LOW.
@@ -295,19 +312,8 @@ mod tests {
             }
         }
         let fit = fit(n, &outcomes);
-        let rank_of = |v: &[f64]| {
-            let mut idx: Vec<usize> = (0..v.len()).collect();
-            idx.sort_by(|&x, &y| v[y].total_cmp(&v[x]));
-            let mut rank = vec![0.0; v.len()];
-            for (r, i) in idx.into_iter().enumerate() {
-                rank[i] = r as f64;
-            }
-            rank
-        };
-        let (rt, rf) = (rank_of(&truth), rank_of(&fit.scores));
-        let d2: f64 = rt.iter().zip(&rf).map(|(a, b)| (a - b).powi(2)).sum();
-        let spearman = 1.0 - 6.0 * d2 / (n as f64 * ((n * n) as f64 - 1.0));
-        assert!(spearman > 0.9, "spearman {spearman}");
+        let rho = spearman(&truth, &fit.scores);
+        assert!(rho > 0.9, "spearman {rho}");
         assert!(fit.scores.iter().sum::<f64>().abs() < 1e-9, "centred");
         assert!(
             fit.standard_errors

@@ -221,7 +221,6 @@ pub async fn assess_calibrated(
     let Some(anchors) = anchors.filter(|a| !a.known.is_empty()) else {
         return Ok(assessed);
     };
-    let index_of = |id: &str| candidates.iter().position(|c| c.essay_id == id);
     let known: Vec<(f64, usize)> = anchors
         .known
         .iter()
@@ -241,10 +240,14 @@ pub async fn assess_calibrated(
     let Some(projections) = calibration::project(anchors.scale, &known, &scores, &ses) else {
         return Ok(assessed);
     };
-    let anchor_ids: Vec<usize> = anchors.known.iter().map(|(i, _)| *i).collect();
+    let anchor_ids: std::collections::HashSet<&str> = anchors
+        .known
+        .iter()
+        .map(|(i, _)| candidates[*i].essay_id.as_str())
+        .collect();
     let mut rank = 0;
     for (r, p) in assessed.ranked.iter_mut().zip(projections) {
-        r.is_anchor = index_of(&r.essay_id).is_some_and(|i| anchor_ids.contains(&i));
+        r.is_anchor = anchor_ids.contains(r.essay_id.as_str());
         r.grade = p.grade;
         r.confidence_score = p.confidence;
         r.confidence_label = p.label;

@@ -179,7 +179,7 @@ impl Waves {
         let next = mm_abilities(self.n, &self.outcomes, &self.abilities);
         // Whether the ranking settled: the order of the abilities before and after the wave
         // (single essays keep jittering with each new verdict; the order as a whole settles).
-        let settled = crate::simulation::spearman(&next, &self.abilities);
+        let settled = crate::bt::spearman(&next, &self.abilities);
         self.abilities = next;
         let minimum_met = (0..self.n).all(|i| self.per_essay[i] >= self.minimum(i));
         self.stable = self.waves > 1 && minimum_met && settled >= self.pairing.stability;

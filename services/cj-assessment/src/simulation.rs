@@ -5,6 +5,7 @@
 
 use async_trait::async_trait;
 
+use crate::bt::spearman;
 use crate::judge::{Candidate, Judge, JudgeError, Judgement};
 use crate::{assess_with, AssessError, Strategy};
 
@@ -46,8 +47,9 @@ pub struct SimulatedJudge {
     pub seed: u64,
 }
 
-fn index(c: &Candidate) -> usize {
-    c.essay_id[1..].parse().expect("a simulated essay id")
+/// The planted index of a simulated essay id (`e007` -> 7).
+fn index(essay_id: &str) -> usize {
+    essay_id[1..].parse().expect("a simulated essay id")
 }
 
 #[async_trait]
@@ -57,7 +59,7 @@ impl Judge for SimulatedJudge {
     }
 
     async fn compare(&self, a: &Candidate, b: &Candidate) -> Result<Judgement, JudgeError> {
-        let (i, j) = (index(a), index(b));
+        let (i, j) = (index(&a.essay_id), index(&b.essay_id));
         let p = 1.0 / (1.0 + (-(self.abilities[i] - self.abilities[j])).exp());
         let a_wins = uniform(self.seed, i as u64, j as u64) < p;
         Ok(Judgement {
@@ -67,23 +69,6 @@ impl Judge for SimulatedJudge {
             tokens: 0,
         })
     }
-}
-
-/// Spearman's rank correlation of two score lists.
-pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
-    let rank = |v: &[f64]| {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-        let mut r = vec![0.0; v.len()];
-        for (pos, &i) in idx.iter().enumerate() {
-            r[i] = pos as f64;
-        }
-        r
-    };
-    let (rx, ry) = (rank(x), rank(y));
-    let n = x.len() as f64;
-    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b).powi(2)).sum();
-    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
 }
 
 /// One simulated batch: (comparisons asked, Spearman of the fitted ranking with the truth).
@@ -101,7 +86,7 @@ pub async fn trial(
     let assessed = assess_with(&judge, &essays, budget, strategy).await?;
     let mut fitted = vec![0.0; n];
     for r in &assessed.ranked {
-        fitted[index(&essays[r.essay_id[1..].parse::<usize>().expect("id")])] = r.score;
+        fitted[index(&r.essay_id)] = r.score;
     }
     Ok((assessed.comparisons.len(), spearman(&fitted, &abilities)))
 }
@@ -168,12 +153,7 @@ mod tests {
                 scale.position(levels[band].0).unwrap() as i64
             };
             for r in &assessed.ranked {
-                let i = index(
-                    &candidates[candidates
-                        .iter()
-                        .position(|c| c.essay_id == r.essay_id)
-                        .unwrap()],
-                );
+                let i = index(&r.essay_id);
                 let got = scale.position(r.grade).unwrap() as i64;
                 if r.is_anchor {
                     anchors_all += 1;
