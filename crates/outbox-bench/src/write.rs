@@ -100,7 +100,9 @@ async fn one(db: &BenchDb, mode: Mode, e: &NewEvent) -> anyhow::Result<Duration>
                     .await?;
                 }
                 Mode::Enqueue => {
-                    SqliteOutbox::new().enqueue(&mut tx, e).await?;
+                    SqliteOutbox::new(outbox_sqlite::SqliteDialect)
+                        .enqueue(&mut tx, e)
+                        .await?;
                 }
             }
             tx.commit().await?;

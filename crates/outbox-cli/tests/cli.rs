@@ -72,7 +72,7 @@ async fn operator_workflow_on_sqlite() {
         })
         .collect();
     let mut tx = outbox_sqlite::begin(&pool).await.unwrap();
-    outbox_sqlite::SqliteOutbox::new()
+    outbox_sqlite::SqliteOutbox::new(outbox_sqlite::SqliteDialect)
         .enqueue_all(&mut tx, &events)
         .await
         .unwrap();

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use outbox_core::{EventId, HandlerError, MessageHandler, NewEvent, OutboxAdmin, RelayStore};
 use outbox_postgres::testing::TestSchema;
-use outbox_postgres::{InboxEvent, PgHandler, PgInboxHandler, PgOutbox, PgRelayStore};
-use outbox_sqlite::{SqliteHandler, SqliteInboxEvent, SqliteInboxHandler, SqliteOutbox};
+use outbox_postgres::{InboxEvent, PgInboxHandler, PgOutbox, PgRelayStore, SqlHandler};
+use outbox_sqlite::{SqliteInboxHandler, SqliteOutbox};
 use sqlx::{Postgres, Sqlite, SqlitePool, Transaction};
 
 use crate::Store;
@@ -59,7 +59,7 @@ struct PgEffect {
 }
 
 #[async_trait]
-impl PgHandler for PgEffect {
+impl SqlHandler<sqlx::Postgres> for PgEffect {
     async fn handle(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -187,7 +187,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .unwrap();
-        SqliteOutbox::new()
+        SqliteOutbox::new(outbox_sqlite::SqliteDialect)
             .enqueue_all(&mut tx, events)
             .await
             .map_err(|e| e.to_string())?;
@@ -203,11 +203,11 @@ impl SqliteStore {
 struct SqliteEffect;
 
 #[async_trait]
-impl SqliteHandler for SqliteEffect {
+impl SqlHandler<sqlx::Sqlite> for SqliteEffect {
     async fn handle(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
-        event: &SqliteInboxEvent<'_>,
+        event: &InboxEvent<'_>,
     ) -> Result<(), HandlerError> {
         sqlx::query(
             "INSERT INTO effects VALUES (?, 1)
@@ -228,11 +228,17 @@ impl Store for SqliteStore {
     }
 
     fn relay_store(&self) -> Arc<dyn RelayStore> {
-        Arc::new(outbox_sqlite::SqliteRelayStore::new(self.pool.clone()))
+        Arc::new(outbox_sqlite::SqliteRelayStore::new(
+            self.pool.clone(),
+            outbox_sqlite::SqliteDialect,
+        ))
     }
 
     fn admin(&self) -> Arc<dyn OutboxAdmin> {
-        Arc::new(outbox_sqlite::SqliteRelayStore::new(self.pool.clone()))
+        Arc::new(outbox_sqlite::SqliteRelayStore::new(
+            self.pool.clone(),
+            outbox_sqlite::SqliteDialect,
+        ))
     }
 
     async fn commit(&self, events: &[NewEvent]) {
@@ -267,6 +273,7 @@ impl Store for SqliteStore {
     fn inbox_handler(&self, consumer: &str) -> Box<dyn MessageHandler> {
         Box::new(SqliteInboxHandler::new(
             self.pool.clone(),
+            outbox_sqlite::SqliteDialect,
             consumer,
             SqliteEffect,
         ))

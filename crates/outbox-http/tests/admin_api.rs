@@ -61,7 +61,7 @@ async fn mutations_need_the_token_and_bad_requests_change_nothing() {
         "{}",
     );
     let mut tx = outbox_sqlite::begin(&pool).await.unwrap();
-    outbox_sqlite::SqliteOutbox::new()
+    outbox_sqlite::SqliteOutbox::new(outbox_sqlite::SqliteDialect)
         .enqueue(&mut tx, &event)
         .await
         .unwrap();
@@ -76,7 +76,10 @@ async fn mutations_need_the_token_and_bad_requests_change_nothing() {
             .await
             .unwrap()
     };
-    let store = Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone()));
+    let store = Arc::new(outbox_sqlite::SqliteRelayStore::new(
+        pool.clone(),
+        outbox_sqlite::SqliteDialect,
+    ));
     let addr = serve(AdminApi::new(
         store.clone(),
         store.clone(),

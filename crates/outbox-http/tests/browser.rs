@@ -203,7 +203,10 @@ async fn the_dashboard_shows_depth_changes_and_requeues_with_its_button() {
         .await
         .unwrap();
     outbox_sqlite::migrate(&pool).await.unwrap();
-    let sqlite = Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone()));
+    let sqlite = Arc::new(outbox_sqlite::SqliteRelayStore::new(
+        pool.clone(),
+        outbox_sqlite::SqliteDialect,
+    ));
     let store: Arc<dyn RelayStore> = sqlite.clone();
 
     // The relay starts with the broker down, so the backlog builds up first.
@@ -260,7 +263,7 @@ async fn the_dashboard_shows_depth_changes_and_requeues_with_its_button() {
         .chain([doomed.clone()])
         .collect();
     let mut tx = outbox_sqlite::begin(&pool).await.unwrap();
-    outbox_sqlite::SqliteOutbox::new()
+    outbox_sqlite::SqliteOutbox::new(outbox_sqlite::SqliteDialect)
         .enqueue_all(&mut tx, &events)
         .await
         .unwrap();

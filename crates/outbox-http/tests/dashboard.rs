@@ -15,7 +15,10 @@ async fn history_follows_queue_depth_and_the_page_needs_no_cdn() {
         .await
         .unwrap();
     outbox_sqlite::migrate(&pool).await.unwrap();
-    let store: Arc<dyn RelayStore> = Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone()));
+    let store: Arc<dyn RelayStore> = Arc::new(outbox_sqlite::SqliteRelayStore::new(
+        pool.clone(),
+        outbox_sqlite::SqliteDialect,
+    ));
     let dashboard = Dashboard::new(store, None).keeping(500);
     let sampler = tokio::spawn(dashboard.clone().run_sampler(Duration::from_millis(20)));
 
@@ -30,7 +33,7 @@ async fn history_follows_queue_depth_and_the_page_needs_no_cdn() {
             })
             .collect();
         let mut tx = outbox_sqlite::begin(&pool).await.unwrap();
-        outbox_sqlite::SqliteOutbox::new()
+        outbox_sqlite::SqliteOutbox::new(outbox_sqlite::SqliteDialect)
             .enqueue_all(&mut tx, &events)
             .await
             .unwrap();

@@ -16,7 +16,7 @@ use outbox_kafka::{
     create_topics, ConsumerConfig, ConsumerHooks, ConsumerReport, KafkaConfig, KafkaConsumer,
 };
 use outbox_postgres::testing::{Cluster, TestSchema};
-use outbox_postgres::{migrate, InboxEvent, PgHandler, PgInboxHandler, Schema};
+use outbox_postgres::{migrate, InboxEvent, PgInboxHandler, Schema, SqlHandler};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgPoolOptions;
@@ -41,7 +41,7 @@ struct Record {
 }
 
 #[async_trait]
-impl PgHandler for Record {
+impl SqlHandler<sqlx::Postgres> for Record {
     async fn handle(
         &self,
         tx: &mut Transaction<'_, Postgres>,

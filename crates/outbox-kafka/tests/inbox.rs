@@ -17,7 +17,7 @@ use outbox_kafka::{
     create_topics, ConsumerConfig, ConsumerHooks, ConsumerReport, KafkaConfig, KafkaConsumer,
 };
 use outbox_postgres::testing::TestSchema;
-use outbox_postgres::{InboxEvent, PgHandler, PgInboxHandler, PgOutbox, Schema};
+use outbox_postgres::{InboxEvent, PgInboxHandler, PgOutbox, Schema, SqlHandler};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -51,7 +51,7 @@ impl Effects {
 struct Shared(Arc<Effects>);
 
 #[async_trait]
-impl PgHandler for Shared {
+impl SqlHandler<sqlx::Postgres> for Shared {
     async fn handle(
         &self,
         tx: &mut Transaction<'_, Postgres>,

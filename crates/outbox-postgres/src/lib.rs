@@ -5,11 +5,13 @@
 //! - [`PgOutbox::enqueue`] writes an event in the caller's open transaction: the event
 //!   commits or rolls back with the business change. There is no way to enqueue outside a
 //!   transaction.
-//! - [`PgRelayStore`] implements [`outbox_core::RelayStore`] for the relay.
+//! - [`PgRelayStore`] implements [`outbox_core::RelayStore`] (and `OutboxAdmin`) for the
+//!   relay: the shared store logic of `outbox-sql` on [`PgDialect`], this crate's statements.
 //! - [`migrate`] applies the embedded migrations (plain SQL in `migrations/`);
 //!   [`check_schema`] verifies at start-up that tables, columns and indexes are as expected.
 //! - [`PgInboxHandler`] makes a consumer's effects happen once per event: the inbox row and
-//!   the handler's changes (and any events it enqueues) commit in one transaction.
+//!   the handler's changes (and any events it enqueues) commit in one transaction. A
+//!   handler implements [`SqlHandler<Postgres>`](SqlHandler).
 //!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -41,24 +43,31 @@
 //! [`WriteOrdering::CallerSerialises`] when the application already serialises writers of an
 //! aggregate (for example with `SELECT ... FOR UPDATE` on the aggregate's row).
 
-mod admin;
 mod check;
+mod dialect;
 mod error;
-mod inbox;
 mod migrate;
 mod outbox;
-mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod unavailable;
 mod watch;
 
 pub use check::{check_schema, SchemaMismatch};
+pub use dialect::PgDialect;
 pub use error::OutboxError;
-pub use inbox::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
 pub use migrate::{migrate, Migration, MIGRATIONS};
 pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteOrdering};
-pub use store::{PgRelayStore, STATS_EXACT_UP_TO};
+pub use outbox_sql::{InboxEvent, SqlHandler, STATS_EXACT_UP_TO};
+
+/// The relay's (and operators') view of `<schema>.event_outbox`:
+/// `PgRelayStore::new(pool, &schema)`. Cheap to clone.
+pub type PgRelayStore = outbox_sql::SqlRelayStore<PgDialect>;
+/// The `event_inbox` table of one schema: `PgInbox::new(pool, &schema)`.
+pub type PgInbox = outbox_sql::SqlInbox<PgDialect>;
+/// A [`SqlHandler`] on PostgreSQL with the inbox around it:
+/// `PgInboxHandler::new(pool, schema, "consumer", handler)`.
+pub type PgInboxHandler<H> = outbox_sql::SqlInboxHandler<PgDialect, H>;
 pub use unavailable::is_unavailable;
 pub use watch::watch_for_commits;
 

@@ -24,13 +24,6 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// [`is_unavailable`] for one link of an error chain (anything else: no).
-pub(crate) fn in_chain_link(error: &(dyn std::error::Error + 'static)) -> bool {
-    error
-        .downcast_ref::<sqlx::Error>()
-        .is_some_and(is_unavailable)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use outbox_core::{EventId, Handled, HandlerError, IncomingMessage, MessageHandler};
 use outbox_postgres::testing::TestSchema;
-use outbox_postgres::{InboxEvent, PgHandler, PgInbox, PgInboxHandler};
+use outbox_postgres::{InboxEvent, PgInbox, PgInboxHandler, SqlHandler};
 use sqlx::{Postgres, Transaction};
 
 struct Touch {
@@ -15,7 +15,7 @@ struct Touch {
 }
 
 #[async_trait]
-impl PgHandler for Touch {
+impl SqlHandler<sqlx::Postgres> for Touch {
     async fn handle(
         &self,
         tx: &mut Transaction<'_, Postgres>,

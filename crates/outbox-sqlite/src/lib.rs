@@ -9,7 +9,7 @@
 //! use outbox_core::{AggregateRef, NewEvent, Topic};
 //! let pool = outbox_sqlite::connect("sqlite://file_service.db").await?;
 //! outbox_sqlite::migrate(&pool).await?;
-//! let outbox = outbox_sqlite::SqliteOutbox::new();
+//! let outbox = outbox_sqlite::SqliteOutbox::new(outbox_sqlite::SqliteDialect);
 //! let mut tx = outbox_sqlite::begin(&pool).await?; // BEGIN IMMEDIATE: take the write lock up front
 //! sqlx::query("INSERT INTO files (id) VALUES (?)").bind("f-1").execute(&mut *tx).await?;
 //! let event = NewEvent::new(Topic::new("file.added.v1")?, AggregateRef::new("file", "f-1")?, "{}");
@@ -20,11 +20,12 @@
 //!
 //! SQLite has one writer at a time, so sequence order is commit order without extra locks.
 //! Times are the machine's clock in milliseconds; relays sharing a file share that clock.
+//!
+//! The store logic (relay store, admin, inbox, write path) is `outbox-sql`'s, shared with
+//! the other stores; this crate is SQLite's [`SqliteDialect`], its connection settings and
+//! its migrations.
 
-mod admin;
-mod inbox;
-mod outbox;
-mod store;
+mod dialect;
 mod watch;
 
 use std::str::FromStr;
@@ -33,10 +34,18 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-pub use inbox::{SqliteHandler, SqliteInbox, SqliteInboxEvent, SqliteInboxHandler};
-pub use outbox::SqliteOutbox;
-pub use store::SqliteRelayStore;
+pub use dialect::SqliteDialect;
+pub use outbox_sql::{InboxEvent, SqlHandler};
 pub use watch::watch_for_commits;
+
+/// The relay's (and operators') view of `event_outbox`: `SqliteRelayStore::new(pool, SqliteDialect)`.
+pub type SqliteRelayStore = outbox_sql::SqlRelayStore<SqliteDialect>;
+/// The `event_inbox` table: `SqliteInbox::new(pool, SqliteDialect)`.
+pub type SqliteInbox = outbox_sql::SqlInbox<SqliteDialect>;
+/// The write path: `SqliteOutbox::new(SqliteDialect)`.
+pub type SqliteOutbox = outbox_sql::SqlOutbox<SqliteDialect>;
+/// A [`SqlHandler`] on SQLite with the inbox around it.
+pub type SqliteInboxHandler<H> = outbox_sql::SqlInboxHandler<SqliteDialect, H>;
 
 /// Errors of the SQLite outbox.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +60,16 @@ pub enum SqliteOutboxError {
     InvalidEvent { event_id: String, reason: String },
 }
 
-/// The current time in milliseconds, as SQL (the database clock of this store).
-pub(crate) const NOW_MS: &str =
-    "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)";
+impl From<outbox_sql::EnqueueError> for SqliteOutboxError {
+    fn from(e: outbox_sql::EnqueueError) -> Self {
+        match e {
+            outbox_sql::EnqueueError::Database(e) => Self::Database(e),
+            outbox_sql::EnqueueError::InvalidEvent { event_id, reason } => {
+                Self::InvalidEvent { event_id, reason }
+            }
+        }
+    }
+}
 
 /// How hard a commit holds on to the disk (SQLite's `synchronous` in WAL mode).
 ///
@@ -175,57 +191,6 @@ pub async fn migrate(pool: &SqlitePool) -> Result<Vec<i64>, SqliteOutboxError> {
     Ok(applied)
 }
 
-/// Tables and columns the code uses.
-const TABLES: &[(&str, &[&str])] = &[
-    (
-        "event_outbox",
-        &[
-            "seq",
-            "event_id",
-            "aggregate_type",
-            "aggregate_id",
-            "partition_no",
-            "event_type",
-            "topic",
-            "message_key",
-            "headers",
-            "payload",
-            "idempotency_key",
-            "status",
-            "attempts",
-            "retry_at",
-            "last_error",
-            "created_at",
-            "published_at",
-            "dead_at",
-        ],
-    ),
-    (
-        "event_outbox_idempotency",
-        &["idempotency_key", "event_id", "created_at"],
-    ),
-    (
-        "event_outbox_partition",
-        &["partition_no", "owner", "lease_until", "fence"],
-    ),
-    (
-        "event_outbox_relay",
-        &["relay_id", "name", "started_at", "expires_at"],
-    ),
-    (
-        "event_inbox",
-        &[
-            "consumer",
-            "event_id",
-            "event_type",
-            "topic",
-            "partition_no",
-            "msg_offset",
-            "processed_at",
-        ],
-    ),
-];
-
 const INDEXES: &[&str] = &[
     "event_outbox_event_id_key",
     "event_outbox_pending_idx",
@@ -237,41 +202,8 @@ const INDEXES: &[&str] = &[
 
 /// Verifies tables, columns and indexes; reports every problem found.
 pub async fn check_schema(pool: &SqlitePool) -> Result<(), SqliteOutboxError> {
-    let mut problems = Vec::new();
-    for (table, columns) in TABLES {
-        let found: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
-            .bind(table)
-            .fetch_all(pool)
-            .await?;
-        if found.is_empty() {
-            problems.push(format!("table {table} is missing"));
-            continue;
-        }
-        for c in *columns {
-            if !found.iter().any(|f| f == c) {
-                problems.push(format!("column {table}.{c} is missing"));
-            }
-        }
-    }
-    let indexes: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'index'")
-            .fetch_all(pool)
-            .await?;
-    for i in INDEXES {
-        if !indexes.iter().any(|n| n == i) {
-            problems.push(format!("index {i} is missing"));
-        }
-    }
-    if problems.is_empty() {
-        let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox_partition")
-            .fetch_one(pool)
-            .await?;
-        if partitions != i64::from(outbox_core::PARTITIONS) {
-            problems.push(format!(
-                "event_outbox_partition has {partitions} rows, expected 64"
-            ));
-        }
-    }
+    let problems =
+        outbox_sql::schema::problems::<SqliteDialect>(pool, &dialect::catalog(), INDEXES).await?;
     if problems.is_empty() {
         Ok(())
     } else {

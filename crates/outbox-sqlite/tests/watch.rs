@@ -24,7 +24,7 @@ async fn data_version_wakes_a_relay_that_shares_nothing_with_the_writer() {
     };
     let wake = WakeSignal::new();
     let relay = Relay::new(
-        SqliteRelayStore::new(relay_pool.clone()),
+        SqliteRelayStore::new(relay_pool.clone(), outbox_sqlite::SqliteDialect),
         publisher.clone(),
         config,
     )
@@ -49,7 +49,10 @@ async fn data_version_wakes_a_relay_that_shares_nothing_with_the_writer() {
                 format!("{n}"),
             );
             let mut tx = outbox_sqlite::begin(&writer_pool).await.unwrap();
-            SqliteOutbox::new().enqueue(&mut tx, &e).await.unwrap();
+            SqliteOutbox::new(outbox_sqlite::SqliteDialect)
+                .enqueue(&mut tx, &e)
+                .await
+                .unwrap();
             tx.commit().await.unwrap();
             e
         }

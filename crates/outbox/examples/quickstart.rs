@@ -208,9 +208,10 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                     Database::Sqlite { pool } => {
-                        let outbox = outbox::sqlite::SqliteOutbox::new()
-                            .with_wake_signal(wake.clone())
-                            .with_metrics(metrics.clone());
+                        let outbox =
+                            outbox::sqlite::SqliteOutbox::new(outbox::sqlite::SqliteDialect)
+                                .with_wake_signal(wake.clone())
+                                .with_metrics(metrics.clone());
                         let mut tx = outbox::sqlite::begin(pool).await?;
                         sqlx::query(&insert)
                             .bind(&order)

@@ -155,7 +155,10 @@ impl Database {
     pub fn admin(&self) -> Arc<dyn OutboxAdmin> {
         match self {
             Self::Postgres { pool, schema } => Arc::new(PgRelayStore::new(pool.clone(), schema)),
-            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone())),
+            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(
+                pool.clone(),
+                outbox_sqlite::SqliteDialect,
+            )),
         }
     }
 
@@ -163,7 +166,10 @@ impl Database {
     pub fn relay_store(&self) -> Arc<dyn RelayStore> {
         match self {
             Self::Postgres { pool, schema } => Arc::new(PgRelayStore::new(pool.clone(), schema)),
-            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(pool.clone())),
+            Self::Sqlite { pool } => Arc::new(outbox_sqlite::SqliteRelayStore::new(
+                pool.clone(),
+                outbox_sqlite::SqliteDialect,
+            )),
         }
     }
 

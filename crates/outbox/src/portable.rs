@@ -77,6 +77,15 @@ impl From<outbox_postgres::OutboxError> for DbError {
     }
 }
 
+impl From<outbox_sql::EnqueueError> for DbError {
+    fn from(e: outbox_sql::EnqueueError) -> Self {
+        match e {
+            outbox_sql::EnqueueError::Database(e) => Self::Sql(e),
+            invalid => Self::Invalid(invalid.to_string()),
+        }
+    }
+}
+
 impl From<outbox_sqlite::SqliteOutboxError> for DbError {
     fn from(e: outbox_sqlite::SqliteOutboxError) -> Self {
         Self::Backend(e.into())
@@ -389,7 +398,8 @@ impl ServiceDb {
                 Writer::Postgres(w)
             }
             Database::Sqlite { .. } => {
-                let mut w = SqliteOutbox::new().with_wake_signal(wake.clone());
+                let mut w =
+                    SqliteOutbox::new(outbox_sqlite::SqliteDialect).with_wake_signal(wake.clone());
                 if let Some(m) = metrics {
                     w = w.with_metrics(m);
                 }
@@ -636,7 +646,9 @@ impl ServiceInbox {
             Database::Postgres { pool, schema } => {
                 InboxTable::Postgres(PgInbox::new(pool.clone(), schema))
             }
-            Database::Sqlite { pool } => InboxTable::Sqlite(SqliteInbox::new(pool.clone())),
+            Database::Sqlite { pool } => {
+                InboxTable::Sqlite(SqliteInbox::new(pool.clone(), outbox_sqlite::SqliteDialect))
+            }
         };
         Self { db, table }
     }

@@ -69,7 +69,7 @@ async fn the_memory_broker_carries_relayed_events_to_the_shared_bus() {
         "{}",
     );
     let mut tx = outbox::sqlite::begin(pool).await.unwrap();
-    outbox::sqlite::SqliteOutbox::new()
+    outbox::sqlite::SqliteOutbox::new(outbox::sqlite::SqliteDialect)
         .enqueue(&mut tx, &event)
         .await
         .unwrap();
