@@ -16,7 +16,7 @@ use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings
 /// Operate a transactional outbox: migrate and check the schema, inspect status, handle dead
 /// letters, replay retained events, and run the relay.
 ///
-/// The database comes from DATABASE_URL (postgres://... or sqlite://FILE) and, on
+/// The database comes from DATABASE_URL (postgres://..., mysql://... or sqlite://FILE) and, on
 /// PostgreSQL, OUTBOX_SCHEMA; tuning from OUTBOX_* variables or a TOML file given with
 /// --config (the environment wins). The relay publishes to Kafka: OUTBOX_BROKER or
 /// KAFKA_BOOTSTRAP_SERVERS, plus KAFKA_PROPERTY_<NAME> for TLS/SASL; it serves /metrics and
@@ -353,6 +353,17 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
         )),
         (WakeSetting::Notify, Database::Sqlite { .. }) => {
             anyhow::bail!("OUTBOX_WAKE=notify needs PostgreSQL; on SQLite use watch (the default)")
+        }
+        (WakeSetting::Notify, Database::MySql { .. }) => {
+            anyhow::bail!(
+                "OUTBOX_WAKE=notify needs PostgreSQL; on MySQL use poll or watch (both poll)"
+            )
+        }
+        // MySQL offers no cheap signal of another session's commit: the relay polls
+        // (OUTBOX_POLL_MIN/MAX bound the delay).
+        (WakeSetting::Watch, Database::MySql { .. }) => {
+            tracing::info!("MySQL: no commit watch; the relay polls");
+            None
         }
     };
     tracing::info!(wake = ?settings.wake, ?interval, "relay wake-up");

@@ -293,3 +293,133 @@ impl Store for SqliteStore {
         }
     }
 }
+
+pub struct MySqlStore {
+    db: outbox_mysql::testing::TestDatabase,
+}
+
+impl MySqlStore {
+    pub async fn boxed() -> Box<dyn Store> {
+        let db = outbox_mysql::testing::TestDatabase::create().await;
+        sqlx::raw_sql(
+            "CREATE TABLE orders (id VARCHAR(64) PRIMARY KEY);
+             CREATE TABLE effects (event_id VARCHAR(64) PRIMARY KEY, applied BIGINT NOT NULL);",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        Box::new(Self { db })
+    }
+
+    async fn write(&self, events: &[NewEvent], commit: bool) -> Result<(), String> {
+        let mut tx = self.db.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders VALUES (?)")
+            .bind(uuid::Uuid::new_v4().to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        outbox_mysql::MySqlOutbox::new(outbox_mysql::MySqlDialect)
+            .enqueue_all(&mut tx, events)
+            .await
+            .map_err(|e| e.to_string())?;
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        Ok(())
+    }
+}
+
+struct MySqlEffect;
+
+#[async_trait]
+impl SqlHandler<sqlx::MySql> for MySqlEffect {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'_, sqlx::MySql>,
+        event: &InboxEvent<'_>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query(
+            "INSERT INTO effects VALUES (?, 1) ON DUPLICATE KEY UPDATE applied = applied + 1",
+        )
+        .bind(event.event_id.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(HandlerError::retry)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    fn name(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn relay_store(&self) -> Arc<dyn RelayStore> {
+        Arc::new(outbox_mysql::MySqlRelayStore::new(
+            self.db.pool.clone(),
+            outbox_mysql::MySqlDialect,
+        ))
+    }
+
+    fn admin(&self) -> Arc<dyn OutboxAdmin> {
+        Arc::new(outbox_mysql::MySqlRelayStore::new(
+            self.db.pool.clone(),
+            outbox_mysql::MySqlDialect,
+        ))
+    }
+
+    async fn commit(&self, events: &[NewEvent]) {
+        self.write(events, true).await.unwrap()
+    }
+
+    async fn rollback(&self, events: &[NewEvent]) {
+        self.write(events, false).await.unwrap()
+    }
+
+    async fn try_commit(&self, events: &[NewEvent]) -> Result<(), String> {
+        self.write(events, true).await
+    }
+
+    async fn overwrite_headers(&self, id: EventId, headers_json: &str) {
+        sqlx::query("UPDATE event_outbox SET headers = ? WHERE event_id = ?")
+            .bind(headers_json)
+            .bind(id.to_string())
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+    }
+
+    async fn row(&self, id: EventId) -> Option<(String, i64, Option<String>)> {
+        sqlx::query_as(
+            "SELECT CAST(status AS CHAR), CAST(attempts AS SIGNED), CAST(last_error AS CHAR)
+             FROM event_outbox WHERE event_id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    fn inbox_handler(&self, consumer: &str) -> Box<dyn MessageHandler> {
+        Box::new(outbox_mysql::MySqlInboxHandler::new(
+            self.db.pool.clone(),
+            outbox_mysql::MySqlDialect,
+            consumer,
+            MySqlEffect,
+        ))
+    }
+
+    async fn effects(&self) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT event_id, applied FROM effects ORDER BY event_id")
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn cleanup(self: Box<Self>) {
+        self.db.drop().await;
+    }
+}

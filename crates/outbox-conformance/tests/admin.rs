@@ -1,8 +1,8 @@
-//! Operator actions on both stores: list, show, requeue, purge dead letters, and replay.
+//! Operator actions on every store: list, show, requeue, purge dead letters, and replay.
 
 use std::time::Duration;
 
-use outbox_conformance::stores::{PgStore, SqliteStore};
+use outbox_conformance::stores::{MySqlStore, PgStore, SqliteStore};
 use outbox_conformance::{init_logs, wait_for, Store};
 use outbox_core::testing::TestPublisher;
 use outbox_core::{AggregateRef, EventFilter, NewEvent, Relay, RelayConfig, RetryPolicy, Topic};
@@ -202,6 +202,11 @@ async fn sqlite_admin() {
     operator_can_see_and_fix_a_stuck_outbox(SqliteStore::boxed().await).await;
 }
 
+#[tokio::test]
+async fn mysql_admin() {
+    operator_can_see_and_fix_a_stuck_outbox(MySqlStore::boxed().await).await;
+}
+
 /// `status` shows what live relays are doing: events in flight while a publish is under way
 /// (here: the broker is down, so the batch stays in flight) and events published in the last
 /// minute, per topic and in total.
@@ -279,4 +284,9 @@ async fn postgres_status_activity() {
 #[tokio::test]
 async fn sqlite_status_activity() {
     status_shows_in_flight_and_the_last_minute(SqliteStore::boxed().await).await;
+}
+
+#[tokio::test]
+async fn mysql_status_activity() {
+    status_shows_in_flight_and_the_last_minute(MySqlStore::boxed().await).await;
 }

@@ -1,8 +1,8 @@
-//! Every case against every store and transport: PostgreSQL and SQLite, Kafka (a real broker)
-//! and the in-process bus.
+//! Every case against every store and transport: PostgreSQL, SQLite and MySQL/MariaDB, Kafka
+//! (a real broker) and the in-process bus.
 
 use outbox_conformance::cases;
-use outbox_conformance::stores::{PgStore, SqliteStore};
+use outbox_conformance::stores::{MySqlStore, PgStore, SqliteStore};
 use outbox_conformance::transports::{BusTransport, KafkaTransport};
 use outbox_conformance::{init_logs, Store, Transport};
 
@@ -35,6 +35,16 @@ macro_rules! conformance {
             #[tokio::test]
             async fn sqlite_bus() {
                 run(SqliteStore::boxed().await, BusTransport::boxed(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn mysql_kafka() {
+                run(MySqlStore::boxed().await, KafkaTransport::boxed(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn mysql_bus() {
+                run(MySqlStore::boxed().await, BusTransport::boxed(), cases::$case).await
             }
         }
     )*};
@@ -71,6 +81,16 @@ mod claim_excluding {
         )
         .await
     }
+
+    #[tokio::test]
+    async fn mysql() {
+        run(
+            MySqlStore::boxed().await,
+            BusTransport::boxed(),
+            cases::claim_excluding,
+        )
+        .await
+    }
 }
 
 /// Store-level cases with a test publisher in place of a transport.
@@ -87,6 +107,11 @@ macro_rules! store_level {
             #[tokio::test]
             async fn sqlite() {
                 run(SqliteStore::boxed().await, BusTransport::boxed(), cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn mysql() {
+                run(MySqlStore::boxed().await, BusTransport::boxed(), cases::$case).await
             }
         }
     )*};

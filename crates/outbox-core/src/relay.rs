@@ -693,7 +693,10 @@ impl<S: RelayStore, P: Publisher> Worker<'_, S, P> {
             }
             held.extend(got);
         }
-        held.sort_by_key(|l| l.partition);
+        // A store may answer an acquire with every lease the relay holds (MySQL cannot
+        // return the rows an UPDATE changed): one lease per partition, the newest fence.
+        held.sort_by_key(|l| (l.partition, std::cmp::Reverse(l.fence)));
+        held.dedup_by_key(|l| l.partition);
         self.held = held;
         Ok(())
     }

@@ -186,7 +186,8 @@ pub trait RelayStore: Send + Sync + 'static {
     ) -> Result<Vec<PartitionLease>, StoreError>;
 
     /// Takes up to `max` partitions that nobody holds (or whose lease expired), raising their
-    /// fence.
+    /// fence. The answer may also list leases the relay held already (the relay keeps one
+    /// per partition).
     async fn acquire_partitions(
         &self,
         relay: RelayId,

@@ -143,12 +143,39 @@ impl<D: WriteDialect> SqlOutbox<D> {
         })
     }
 
-    /// Inserts many events in order, one statement each.
+    /// Takes the writer locks of `aggregates` in ascending key order, for a transaction
+    /// that then enqueues for several aggregates in separate calls (a no-op where the
+    /// database has one writer at a time).
+    pub async fn lock_aggregates(
+        &self,
+        tx: &mut Transaction<'_, D::DB>,
+        aggregates: &[outbox_core::AggregateRef],
+    ) -> Result<(), EnqueueError> {
+        let Some(lock) = &self.sql.lock else {
+            return Ok(());
+        };
+        let mut keys: Vec<i64> = aggregates
+            .iter()
+            .map(|a| i64::from(outbox_core::partition::aggregate_lock_key(a.kind(), a.id())))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            run::count_on::<D>(&mut **tx, lock, &[("lock_key", Arg::Int(key))]).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts many events in order, one statement each. Where writers lock aggregates,
+    /// every aggregate's lock is taken first, in ascending key order, so that two batches
+    /// touching the same aggregates in different orders cannot deadlock.
     pub async fn enqueue_all(
         &self,
         tx: &mut Transaction<'_, D::DB>,
         events: &[NewEvent],
     ) -> Result<Vec<EnqueueOutcome>, EnqueueError> {
+        let aggregates: Vec<_> = events.iter().map(|e| e.aggregate().clone()).collect();
+        self.lock_aggregates(tx, &aggregates).await?;
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             out.push(self.enqueue(tx, e).await?);

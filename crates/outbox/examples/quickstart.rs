@@ -94,7 +94,9 @@ async fn main() -> anyhow::Result<()> {
             format!("\"{}\".orders", schema.name()),
             format!("\"{}\".customer_counters", schema.name()),
         ),
-        Database::Sqlite { .. } => ("orders".into(), "customer_counters".into()),
+        Database::Sqlite { .. } | Database::MySql { .. } => {
+            ("orders".into(), "customer_counters".into())
+        }
     };
     let ddl = format!(
         "CREATE TABLE IF NOT EXISTS {orders} (
@@ -107,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Database::Sqlite { pool } => {
             sqlx::raw_sql(&ddl).execute(pool).await?;
+        }
+        Database::MySql { pool, .. } => {
+            // MySQL keys no unbounded text.
+            sqlx::raw_sql(&ddl.replace("TEXT", "VARCHAR(255)"))
+                .execute(pool)
+                .await?;
         }
     }
 
@@ -223,6 +231,38 @@ async fn main() -> anyhow::Result<()> {
                             .bind(&customer)
                             .fetch_one(&mut *tx)
                             .await?;
+                        outbox.enqueue(&mut tx, &make_event(n as u64)?).await?;
+                        if rollback {
+                            tx.rollback().await?
+                        } else {
+                            outbox.commit(tx).await?
+                        }
+                    }
+                    Database::MySql { pool, .. } => {
+                        let outbox = outbox::mysql::MySqlOutbox::new(outbox::mysql::MySqlDialect)
+                            .with_wake_signal(wake.clone())
+                            .with_metrics(metrics.clone());
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&format!("INSERT INTO {orders} VALUES (?, ?, ?)"))
+                            .bind(&order)
+                            .bind(&customer)
+                            .bind(i as i64 * 100)
+                            .execute(&mut *tx)
+                            .await?;
+                        // No RETURNING in MySQL: upsert, then read back under the row lock.
+                        sqlx::query(&format!(
+                            "INSERT INTO {counters} (customer, n) VALUES (?, 1)
+                             ON DUPLICATE KEY UPDATE n = n + 1"
+                        ))
+                        .bind(&customer)
+                        .execute(&mut *tx)
+                        .await?;
+                        let n: i64 = sqlx::query_scalar(&format!(
+                            "SELECT n FROM {counters} WHERE customer = ?"
+                        ))
+                        .bind(&customer)
+                        .fetch_one(&mut *tx)
+                        .await?;
                         outbox.enqueue(&mut tx, &make_event(n as u64)?).await?;
                         if rollback {
                             tx.rollback().await?

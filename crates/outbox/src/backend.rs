@@ -14,12 +14,12 @@ use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
 use outbox_postgres::{PgRelayStore, Schema};
 pub use outbox_sqlite::Durability;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{MySqlPool, PgPool, SqlitePool};
 
 /// Why a backend could not be set up; the message says what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE or postgres://USER@HOST/DB")]
+    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE, postgres://USER@HOST/DB or mysql://USER@HOST/DB")]
     UnsupportedUrl(String),
     #[error("cannot connect to {url}: {source}")]
     Connect {
@@ -31,6 +31,8 @@ pub enum BackendError {
     Postgres(#[from] outbox_postgres::OutboxError),
     #[error(transparent)]
     Sqlite(#[from] outbox_sqlite::SqliteOutboxError),
+    #[error(transparent)]
+    MySql(#[from] outbox_mysql::MySqlOutboxError),
     #[error("OUTBOX_PG_POOL_SIZE must be a number of connections from 1 to 1000, got {0:?}")]
     PoolSize(String),
     #[error("Kafka: {0}")]
@@ -57,13 +59,26 @@ fn pool_size(setting: Option<String>) -> Result<u32, BackendError> {
 /// The service's database, with the outbox tables migrated and checked.
 #[derive(Clone)]
 pub enum Database {
-    Postgres { pool: PgPool, schema: Schema },
-    Sqlite { pool: SqlitePool },
+    Postgres {
+        pool: PgPool,
+        schema: Schema,
+    },
+    Sqlite {
+        pool: SqlitePool,
+    },
+    /// MySQL or MariaDB: `database` is where the outbox and the service's tables live.
+    MySql {
+        pool: MySqlPool,
+        database: String,
+    },
 }
 
 impl Database {
     /// Connects by URL scheme, applies the embedded migrations and verifies the schema.
-    /// `schema` applies to PostgreSQL (one schema per service); SQLite has one file per service.
+    /// `schema` applies to PostgreSQL (one schema per service) and MySQL (where a schema is
+    /// a database: the service's tables live in the database named `schema`, created if
+    /// missing, unless `schema` is `public`, the default, which keeps the URL's database);
+    /// SQLite has one file per service.
     /// SQLite commits are durable ([`Durability::Full`]); see [`Database::open_for`].
     pub async fn open(url: &str, schema: &str) -> Result<Self, BackendError> {
         Self::open_with(url, schema, Durability::Full).await
@@ -125,9 +140,59 @@ impl Database {
             Ok(Self::Sqlite {
                 pool: outbox_sqlite::connect_with(url, durability).await?,
             })
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Self::connect_mysql(url, schema).await
         } else {
             Err(BackendError::UnsupportedUrl(redact_url(url)))
         }
+    }
+
+    /// MySQL: the database named `schema` (see [`Database::open`]) on the URL's server.
+    async fn connect_mysql(url: &str, schema: &str) -> Result<Self, BackendError> {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let connect_error = |source: outbox_mysql::MySqlOutboxError| match source {
+            outbox_mysql::MySqlOutboxError::Database(source) => BackendError::Connect {
+                url: redact_url(&url),
+                source,
+            },
+            other => other.into(),
+        };
+        let (server, own) = match url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+        {
+            Some((_, path)) => {
+                let own = path.split(['?', '#']).next().unwrap_or_default().to_owned();
+                (url[..url.len() - path.len() - 1].to_owned(), own)
+            }
+            None => (url.clone(), String::new()),
+        };
+        let database = if schema == "public" && !own.is_empty() {
+            own
+        } else {
+            schema.to_owned()
+        };
+        // The only configurable name that reaches SQL text: validated as an identifier.
+        Schema::new(database.clone())?;
+        let size = pool_size(std::env::var("OUTBOX_PG_POOL_SIZE").ok())?;
+        let admin = outbox_mysql::connect_with_size(&url, 1)
+            .await
+            .map_err(connect_error)?;
+        // Text compares byte for byte, as in PostgreSQL and SQLite (see outbox_mysql).
+        sqlx::query(&format!(
+            "CREATE DATABASE IF NOT EXISTS {database} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .execute(&admin)
+        .await
+        .map_err(|source| BackendError::Connect {
+            url: redact_url(&url),
+            source,
+        })?;
+        admin.close().await;
+        let pool = outbox_mysql::connect_with_size(&format!("{server}/{database}"), size)
+            .await
+            .map_err(connect_error)?;
+        Ok(Self::MySql { pool, database })
     }
 
     /// Applies the embedded migrations not yet applied; returns their versions.
@@ -139,6 +204,7 @@ impl Database {
                 .map(i64::from)
                 .collect(),
             Self::Sqlite { pool } => outbox_sqlite::migrate(pool).await?,
+            Self::MySql { pool, .. } => outbox_mysql::migrate(pool).await?,
         })
     }
 
@@ -147,6 +213,7 @@ impl Database {
         match self {
             Self::Postgres { pool, schema } => outbox_postgres::check_schema(pool, schema).await?,
             Self::Sqlite { pool } => outbox_sqlite::check_schema(pool).await?,
+            Self::MySql { pool, .. } => outbox_mysql::check_schema(pool).await?,
         }
         Ok(())
     }
@@ -159,6 +226,10 @@ impl Database {
                 pool.clone(),
                 outbox_sqlite::SqliteDialect,
             )),
+            Self::MySql { pool, .. } => Arc::new(outbox_mysql::MySqlRelayStore::new(
+                pool.clone(),
+                outbox_mysql::MySqlDialect,
+            )),
         }
     }
 
@@ -170,6 +241,10 @@ impl Database {
                 pool.clone(),
                 outbox_sqlite::SqliteDialect,
             )),
+            Self::MySql { pool, .. } => Arc::new(outbox_mysql::MySqlRelayStore::new(
+                pool.clone(),
+                outbox_mysql::MySqlDialect,
+            )),
         }
     }
 
@@ -177,6 +252,7 @@ impl Database {
         match self {
             Self::Postgres { .. } => "postgres",
             Self::Sqlite { .. } => "sqlite",
+            Self::MySql { .. } => "mysql",
         }
     }
 }

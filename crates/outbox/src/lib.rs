@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `DATABASE_URL` | `sqlite://file.db` (embedded default) | [`sqlite`] |
 //! | `DATABASE_URL` | `postgres://...` (production) | [`postgres`] |
+//! | `DATABASE_URL` | `mysql://...` (MySQL 8.0.4+ / MariaDB 10.6+) | [`mysql`] |
 //! | `OUTBOX_BROKER` | `memory` (embedded default) | [`bus`], in process |
 //! | `OUTBOX_BROKER` | `host:port[,host:port]` (production) | [`kafka`] |
 //!
@@ -21,5 +22,6 @@ pub use outbox_bus as bus;
 pub use outbox_core::*;
 pub use outbox_http as http;
 pub use outbox_kafka as kafka;
+pub use outbox_mysql as mysql;
 pub use outbox_postgres as postgres;
 pub use outbox_sqlite as sqlite;

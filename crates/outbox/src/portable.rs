@@ -1,9 +1,11 @@
-//! Write a service once, run it on SQLite (embedded) or PostgreSQL (production).
+//! Write a service once, run it on SQLite (embedded), PostgreSQL or MySQL/MariaDB.
 //!
 //! [`ServiceDb`] opens the service's database by URL, applies the outbox migrations, and hands
 //! out [`Tx`] transactions in which business SQL and [`Tx::enqueue`] commit together. SQL is
 //! written in the dialect both engines share: `$1`-style placeholders, `BIGINT`, `TEXT`,
-//! `DOUBLE PRECISION`, `ON CONFLICT`, `RETURNING`. On PostgreSQL each session's `search_path`
+//! `DOUBLE PRECISION`, `ON CONFLICT`, `RETURNING` on `INSERT` and `DELETE` only (MySQL
+//! has none on `UPDATE`). On MySQL the statements are rewritten once each (placeholders,
+//! `ON CONFLICT`, key columns' types; see `portable/mysql.rs`). On PostgreSQL each session's `search_path`
 //! starts with the service's schema, so unqualified table names resolve to the service's own
 //! tables there as they do in its own SQLite file.
 //!
@@ -38,16 +40,20 @@ use outbox_core::{
     InboxStore, InboxStoreError, IncomingMessage, MessageHandler, NewEvent, TableMetrics,
     WakeSignal,
 };
+use outbox_mysql::{MySqlInbox, MySqlOutbox};
 use outbox_postgres::{PgInbox, PgOutbox};
 use outbox_sqlite::{SqliteInbox, SqliteOutbox};
+use sqlx::mysql::MySqlRow;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{
-    Column, PgConnection, Postgres, Row as _, Sqlite, SqliteConnection, Transaction, TypeInfo,
-    ValueRef,
+    Column, MySql, MySqlConnection, PgConnection, Postgres, Row as _, Sqlite, SqliteConnection,
+    Transaction, TypeInfo, ValueRef,
 };
 
 use crate::backend::{BackendError, Database};
+
+mod mysql;
 
 /// A failed database call; the message names the statement's problem.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +242,10 @@ impl Row {
         match self.get(column)? {
             Value::Null => Ok(None),
             Value::Text(s) => Ok(Some(s.clone())),
+            // MySQL reports text that compares byte for byte (utf8mb4_bin) as binary.
+            Value::Bytes(b) => String::from_utf8(b.clone())
+                .map(Some)
+                .map_err(|_| DbError::column(column, "is binary, not UTF-8 text")),
             other => Err(DbError::column(column, format!("{other:?} is not text"))),
         }
     }
@@ -243,6 +253,7 @@ impl Row {
     pub fn bytes(&self, column: &str) -> Result<Vec<u8>, DbError> {
         match self.get(column)? {
             Value::Bytes(b) => Ok(b.clone()),
+            Value::Text(s) => Ok(s.clone().into_bytes()),
             Value::Null => Err(DbError::column(column, "is NULL")),
             other => Err(DbError::column(column, format!("{other:?} is not binary"))),
         }
@@ -311,6 +322,38 @@ fn sqlite_value(row: &SqliteRow, i: usize, ty: &str) -> Result<Option<Value>, sq
     }))
 }
 
+fn mysql_value(row: &MySqlRow, i: usize, ty: &str) -> Result<Option<Value>, sqlx::Error> {
+    Ok(Some(match ty {
+        "BOOLEAN" | "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT"
+        | "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "MEDIUMINT UNSIGNED" | "INT UNSIGNED"
+        | "YEAR" => Value::Int(row.try_get_unchecked::<i64, _>(i)?),
+        "BIGINT UNSIGNED" => {
+            Value::Int(i64::try_from(row.try_get_unchecked::<u64, _>(i)?).unwrap_or(i64::MAX))
+        }
+        "DOUBLE" => Value::Float(row.try_get::<f64, _>(i)?),
+        "FLOAT" => Value::Float(row.try_get::<f32, _>(i)?.into()),
+        // SUM and AVG answer DECIMAL: whole numbers read as integers.
+        "DECIMAL" => {
+            let text = row.try_get_unchecked::<&str, _>(i)?;
+            match text.parse::<i64>() {
+                Ok(n) => Value::Int(n),
+                Err(_) => {
+                    Value::Float(text.parse::<f64>().map_err(|e| {
+                        sqlx::Error::Decode(format!("DECIMAL {text:?}: {e}").into())
+                    })?)
+                }
+            }
+        }
+        "CHAR" | "VARCHAR" | "TINYTEXT" | "TEXT" | "MEDIUMTEXT" | "LONGTEXT" | "JSON" | "ENUM" => {
+            Value::Text(row.try_get_unchecked::<String, _>(i)?)
+        }
+        "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" => {
+            Value::Bytes(row.try_get_unchecked::<Vec<u8>, _>(i)?)
+        }
+        _ => return Ok(None),
+    }))
+}
+
 fn column_names<R: sqlx::Row>(rows: &[R]) -> Arc<[String]> {
     rows.first()
         .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
@@ -361,9 +404,80 @@ async fn sqlite_fetch(
         .collect()
 }
 
+/// Whether `error` is a unique violation.
+fn is_duplicate(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+/// Binds `params` in the order a rewritten MySQL statement uses them.
+fn mysql_query<'q>(
+    statement: &'q mysql::Statement,
+    params: &'q [Value],
+) -> Result<sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>, DbError> {
+    let mut ordered = Vec::with_capacity(statement.order.len());
+    for &i in &statement.order {
+        ordered.push(params.get(i).ok_or_else(|| {
+            DbError::Invalid(format!(
+                "the statement uses ${} but {} parameters were given",
+                i + 1,
+                params.len()
+            ))
+        })?);
+    }
+    Ok(bind_all!(sqlx::query(&statement.sql), ordered))
+}
+
+async fn mysql_fetch(
+    conn: &mut MySqlConnection,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>, DbError> {
+    let statement = mysql::statement(sql).map_err(DbError::Invalid)?;
+    let query = match &statement.read_back {
+        Some(read_back) => {
+            if mysql_run(conn, &statement, params).await? == 0 {
+                return Ok(Vec::new());
+            }
+            read_back
+        }
+        None => &statement,
+    };
+    let rows = match mysql_query(query, params)?.fetch_all(conn).await {
+        Ok(rows) => rows,
+        Err(e) if query.duplicates_are_nothing && is_duplicate(&e) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let columns = column_names(&rows);
+    rows.iter()
+        .map(|r| decode_row(r, &columns, mysql_value))
+        .collect()
+}
+
+async fn mysql_run(
+    conn: &mut MySqlConnection,
+    statement: &mysql::Statement,
+    params: &[Value],
+) -> Result<u64, DbError> {
+    match mysql_query(statement, params)?.execute(conn).await {
+        Ok(done) => Ok(done.rows_affected()),
+        Err(e) if statement.duplicates_are_nothing && is_duplicate(&e) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn mysql_execute(
+    conn: &mut MySqlConnection,
+    sql: &str,
+    params: &[Value],
+) -> Result<u64, DbError> {
+    let statement = mysql::statement(sql).map_err(DbError::Invalid)?;
+    mysql_run(conn, &statement, params).await
+}
+
 enum Writer {
     Postgres(PgOutbox),
     Sqlite(SqliteOutbox),
+    MySql(MySqlOutbox),
 }
 
 /// A service's database: its business tables and its outbox, on either engine.
@@ -405,6 +519,14 @@ impl ServiceDb {
                 }
                 Writer::Sqlite(w)
             }
+            Database::MySql { .. } => {
+                let mut w =
+                    MySqlOutbox::new(outbox_mysql::MySqlDialect).with_wake_signal(wake.clone());
+                if let Some(m) = metrics {
+                    w = w.with_metrics(m);
+                }
+                Writer::MySql(w)
+            }
         };
         Self {
             database,
@@ -430,6 +552,11 @@ impl ServiceDb {
             }
             Database::Sqlite { pool } => {
                 sqlx::raw_sql(sql).execute(pool).await?;
+            }
+            Database::MySql { pool, .. } => {
+                for statement in mysql::script(sql) {
+                    sqlx::raw_sql(&statement).execute(pool).await?;
+                }
             }
         }
         Ok(())
@@ -472,6 +599,23 @@ impl ServiceDb {
                     sqlx::query(&sql).execute(pool).await?;
                 }
             }
+            Database::MySql { pool, .. } => {
+                let present: Option<(i64,)> = sqlx::query_as(
+                    "SELECT 1 FROM information_schema.columns
+                     WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?",
+                )
+                .bind(table)
+                .bind(column)
+                .fetch_optional(pool)
+                .await?;
+                if present.is_none() {
+                    let sql = format!(
+                        "ALTER TABLE {table} ADD COLUMN {column} {}",
+                        mysql::declaration(declaration)
+                    );
+                    sqlx::query(&sql).execute(pool).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -481,6 +625,7 @@ impl ServiceDb {
         let inner = match &self.database {
             Database::Postgres { pool, .. } => TxInner::Postgres(pool.begin().await?),
             Database::Sqlite { pool } => TxInner::Sqlite(outbox_sqlite::begin(pool).await?),
+            Database::MySql { pool, .. } => TxInner::MySql(pool.begin().await?),
         };
         Ok(Tx {
             inner,
@@ -496,6 +641,9 @@ impl ServiceDb {
             }
             Database::Sqlite { pool } => {
                 sqlite_fetch(&mut *pool.acquire().await?, sql, params).await
+            }
+            Database::MySql { pool, .. } => {
+                mysql_fetch(&mut *pool.acquire().await?, sql, params).await
             }
         }
     }
@@ -521,6 +669,7 @@ impl ServiceDb {
 enum TxInner {
     Postgres(Transaction<'static, Postgres>),
     Sqlite(Transaction<'static, Sqlite>),
+    MySql(Transaction<'static, MySql>),
 }
 
 /// An open transaction: business SQL and enqueued events commit or roll back together.
@@ -542,6 +691,7 @@ impl Tx {
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
+            TxInner::MySql(tx) => mysql_execute(tx, sql, params).await?,
         })
     }
 
@@ -549,6 +699,7 @@ impl Tx {
         match &mut self.inner {
             TxInner::Postgres(tx) => pg_fetch(tx, sql, params).await,
             TxInner::Sqlite(tx) => sqlite_fetch(tx, sql, params).await,
+            TxInner::MySql(tx) => mysql_fetch(tx, sql, params).await,
         }
     }
 
@@ -565,6 +716,7 @@ impl Tx {
         Ok(match (&mut self.inner, &*self.writer) {
             (TxInner::Postgres(tx), Writer::Postgres(w)) => w.enqueue(tx, event).await?,
             (TxInner::Sqlite(tx), Writer::Sqlite(w)) => w.enqueue(tx, event).await?,
+            (TxInner::MySql(tx), Writer::MySql(w)) => w.enqueue(tx, event).await?,
             _ => unreachable!("a transaction and its writer come from one database"),
         })
     }
@@ -576,8 +728,12 @@ impl Tx {
         &mut self,
         aggregates: &[outbox_core::AggregateRef],
     ) -> Result<(), DbError> {
-        if let (TxInner::Postgres(tx), Writer::Postgres(w)) = (&mut self.inner, &*self.writer) {
-            w.lock_aggregates(tx, aggregates).await?;
+        match (&mut self.inner, &*self.writer) {
+            (TxInner::Postgres(tx), Writer::Postgres(w)) => {
+                w.lock_aggregates(tx, aggregates).await?
+            }
+            (TxInner::MySql(tx), Writer::MySql(w)) => w.lock_aggregates(tx, aggregates).await?,
+            _ => {}
         }
         Ok(())
     }
@@ -587,6 +743,7 @@ impl Tx {
         match (self.inner, &*self.writer) {
             (TxInner::Postgres(tx), Writer::Postgres(w)) => w.commit(tx).await?,
             (TxInner::Sqlite(tx), Writer::Sqlite(w)) => w.commit(tx).await?,
+            (TxInner::MySql(tx), Writer::MySql(w)) => w.commit(tx).await?,
             _ => unreachable!("a transaction and its writer come from one database"),
         }
         Ok(())
@@ -596,6 +753,7 @@ impl Tx {
         match self.inner {
             TxInner::Postgres(tx) => tx.rollback().await?,
             TxInner::Sqlite(tx) => tx.rollback().await?,
+            TxInner::MySql(tx) => tx.rollback().await?,
         }
         Ok(())
     }
@@ -632,6 +790,7 @@ impl<H: TxHandler + ?Sized> TxHandler for Arc<H> {
 enum InboxTable {
     Postgres(PgInbox),
     Sqlite(SqliteInbox),
+    MySql(MySqlInbox),
 }
 
 /// The inbox table of a [`ServiceDb`], as the core inbox flow's store ([`Tx`] transactions).
@@ -649,6 +808,9 @@ impl ServiceInbox {
             Database::Sqlite { pool } => {
                 InboxTable::Sqlite(SqliteInbox::new(pool.clone(), outbox_sqlite::SqliteDialect))
             }
+            Database::MySql { pool, .. } => {
+                InboxTable::MySql(MySqlInbox::new(pool.clone(), outbox_mysql::MySqlDialect))
+            }
         };
         Self { db, table }
     }
@@ -662,6 +824,7 @@ impl InboxStore for ServiceInbox {
         Ok(match &self.table {
             InboxTable::Postgres(i) => i.has_processed(consumer, event_id).await?,
             InboxTable::Sqlite(i) => i.has_processed(consumer, event_id).await?,
+            InboxTable::MySql(i) => i.has_processed(consumer, event_id).await?,
         })
     }
 
@@ -683,6 +846,9 @@ impl InboxStore for ServiceInbox {
             (InboxTable::Sqlite(i), TxInner::Sqlite(t)) => {
                 i.try_begin(t, consumer, event_id, message).await?
             }
+            (InboxTable::MySql(i), TxInner::MySql(t)) => {
+                i.try_begin(t, consumer, event_id, message).await?
+            }
             _ => unreachable!("the inbox and the transaction come from one database"),
         })
     }
@@ -702,6 +868,7 @@ impl InboxStore for ServiceInbox {
             .is_some_and(|e| match &self.table {
                 InboxTable::Postgres(_) => outbox_postgres::is_unavailable(e),
                 InboxTable::Sqlite(_) => outbox_sqlite::is_unavailable(e),
+                InboxTable::MySql(_) => outbox_mysql::is_unavailable(e),
             })
     }
 }

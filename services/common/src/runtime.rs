@@ -106,19 +106,27 @@ pub fn tick_for(limit: Duration) -> Duration {
 pub enum DataLocation {
     /// One SQLite file per service in this directory (the embedded default).
     SqliteDir(std::path::PathBuf),
-    /// One PostgreSQL database, one schema per service (`{schema_prefix}{service}`).
-    Postgres { url: String, schema_prefix: String },
+    /// One database server, one schema per service (`{schema_prefix}{service}`): on
+    /// PostgreSQL a schema of the URL's database, on MySQL/MariaDB a database of its own.
+    Server { url: String, schema_prefix: String },
 }
 
 impl DataLocation {
-    /// `DATABASE_URL` if it is a PostgreSQL URL (schemas prefixed by `PLATFORM_SCHEMA_PREFIX`),
-    /// else SQLite files under `PLATFORM_DATA_DIR` (default `platform-data`).
+    /// `DATABASE_URL` if it is a PostgreSQL or MySQL/MariaDB URL (schemas prefixed by
+    /// `PLATFORM_SCHEMA_PREFIX`), else SQLite files under `PLATFORM_DATA_DIR` (default
+    /// `platform-data`).
     pub fn from_env() -> Self {
         match std::env::var("DATABASE_URL") {
-            Ok(url) if url.starts_with("postgres") => Self::Postgres {
-                url,
-                schema_prefix: std::env::var("PLATFORM_SCHEMA_PREFIX").unwrap_or_default(),
-            },
+            Ok(url)
+                if ["postgres", "mysql", "mariadb"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme)) =>
+            {
+                Self::Server {
+                    url,
+                    schema_prefix: std::env::var("PLATFORM_SCHEMA_PREFIX").unwrap_or_default(),
+                }
+            }
             _ => Self::SqliteDir(
                 std::env::var("PLATFORM_DATA_DIR")
                     .unwrap_or_else(|_| "platform-data".into())
@@ -130,7 +138,7 @@ impl DataLocation {
     pub fn url_for(&self, service: &str) -> String {
         match self {
             Self::SqliteDir(dir) => format!("sqlite://{}/{service}.db", dir.display()),
-            Self::Postgres { url, .. } => url.clone(),
+            Self::Server { url, .. } => url.clone(),
         }
     }
 
@@ -138,15 +146,19 @@ impl DataLocation {
     pub fn schema_for(&self, service: &str) -> String {
         match self {
             Self::SqliteDir(_) => service.to_owned(),
-            Self::Postgres { schema_prefix, .. } => format!("{schema_prefix}{service}"),
+            Self::Server { schema_prefix, .. } => format!("{schema_prefix}{service}"),
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Self::SqliteDir(dir) => format!("SQLite files in {}", dir.display()),
-            Self::Postgres { url, schema_prefix } => format!(
+            Self::Server { url, schema_prefix } if url.starts_with("postgres") => format!(
                 "PostgreSQL {} (one schema per service: {schema_prefix}<service>)",
+                outbox::config::redact_url(url)
+            ),
+            Self::Server { url, schema_prefix } => format!(
+                "MySQL {} (one database per service: {schema_prefix}<service>)",
                 outbox::config::redact_url(url)
             ),
         }

@@ -36,7 +36,7 @@ impl Schemas {
     }
 
     async fn drop(self) {
-        drop_schemas(&essay_common::runtime::DataLocation::Postgres {
+        drop_schemas(&essay_common::runtime::DataLocation::Server {
             url: database_url(),
             schema_prefix: self.prefix,
         })
@@ -47,7 +47,7 @@ impl Schemas {
 fn schema_of(db: &ServiceDb) -> String {
     match db.database() {
         Database::Postgres { schema, .. } => schema.name().to_owned(),
-        Database::Sqlite { .. } => unreachable!("PostgreSQL tests"),
+        Database::Sqlite { .. } | Database::MySql { .. } => unreachable!("PostgreSQL tests"),
     }
 }
 

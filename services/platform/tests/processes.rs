@@ -42,7 +42,7 @@ impl Drop for Processes {
 async fn nine_processes_run_a_batch() {
     let broker = TestBroker::start();
     let location = pg_location("procs");
-    let DataLocation::Postgres { url, schema_prefix } = &location else {
+    let DataLocation::Server { url, schema_prefix } = &location else {
         unreachable!()
     };
     let addrs: HashMap<String, SocketAddr> = SERVICES

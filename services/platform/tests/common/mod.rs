@@ -28,7 +28,7 @@ pub fn database_url() -> String {
 
 /// Fresh schemas for one test run on the test PostgreSQL.
 pub fn pg_location(tag: &str) -> DataLocation {
-    DataLocation::Postgres {
+    DataLocation::Server {
         url: database_url(),
         schema_prefix: format!(
             "t{}_{tag}_",
@@ -37,8 +37,33 @@ pub fn pg_location(tag: &str) -> DataLocation {
     }
 }
 
+/// Fresh databases for one test run on the test MySQL/MariaDB (`MYSQL_URL`, else the
+/// machine's MariaDB).
+#[allow(dead_code)]
+pub fn mysql_location(tag: &str) -> DataLocation {
+    DataLocation::Server {
+        url: format!("{}/test", outbox_mysql::testing::server_url()),
+        schema_prefix: format!(
+            "t{}_{tag}_",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+    }
+}
+
 pub async fn drop_schemas(location: &DataLocation) {
-    if let DataLocation::Postgres { url, schema_prefix } = location {
+    if let DataLocation::Server { url, schema_prefix } = location {
+        if url.starts_with("mysql") {
+            let pool = outbox_mysql::connect_with_size(url, 1)
+                .await
+                .expect("connect");
+            for (_, service, _) in essay_platform::SERVICES {
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {schema_prefix}{service}"))
+                    .execute(&pool)
+                    .await
+                    .expect("drop database");
+            }
+            return;
+        }
         let pool = sqlx::PgPool::connect(url).await.expect("connect");
         for (_, service, _) in essay_platform::SERVICES {
             sqlx::raw_sql(&format!(
