@@ -9,18 +9,16 @@ use outbox_core::{
     FailedAttempt, Fenced, OutboxMessage, OutboxStats, PartitionLease, PartitionNo, RelayId,
     RelayStore, StoreError,
 };
-use outbox_postgres::PgRelayStore;
-
-/// The PostgreSQL store, counting completed events in memory: the run's end is seen without
-/// polling the table (a `count(*)` every few ms, in parallel workers, took a large share of
-/// the database's CPU away from the relay it was measuring).
-pub struct CountingStore {
-    inner: PgRelayStore,
+/// A store, counting completed events in memory: the run's end is seen without polling the
+/// table (a `count(*)` every few ms, in parallel workers, took a large share of the
+/// database's CPU away from the relay it was measuring).
+pub struct CountingStore<S> {
+    inner: S,
     completed: AtomicU64,
 }
 
-impl CountingStore {
-    pub fn new(inner: PgRelayStore) -> Self {
+impl<S: RelayStore> CountingStore<S> {
+    pub fn new(inner: S) -> Self {
         Self {
             inner,
             completed: AtomicU64::new(0),
@@ -34,7 +32,7 @@ impl CountingStore {
 }
 
 #[async_trait]
-impl RelayStore for CountingStore {
+impl<S: RelayStore> RelayStore for CountingStore<S> {
     async fn heartbeat(
         &self,
         relay: RelayId,

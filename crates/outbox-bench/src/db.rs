@@ -1,17 +1,46 @@
-//! A fresh, migrated database per benchmark: a PostgreSQL schema or a SQLite file.
+//! A fresh, migrated database per benchmark: a PostgreSQL schema, a MySQL database or a
+//! SQLite file.
 
 use std::path::PathBuf;
 
 use outbox_postgres::Schema;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{MySqlPool, PgPool, SqlitePool};
 
 pub enum BenchDb {
     Postgres { pool: PgPool, schema: Schema },
     Sqlite { pool: SqlitePool, path: PathBuf },
+    MySql { pool: MySqlPool, database: String },
+}
+
+/// The MySQL/MariaDB server of the benchmarks: `MYSQL_URL` (no database), else the machine's.
+fn mysql_server() -> String {
+    std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
 impl BenchDb {
+    pub async fn mysql(connections: u32) -> anyhow::Result<Self> {
+        let server = mysql_server();
+        let database = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let admin = outbox_mysql::connect_with_size(&server, 1).await?;
+        sqlx::query(&format!(
+            "CREATE DATABASE {database} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+        let pool =
+            outbox_mysql::connect_with_size(&format!("{server}/{database}"), connections).await?;
+        outbox_mysql::migrate(&pool).await?;
+        sqlx::raw_sql(
+            "CREATE TABLE bench_orders (id BIGINT AUTO_INCREMENT PRIMARY KEY,
+                 customer VARCHAR(255) NOT NULL, amount BIGINT NOT NULL, note VARCHAR(255) NOT NULL)",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Self::MySql { pool, database })
+    }
+
     pub async fn postgres(connections: u32) -> anyhow::Result<Self> {
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -55,7 +84,7 @@ impl BenchDb {
     pub fn table(&self, t: &str) -> String {
         match self {
             Self::Postgres { schema, .. } => format!("\"{}\".{t}", schema.name()),
-            Self::Sqlite { .. } => t.to_owned(),
+            Self::Sqlite { .. } | Self::MySql { .. } => t.to_owned(),
         }
     }
 
@@ -76,6 +105,11 @@ impl BenchDb {
                     .execute(pool)
                     .await?;
             }
+            Self::MySql { pool, .. } => {
+                sqlx::raw_sql("TRUNCATE bench_orders; TRUNCATE event_outbox;")
+                    .execute(pool)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -92,6 +126,12 @@ impl BenchDb {
                 for s in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{s}", path.display()));
                 }
+            }
+            Self::MySql { pool, database } => {
+                let _ = sqlx::raw_sql(&format!("DROP DATABASE {database}"))
+                    .execute(&pool)
+                    .await;
+                pool.close().await;
             }
         }
     }

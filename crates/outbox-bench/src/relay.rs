@@ -1,5 +1,6 @@
-//! Relay throughput against the physical limits measured in the same run: PostgreSQL's raw
-//! claim-and-delete rate for the same rows, and Kafka's raw produce rate for the same messages.
+//! Relay throughput against the physical limits measured in the same run: the database's raw
+//! claim-and-delete rate for the same rows (PostgreSQL, MySQL/MariaDB), and Kafka's raw
+//! produce rate for the same messages.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox_core::{OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig, RelayStore};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
+use outbox_mysql::MySqlRelayStore;
 use outbox_postgres::{PgOutbox, PgRelayStore};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
@@ -57,6 +59,71 @@ async fn prefill(
     Ok(())
 }
 
+/// Fills a MySQL outbox the same way (MariaDB's sequence tables number the rows).
+async fn prefill_mysql(
+    db: &BenchDb,
+    events: usize,
+    aggregates: usize,
+    payload: usize,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let BenchDb::MySql { pool, .. } = db else {
+        unreachable!("a MySQL case")
+    };
+    sqlx::query(&format!(
+        "INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id, partition_no,
+                                   event_type, topic, message_key, headers, payload, created_at)
+         SELECT UUID(), 'agg', CONCAT('agg-', seq % ?), (seq % ?) % 64, 'bench', ?,
+                CONCAT('agg-', seq % ?), '{{}}', REPEAT('x', ?),
+                CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)
+         FROM seq_1_to_{events}"
+    ))
+    .bind(aggregates as i64)
+    .bind(aggregates as i64)
+    .bind(topic)
+    .bind(aggregates as i64)
+    .bind(payload as i64)
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql("ANALYZE TABLE event_outbox")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// MySQL's at-least-once minimum in plain SQL: read a batch, then delete it by `seq`.
+async fn raw_claim_then_delete_mysql(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
+    let BenchDb::MySql { pool, .. } = db else {
+        unreachable!()
+    };
+    let start = Instant::now();
+    let mut total = 0usize;
+    loop {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM (SELECT seq, event_id, topic, message_key, headers, payload
+                              FROM event_outbox WHERE status = 'pending'
+                              ORDER BY seq LIMIT ?) c",
+        )
+        .bind(batch)
+        .fetch_all(pool)
+        .await?;
+        if seqs.is_empty() {
+            break;
+        }
+        total += seqs.len();
+        // Numbers read from the table, not input.
+        let list = seqs
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::raw_sql(&format!("DELETE FROM event_outbox WHERE seq IN ({list})"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
 /// PostgreSQL's own rate: claim and delete the same rows with plain SQL, returning what a
 /// relay needs to publish.
 async fn raw_drain(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
@@ -81,7 +148,7 @@ async fn raw_drain(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn pending(store: &PgRelayStore) -> u64 {
+async fn pending(store: &impl RelayStore) -> u64 {
     store.stats().await.map(|s| s.pending).unwrap_or(u64::MAX)
 }
 
@@ -121,12 +188,40 @@ async fn relay_drain(
     writers: usize,
     pipeline: bool,
 ) -> anyhow::Result<(f64, f64, String)> {
-    let BenchDb::Postgres { pool, schema } = db else {
-        unreachable!()
-    };
-    let pg = PgRelayStore::new(pool.clone(), schema);
-    let before = pending(&pg).await;
-    let store = Arc::new(CountingStore::new(pg));
+    match db {
+        BenchDb::Postgres { pool, schema } => {
+            let store = PgRelayStore::new(pool.clone(), schema);
+            let writer = PgWriter {
+                pool: pool.clone(),
+                schema: schema.clone(),
+            };
+            drain_with(store, Some(writer), publisher, relays, writers, pipeline).await
+        }
+        BenchDb::MySql { pool, .. } => {
+            let store = MySqlRelayStore::new(pool.clone(), outbox_mysql::MySqlDialect);
+            drain_with(store, None, publisher, relays, 0, pipeline).await
+        }
+        BenchDb::Sqlite { .. } => unreachable!("the relay bench runs on servers"),
+    }
+}
+
+/// Writers inserting while the relay drains (PostgreSQL).
+#[derive(Clone)]
+struct PgWriter {
+    pool: sqlx::PgPool,
+    schema: outbox_postgres::Schema,
+}
+
+async fn drain_with<S: RelayStore>(
+    inner: S,
+    writer: Option<PgWriter>,
+    publisher: Arc<dyn Publisher>,
+    relays: usize,
+    writers: usize,
+    pipeline: bool,
+) -> anyhow::Result<(f64, f64, String)> {
+    let before = pending(&inner).await;
+    let store = Arc::new(CountingStore::new(inner));
     let config = RelayConfig {
         service: "bench".into(),
         lease: Duration::from_secs(10),
@@ -149,12 +244,8 @@ async fn relay_drain(
     let (writers_stop_tx, writers_stop) = tokio::sync::watch::channel(false);
     let mut writer_tasks = Vec::new();
     for w in 0..writers {
-        let (pool, schema, written, stop) = (
-            pool.clone(),
-            schema.clone(),
-            written.clone(),
-            writers_stop.clone(),
-        );
+        let PgWriter { pool, schema } = writer.clone().expect("writers need PostgreSQL");
+        let (written, stop) = (written.clone(), writers_stop.clone());
         writer_tasks.push(tokio::spawn(async move {
             let outbox = PgOutbox::new(schema);
             let mut i = 0usize;
@@ -257,6 +348,8 @@ async fn raw_produce(bootstrap: &str, events: usize, payload: usize) -> anyhow::
 enum Case {
     RawOneStatement(i64),
     RawTwoStatements(i64),
+    /// MySQL's at-least-once limit (read, then delete by seq).
+    MySqlRawTwoStatements(i64),
     KafkaRaw,
     /// The two raw limits at once: on one machine they share the CPU, as a relay's two
     /// halves do. The rate is that of the slower one while both run.
@@ -267,6 +360,7 @@ enum Case {
         writers: usize,
         pipeline: bool,
         kafka: bool,
+        mysql: bool,
     },
 }
 
@@ -278,6 +372,9 @@ impl Case {
             }
             Case::RawTwoStatements(b) => {
                 format!("PostgreSQL raw claim, then delete by seq, batch {b}")
+            }
+            Case::MySqlRawTwoStatements(b) => {
+                format!("MariaDB raw claim, then delete by seq, batch {b}")
             }
             Case::KafkaRaw => "Kafka raw produce (idempotent, acks=all)".into(),
             Case::RawBothAtOnce => {
@@ -301,6 +398,18 @@ const fn relay(
         writers,
         pipeline,
         kafka,
+        mysql: false,
+    }
+}
+
+const fn mysql_relay(label: &'static str, pipeline: bool, kafka: bool) -> Case {
+    Case::Relay {
+        label,
+        relays: 1,
+        writers: 0,
+        pipeline,
+        kafka,
+        mysql: true,
     }
 }
 
@@ -353,6 +462,15 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             true,
             false,
         ),
+        Case::MySqlRawTwoStatements(500),
+        Case::MySqlRawTwoStatements(2000),
+        Case::MySqlRawTwoStatements(5000),
+        mysql_relay(
+            "MariaDB: relay, null publisher, sequential (pipeline off)",
+            false,
+            false,
+        ),
+        mysql_relay("MariaDB: relay, null publisher", true, false),
     ];
     if kafka_wanted {
         cases.extend([
@@ -366,9 +484,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                 true,
             ),
             relay("relay to Kafka", 1, 0, true, true),
+            mysql_relay("MariaDB: relay to Kafka", true, true),
         ]);
     }
     let db = BenchDb::postgres(16).await?;
+    let my = BenchDb::mysql(16).await?;
     // measured[round][case]
     let mut measured: Vec<Vec<Measured>> = Vec::new();
     for round in 0..rounds {
@@ -402,6 +522,13 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                         note: String::new(),
                     }
                 }
+                Case::MySqlRawTwoStatements(batch) => {
+                    prefill_mysql(&my, events, aggregates, payload, "bench.null").await?;
+                    Measured {
+                        rate: raw_claim_then_delete_mysql(&my, batch).await?,
+                        note: String::new(),
+                    }
+                }
                 Case::KafkaRaw => Measured {
                     rate: raw_produce(kafka.as_deref().expect("kafka case"), events, payload)
                         .await?,
@@ -424,6 +551,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                     writers,
                     pipeline,
                     kafka: to_kafka,
+                    mysql,
                     ..
                 } => {
                     let (topic, publisher): (String, Arc<dyn Publisher>) = if to_kafka {
@@ -434,9 +562,15 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                     } else {
                         ("bench.null".into(), Arc::new(NullPublisher))
                     };
-                    prefill(&db, events, aggregates, payload, &topic).await?;
+                    let target = if mysql {
+                        prefill_mysql(&my, events, aggregates, payload, &topic).await?;
+                        &my
+                    } else {
+                        prefill(&db, events, aggregates, payload, &topic).await?;
+                        &db
+                    };
                     let (rate, writer_rate, split) =
-                        relay_drain(&db, publisher, relays, writers, pipeline).await?;
+                        relay_drain(target, publisher, relays, writers, pipeline).await?;
                     let note = if writers > 0 {
                         format!("writers {writer_rate:.0} tx/s; {split}")
                     } else {
@@ -462,6 +596,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     };
     let one = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawOneStatement(_)));
     let two = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawTwoStatements(_)));
+    let my_two = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::MySqlRawTwoStatements(_)));
     let broker = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::KafkaRaw));
     let shared = |r: &[Measured]| limit_of(r, &|c| matches!(c, Case::RawBothAtOnce));
     header(
@@ -479,7 +614,36 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             .unwrap_or_default();
         let (ratio_text, ratios) = match case {
             Case::RawOneStatement(_) => ("one-statement limit".to_string(), json!({})),
-            Case::RawTwoStatements(_) => ("at-least-once limit".to_string(), json!({})),
+            Case::RawTwoStatements(_) | Case::MySqlRawTwoStatements(_) => {
+                ("at-least-once limit".to_string(), json!({}))
+            }
+            Case::Relay {
+                kafka: false,
+                mysql: true,
+                ..
+            } => {
+                let r = median(measured.iter().map(|r| r[i].rate / my_two(r)).collect());
+                (
+                    format!("{r:.2} of MariaDB's at-least-once"),
+                    json!({ "ratio_to_two_statement_limit": r }),
+                )
+            }
+            Case::Relay {
+                kafka: true,
+                mysql: true,
+                ..
+            } => {
+                let r = median(
+                    measured
+                        .iter()
+                        .map(|m| m[i].rate / my_two(m).min(broker(m)))
+                        .collect(),
+                );
+                (
+                    format!("{r:.2} of min(MariaDB's at-least-once, broker)"),
+                    json!({ "ratio_to_min_limit": r }),
+                )
+            }
             Case::KafkaRaw => ("broker limit".to_string(), json!({})),
             Case::RawBothAtOnce => ("shared-machine limit".to_string(), json!({})),
             Case::Relay { kafka: false, .. } => {
@@ -514,6 +678,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     results["pg_limit_per_sec"] = json!(median(measured.iter().map(|r| one(r)).collect()));
     results["pg_two_statement_limit_per_sec"] =
         json!(median(measured.iter().map(|r| two(r)).collect()));
+    results["mysql_two_statement_limit_per_sec"] =
+        json!(median(measured.iter().map(|r| my_two(r)).collect()));
     if kafka_wanted {
         results["kafka_limit_per_sec"] =
             json!(median(measured.iter().map(|r| broker(r)).collect()));
@@ -521,5 +687,6 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
         println!("(Kafka rows skipped: neither OUTBOX_TEST_BROKER_BIN nor KAFKA_BOOTSTRAP_SERVERS is set)");
     }
     db.drop().await;
+    my.drop().await;
     Ok(results)
 }

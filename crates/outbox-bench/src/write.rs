@@ -107,6 +107,43 @@ async fn one(db: &BenchDb, mode: Mode, e: &NewEvent) -> anyhow::Result<Duration>
             }
             tx.commit().await?;
         }
+        BenchDb::MySql { pool, .. } => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO bench_orders (customer, amount, note) VALUES (?, ?, ?)")
+                .bind(e.aggregate().id())
+                .bind(42_i64)
+                .bind("bench")
+                .execute(&mut *tx)
+                .await?;
+            match mode {
+                Mode::Business => {}
+                Mode::RawInsert => {
+                    sqlx::query(
+                        "INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id,
+                             partition_no, event_type, topic, message_key, headers, payload,
+                             created_at)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, '{}', ?,
+                             CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED))",
+                    )
+                    .bind(e.event_id().to_string())
+                    .bind(e.aggregate().kind())
+                    .bind(e.aggregate().id())
+                    .bind(i64::from(e.aggregate().partition()))
+                    .bind(e.event_type())
+                    .bind(e.topic().as_str())
+                    .bind(e.key())
+                    .bind(e.payload().as_ref())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Mode::Enqueue => {
+                    outbox_mysql::MySqlOutbox::new(outbox_mysql::MySqlDialect)
+                        .enqueue(&mut tx, e)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        }
     }
     Ok(start.elapsed())
 }
@@ -158,7 +195,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     );
     // "sqlite" commits durably (synchronous=FULL, the default with an external broker);
     // "sqlite-normal" is synchronous=NORMAL (the in-process bus), to show what durability costs.
-    for db_kind in ["postgres", "sqlite", "sqlite-normal"] {
+    for db_kind in ["postgres", "mysql", "sqlite", "sqlite-normal"] {
         for writers in [1usize, 4, 16] {
             for payload in [200usize, 2048] {
                 if db_kind == "sqlite-normal" && payload != 200 {
@@ -166,6 +203,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                 }
                 let db = Arc::new(match db_kind {
                     "postgres" => BenchDb::postgres(writers as u32 + 2).await?,
+                    "mysql" => BenchDb::mysql(writers as u32 + 2).await?,
                     "sqlite" => BenchDb::sqlite().await?,
                     _ => BenchDb::sqlite_with(outbox_sqlite::Durability::Normal).await?,
                 });
