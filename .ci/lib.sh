@@ -24,6 +24,33 @@ ensure_postgres() {
   return 1
 }
 
+# MariaDB (the MySQL store's tests): started if it is down, as PostgreSQL is.
+ensure_mariadb() {
+  if ! mysqladmin -h 127.0.0.1 -u root status >/dev/null 2>&1; then
+    echo "MariaDB is down; starting it"
+    if [ -x /etc/init.d/mariadb ]; then
+      /etc/init.d/mariadb start
+    else
+      (mysqld_safe >/dev/null 2>&1 &)
+    fi
+  fi
+  for _ in $(seq 1 60); do
+    mysqladmin -h 127.0.0.1 -u root status >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "MariaDB did not become ready on 127.0.0.1:3306" >&2
+  return 1
+}
+
+# Drops the MySQL databases earlier test runs left behind (a test drops its own; one that
+# was killed cannot).
+drop_stale_mysql_databases() {
+  mysql -h 127.0.0.1 -u root -N -e "SELECT schema_name FROM information_schema.schemata
+      WHERE schema_name LIKE 'outbox\\_t\\_%' OR schema_name LIKE 'bench\\_%'
+         OR schema_name REGEXP '^t[0-9a-f]{8}_'" |
+    while read -r db; do mysql -h 127.0.0.1 -u root -e "DROP DATABASE \`$db\`"; done
+}
+
 # Drops and re-creates database $1; prints its URL.
 fresh_database() {
   local db="$1"

@@ -12,11 +12,10 @@
 //! - counts and times cast to `SIGNED`, so that every column reads back as a 64-bit integer.
 
 use outbox_core::EventId;
-use outbox_sql::dialect::json;
 use outbox_sql::outbox::{WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
 use outbox_sql::{
-    AdminSql, Arg, Dialect, Engine, InboxSql, Placeholders, Query, RelaySql, STATS_EXACT_UP_TO,
+    AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, STATS_EXACT_UP_TO,
 };
 use sqlx::mysql::MySqlRow;
 use sqlx::MySql;
@@ -30,9 +29,7 @@ const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 pub struct MySqlDialect;
 
 fn script(texts: &[&str]) -> outbox_sql::Script {
-    let owned: Vec<String> = texts.iter().map(|t| t.replace("{now}", NOW_MS)).collect();
-    let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
-    MySqlDialect::script(&refs)
+    MySqlDialect::script_at(NOW_MS, texts)
 }
 
 /// Share-locks the partition rows whose leases the statement after it relies on.
@@ -105,23 +102,11 @@ impl Dialect for MySqlDialect {
     const PLACEHOLDERS: Placeholders = Placeholders::Question;
 
     fn bind_own<'q>(query: Query<'q, MySql>, arg: Arg<'q>) -> Query<'q, MySql> {
-        let text = match arg {
-            Arg::Relay(r) => r.to_string(),
-            Arg::EventId(None) => return MySql::bind_text(query, None),
-            Arg::EventId(Some(id)) => id.to_string(),
-            Arg::Ints(v) => json::ints(v),
-            Arg::Partitions(v) => json::partitions(v),
-            Arg::Leases(v) => json::leases(v),
-            Arg::Fenced(v) => json::fenced(v),
-            Arg::Failures(v) => json::failures(v),
-            plain => return outbox_sql::dialect::bind::<Self>(query, plain),
-        };
-        MySql::bind_string(query, text)
+        outbox_sql::dialect::bind_as_text::<Self>(query, arg)
     }
 
     fn event_id(row: &MySqlRow, i: usize) -> Result<EventId, String> {
-        let text = MySql::text(row, i).map_err(|e| e.to_string())?;
-        text.parse().map_err(|e| format!("{e}"))
+        outbox_sql::dialect::event_id_from_text::<Self>(row, i)
     }
 
     fn is_unavailable(error: &sqlx::Error) -> bool {

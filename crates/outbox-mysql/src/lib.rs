@@ -143,12 +143,10 @@ async fn check_version(pool: &MySqlPool) -> Result<(), MySqlOutboxError> {
 /// connections, memory or disk, read-only (a fail-over in progress), or a lock wait timeout
 /// or deadlock (run the same work again and it passes).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    if outbox_sql::dialect::is_connection_trouble(error) {
+        return true;
+    }
     match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
             .is_some_and(|e| {

@@ -6,12 +6,10 @@
 /// memory or disk, read-only (a fail-over in progress), or a serialization failure or
 /// deadlock (run the same work again and it passes).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    if outbox_sql::dialect::is_connection_trouble(error) {
+        return true;
+    }
     match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // SQLSTATE classes 08 (connection), 53 (insufficient resources), 57P (operator
             // intervention: shutdown, cannot connect now), 58 (system error).

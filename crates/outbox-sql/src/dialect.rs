@@ -184,6 +184,53 @@ pub trait Dialect: Clone + Send + Sync + 'static {
                 .collect(),
         )
     }
+
+    /// Like [`Dialect::script`], with `{now}` in the texts replaced by `now` (the database
+    /// clock in milliseconds, for stores that keep times as integers).
+    fn script_at(now: &str, texts: &[&str]) -> Script {
+        let owned: Vec<String> = texts.iter().map(|t| t.replace("{now}", now)).collect();
+        let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+        Self::script(&refs)
+    }
+}
+
+/// [`Dialect::bind_own`] for databases that keep ids as text and read lists as JSON
+/// (SQLite, MySQL).
+pub fn bind_as_text<'q, D: Dialect>(query: Query<'q, D::DB>, arg: Arg<'q>) -> Query<'q, D::DB> {
+    let text = match arg {
+        Arg::Relay(r) => r.to_string(),
+        Arg::EventId(None) => return D::DB::bind_text(query, None),
+        Arg::EventId(Some(id)) => id.to_string(),
+        Arg::Ints(v) => json::ints(v),
+        Arg::Partitions(v) => json::partitions(v),
+        Arg::Leases(v) => json::leases(v),
+        Arg::Fenced(v) => json::fenced(v),
+        Arg::Failures(v) => json::failures(v),
+        plain => return bind::<D>(query, plain),
+    };
+    D::DB::bind_string(query, text)
+}
+
+/// [`Dialect::event_id`] for databases that keep event ids as text.
+pub fn event_id_from_text<D: Dialect>(
+    row: &<D::DB as Database>::Row,
+    i: usize,
+) -> Result<EventId, String> {
+    let text = D::DB::text(row, i).map_err(|e| e.to_string())?;
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// Whether `error` is trouble with the connection itself rather than with a statement:
+/// lost or refused, TLS, the pool closed or timed out, its worker gone.
+pub fn is_connection_trouble(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
 }
 
 /// Binds `arg` to `query` for dialect `D`.

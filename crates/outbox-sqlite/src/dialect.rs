@@ -4,10 +4,9 @@
 
 use futures::future::BoxFuture;
 use outbox_core::EventId;
-use outbox_sql::dialect::json;
 use outbox_sql::outbox::{WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
-use outbox_sql::{AdminSql, Arg, Dialect, Engine, InboxSql, Placeholders, Query, RelaySql};
+use outbox_sql::{AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Pool, Sqlite, Transaction};
 
@@ -19,15 +18,8 @@ pub(crate) const NOW_MS: &str =
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SqliteDialect;
 
-/// `text` with `{now}` replaced by the database clock in milliseconds.
-fn now(text: &str) -> String {
-    text.replace("{now}", NOW_MS)
-}
-
 fn script(texts: &[&str]) -> outbox_sql::Script {
-    let owned: Vec<String> = texts.iter().map(|t| now(t)).collect();
-    let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
-    SqliteDialect::script(&refs)
+    SqliteDialect::script_at(NOW_MS, texts)
 }
 
 /// Rows of the fenced-events list `@fenced` whose lease is still held by `@relay`.
@@ -78,23 +70,11 @@ impl Dialect for SqliteDialect {
     const PLACEHOLDERS: Placeholders = Placeholders::QuestionNumbered;
 
     fn bind_own<'q>(query: Query<'q, Sqlite>, arg: Arg<'q>) -> Query<'q, Sqlite> {
-        let text = match arg {
-            Arg::Relay(r) => r.to_string(),
-            Arg::EventId(None) => return Sqlite::bind_text(query, None),
-            Arg::EventId(Some(id)) => id.to_string(),
-            Arg::Ints(v) => json::ints(v),
-            Arg::Partitions(v) => json::partitions(v),
-            Arg::Leases(v) => json::leases(v),
-            Arg::Fenced(v) => json::fenced(v),
-            Arg::Failures(v) => json::failures(v),
-            plain => return outbox_sql::dialect::bind::<Self>(query, plain),
-        };
-        Sqlite::bind_string(query, text)
+        outbox_sql::dialect::bind_as_text::<Self>(query, arg)
     }
 
     fn event_id(row: &SqliteRow, i: usize) -> Result<EventId, String> {
-        let text = Sqlite::text(row, i).map_err(|e| e.to_string())?;
-        text.parse().map_err(|e| format!("{e}"))
+        outbox_sql::dialect::event_id_from_text::<Self>(row, i)
     }
 
     fn is_unavailable(error: &sqlx::Error) -> bool {

@@ -474,6 +474,14 @@ async fn mysql_execute(
     mysql_run(conn, &statement, params).await
 }
 
+/// `writer` counting its events in `metrics`, if any.
+fn counted<W>(writer: W, metrics: Option<TableMetrics>, with: fn(W, TableMetrics) -> W) -> W {
+    match metrics {
+        Some(m) => with(writer, m),
+        None => writer,
+    }
+}
+
 enum Writer {
     Postgres(PgOutbox),
     Sqlite(SqliteOutbox),
@@ -504,29 +512,21 @@ impl ServiceDb {
     /// events in `metrics`.
     pub fn with_parts(database: Database, wake: WakeSignal, metrics: Option<TableMetrics>) -> Self {
         let writer = match &database {
-            Database::Postgres { schema, .. } => {
-                let mut w = PgOutbox::new(schema.clone()).with_wake_signal(wake.clone());
-                if let Some(m) = metrics {
-                    w = w.with_metrics(m);
-                }
-                Writer::Postgres(w)
-            }
-            Database::Sqlite { .. } => {
-                let mut w =
-                    SqliteOutbox::new(outbox_sqlite::SqliteDialect).with_wake_signal(wake.clone());
-                if let Some(m) = metrics {
-                    w = w.with_metrics(m);
-                }
-                Writer::Sqlite(w)
-            }
-            Database::MySql { .. } => {
-                let mut w =
-                    MySqlOutbox::new(outbox_mysql::MySqlDialect).with_wake_signal(wake.clone());
-                if let Some(m) = metrics {
-                    w = w.with_metrics(m);
-                }
-                Writer::MySql(w)
-            }
+            Database::Postgres { schema, .. } => Writer::Postgres(counted(
+                PgOutbox::new(schema.clone()).with_wake_signal(wake.clone()),
+                metrics,
+                PgOutbox::with_metrics,
+            )),
+            Database::Sqlite { .. } => Writer::Sqlite(counted(
+                SqliteOutbox::new(outbox_sqlite::SqliteDialect).with_wake_signal(wake.clone()),
+                metrics,
+                SqliteOutbox::with_metrics,
+            )),
+            Database::MySql { .. } => Writer::MySql(counted(
+                MySqlOutbox::new(outbox_mysql::MySqlDialect).with_wake_signal(wake.clone()),
+                metrics,
+                MySqlOutbox::with_metrics,
+            )),
         };
         Self {
             database,

@@ -38,14 +38,45 @@ async fn database_url_picks_the_store_and_prepares_it() {
             .unwrap();
     }
 
-    let err = Database::open("mysql://root@db/x", "s")
+    // MySQL: the schema is a database of its own on the URL's server, created and migrated.
+    let server =
+        std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let database = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let my = Database::open(&format!("{server}/test"), &database)
+        .await
+        .unwrap();
+    assert_eq!(my.kind(), "mysql");
+    assert_eq!(my.relay_store().stats().await.unwrap().pending, 0);
+    let Database::MySql {
+        pool,
+        database: opened,
+    } = &my
+    else {
+        panic!("a MySQL database")
+    };
+    assert_eq!(opened, &database);
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = ?")
+            .bind(&database)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(tables >= 6, "the outbox's tables in {database}: {tables}");
+    sqlx::raw_sql(&format!("DROP DATABASE {database}"))
+        .execute(pool)
+        .await
+        .unwrap();
+    let err = Database::open(&format!("{server}/test"), "bad-name")
         .await
         .err()
         .unwrap();
+    assert!(err.to_string().contains("schema name"), "{err}");
+
+    let err = Database::open("redis://db/x", "s").await.err().unwrap();
     assert!(matches!(err, BackendError::UnsupportedUrl(_)));
     let text = err.to_string();
     assert!(
-        text.contains("sqlite://") && text.contains("postgres://"),
+        text.contains("sqlite://") && text.contains("postgres://") && text.contains("mysql://"),
         "{text}"
     );
     let err = Database::open(&url, "Bad Schema").await.err().unwrap();
