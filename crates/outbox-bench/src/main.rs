@@ -105,6 +105,16 @@ fn machine() -> Value {
     json!({ "cpus": cpus, "cpu": model })
 }
 
+/// Whether the store `name` (postgres, mysql, sqlite) is benchmarked: `OUTBOX_BENCH_STORES`
+/// lists them (comma-separated), all by default. The relay bench's PostgreSQL rows are its
+/// baseline and always run.
+fn store_wanted(name: &str) -> bool {
+    match std::env::var("OUTBOX_BENCH_STORES") {
+        Ok(list) => list.split(',').any(|s| s.trim() == name),
+        Err(_) => true,
+    }
+}
+
 /// The relay's settings for a benchmark: the defaults, changed by the usual `OUTBOX_*`
 /// environment variables (e.g. `OUTBOX_BATCH_SIZE=5000`, `OUTBOX_PIPELINE=false`).
 fn relay_config() -> anyhow::Result<outbox_core::RelayConfig> {

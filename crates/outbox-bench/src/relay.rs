@@ -462,16 +462,21 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             true,
             false,
         ),
-        Case::MySqlRawTwoStatements(500),
-        Case::MySqlRawTwoStatements(2000),
-        Case::MySqlRawTwoStatements(5000),
-        mysql_relay(
-            "MariaDB: relay, null publisher, sequential (pipeline off)",
-            false,
-            false,
-        ),
-        mysql_relay("MariaDB: relay, null publisher", true, false),
     ];
+    let mysql_wanted = crate::store_wanted("mysql");
+    if mysql_wanted {
+        cases.extend([
+            Case::MySqlRawTwoStatements(500),
+            Case::MySqlRawTwoStatements(2000),
+            Case::MySqlRawTwoStatements(5000),
+            mysql_relay(
+                "MariaDB: relay, null publisher, sequential (pipeline off)",
+                false,
+                false,
+            ),
+            mysql_relay("MariaDB: relay, null publisher", true, false),
+        ]);
+    }
     if kafka_wanted {
         cases.extend([
             Case::KafkaRaw,
@@ -484,11 +489,17 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                 true,
             ),
             relay("relay to Kafka", 1, 0, true, true),
-            mysql_relay("MariaDB: relay to Kafka", true, true),
         ]);
+        if mysql_wanted {
+            cases.push(mysql_relay("MariaDB: relay to Kafka", true, true));
+        }
     }
     let db = BenchDb::postgres(16).await?;
-    let my = BenchDb::mysql(16).await?;
+    let my = if mysql_wanted {
+        Some(BenchDb::mysql(16).await?)
+    } else {
+        None
+    };
     // measured[round][case]
     let mut measured: Vec<Vec<Measured>> = Vec::new();
     for round in 0..rounds {
@@ -523,9 +534,10 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                     }
                 }
                 Case::MySqlRawTwoStatements(batch) => {
-                    prefill_mysql(&my, events, aggregates, payload, "bench.null").await?;
+                    let my = my.as_ref().expect("a MySQL case");
+                    prefill_mysql(my, events, aggregates, payload, "bench.null").await?;
                     Measured {
-                        rate: raw_claim_then_delete_mysql(&my, batch).await?,
+                        rate: raw_claim_then_delete_mysql(my, batch).await?,
                         note: String::new(),
                     }
                 }
@@ -563,8 +575,9 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
                         ("bench.null".into(), Arc::new(NullPublisher))
                     };
                     let target = if mysql {
-                        prefill_mysql(&my, events, aggregates, payload, &topic).await?;
-                        &my
+                        let my = my.as_ref().expect("a MySQL case");
+                        prefill_mysql(my, events, aggregates, payload, &topic).await?;
+                        my
                     } else {
                         prefill(&db, events, aggregates, payload, &topic).await?;
                         &db
@@ -678,8 +691,10 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     results["pg_limit_per_sec"] = json!(median(measured.iter().map(|r| one(r)).collect()));
     results["pg_two_statement_limit_per_sec"] =
         json!(median(measured.iter().map(|r| two(r)).collect()));
-    results["mysql_two_statement_limit_per_sec"] =
-        json!(median(measured.iter().map(|r| my_two(r)).collect()));
+    if mysql_wanted {
+        results["mysql_two_statement_limit_per_sec"] =
+            json!(median(measured.iter().map(|r| my_two(r)).collect()));
+    }
     if kafka_wanted {
         results["kafka_limit_per_sec"] =
             json!(median(measured.iter().map(|r| broker(r)).collect()));
@@ -687,6 +702,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
         println!("(Kafka rows skipped: neither OUTBOX_TEST_BROKER_BIN nor KAFKA_BOOTSTRAP_SERVERS is set)");
     }
     db.drop().await;
-    my.drop().await;
+    if let Some(my) = my {
+        my.drop().await;
+    }
     Ok(results)
 }

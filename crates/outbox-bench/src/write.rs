@@ -196,6 +196,9 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
     // "sqlite" commits durably (synchronous=FULL, the default with an external broker);
     // "sqlite-normal" is synchronous=NORMAL (the in-process bus), to show what durability costs.
     for db_kind in ["postgres", "mysql", "sqlite", "sqlite-normal"] {
+        if !crate::store_wanted(db_kind.trim_end_matches("-normal")) {
+            continue;
+        }
         for writers in [1usize, 4, 16] {
             for payload in [200usize, 2048] {
                 if db_kind == "sqlite-normal" && payload != 200 {

@@ -226,3 +226,84 @@ async fn migrate_check_and_status_on_postgres() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn operator_workflow_on_mysql() {
+    let server = outbox_mysql::testing::server_url();
+    let url = format!("{server}/test");
+    let database = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let cli = |args: &[&str]| outbox(&url, &database, args);
+
+    let check = cli(&["check"]);
+    assert!(
+        !check.ok && check.stderr.contains("table event_outbox is missing"),
+        "{}",
+        check.stderr
+    );
+    assert_eq!(
+        json(&cli(&["--json", "migrate"]))["applied"],
+        serde_json::json!([1, 2])
+    );
+    assert!(cli(&["check"]).ok);
+
+    let pool = outbox_mysql::connect(&format!("{server}/{database}"))
+        .await
+        .unwrap();
+    let topic = Topic::new("cli.test.v1").unwrap();
+    let events: Vec<NewEvent> = (0..2)
+        .map(|i| {
+            NewEvent::new(
+                topic.clone(),
+                AggregateRef::new("batch", format!("b{i}")).unwrap(),
+                format!("{{\"i\":{i}}}"),
+            )
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox_mysql::MySqlOutbox::new(outbox_mysql::MySqlDialect)
+        .enqueue_all(&mut tx, &events)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE event_outbox SET status = 'dead', attempts = 5, last_error = 'delivery timed out', dead_at = 0 WHERE event_id = ?")
+        .bind(events[0].event_id().to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let status = json(&cli(&["--json", "status"]));
+    assert_eq!(
+        (
+            status["database"].as_str(),
+            status["pending"].as_u64(),
+            status["dead"].as_u64()
+        ),
+        (Some("mysql"), Some(1), Some(1))
+    );
+    let listed = json(&cli(&["--json", "dead", "list", "--error", "TIMED OUT"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["event_id"], events[0].event_id().to_string());
+    let shown = json(&cli(&[
+        "--json",
+        "dead",
+        "show",
+        &events[0].event_id().to_string(),
+    ]));
+    assert_eq!(shown["payload"], "{\"i\":0}");
+    assert_eq!(
+        json(&cli(&["--json", "dead", "requeue", "--aggregate", "b0"]))["requeued"],
+        1
+    );
+    assert_eq!(json(&cli(&["--json", "status"]))["pending"], 2);
+
+    let bad = outbox(&url, "x; DROP TABLE y", &["status"]);
+    assert!(
+        !bad.ok && bad.stderr.contains("OUTBOX_SCHEMA"),
+        "{}",
+        bad.stderr
+    );
+    sqlx::raw_sql(&format!("DROP DATABASE {database}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

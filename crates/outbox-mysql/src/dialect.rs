@@ -12,10 +12,11 @@
 //! - counts and times cast to `SIGNED`, so that every column reads back as a 64-bit integer.
 
 use outbox_core::EventId;
-use outbox_sql::outbox::{WriteDialect, WriteSql};
+use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
 use outbox_sql::{
-    AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, STATS_EXACT_UP_TO,
+    AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, Statement, PARAMS,
+    STATS_EXACT_UP_TO,
 };
 use sqlx::mysql::MySqlRow;
 use sqlx::MySql;
@@ -297,14 +298,17 @@ impl WriteDialect for MySqlDialect {
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now})",
             ]),
-            insert: script(&[
-                "INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id, partition_no,
+            // The new row's seq comes back with the insert's result (LAST_INSERT_ID).
+            insert: Insert::GeneratedKey(Statement::compile(
+                &"INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id, partition_no,
                      event_type, topic, message_key, headers, payload, idempotency_key,
                      created_at)
                  VALUES (@event_id, @aggregate_type, @aggregate_id, @partition, @event_type,
-                         @topic, @message_key, @headers, @payload, @idempotency_key, {now})",
-                "SELECT CAST(LAST_INSERT_ID() AS SIGNED)",
-            ]),
+                         @topic, @message_key, @headers, @payload, @idempotency_key, {now})"
+                    .replace("{now}", NOW_MS),
+                Self::PLACEHOLDERS,
+                PARAMS,
+            )),
         }
     }
 }

@@ -15,15 +15,22 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 /// A query on database `DB` with its arguments.
 pub type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>;
 
-/// Rows changed by a statement (sqlx has no generic accessor).
+/// Rows changed by a statement, and the key an insert generated (sqlx has no generic
+/// accessor for either).
 pub trait Affected {
     fn affected(&self) -> u64;
+    /// The auto-increment key of the row an `INSERT` added, where the database reports it
+    /// with the statement's result (MySQL, SQLite); `None` elsewhere.
+    fn inserted_id(&self) -> Option<i64>;
 }
 
 #[cfg(feature = "postgres")]
 impl Affected for sqlx::postgres::PgQueryResult {
     fn affected(&self) -> u64 {
         self.rows_affected()
+    }
+    fn inserted_id(&self) -> Option<i64> {
+        None
     }
 }
 
@@ -32,12 +39,18 @@ impl Affected for sqlx::sqlite::SqliteQueryResult {
     fn affected(&self) -> u64 {
         self.rows_affected()
     }
+    fn inserted_id(&self) -> Option<i64> {
+        Some(self.last_insert_rowid())
+    }
 }
 
 #[cfg(feature = "mysql")]
 impl Affected for sqlx::mysql::MySqlQueryResult {
     fn affected(&self) -> u64 {
         self.rows_affected()
+    }
+    fn inserted_id(&self) -> Option<i64> {
+        i64::try_from(self.last_insert_id()).ok()
     }
 }
 
@@ -53,6 +66,12 @@ pub trait Engine: Database + Sized {
         conn: &'e mut Self::Connection,
         query: Query<'q, Self>,
     ) -> BoxFuture<'e, Result<u64, sqlx::Error>>;
+
+    /// Runs an `INSERT`; returns the key it generated, if the database reports one.
+    fn insert_on<'e, 'q: 'e>(
+        conn: &'e mut Self::Connection,
+        query: Query<'q, Self>,
+    ) -> BoxFuture<'e, Result<Option<i64>, sqlx::Error>>;
 
     fn fetch_all<'e, 'q: 'e>(
         pool: &'e Pool<Self>,
@@ -102,6 +121,13 @@ where
         query: Query<'q, Self>,
     ) -> BoxFuture<'e, Result<u64, sqlx::Error>> {
         Box::pin(async move { Ok(query.execute(conn).await?.affected()) })
+    }
+
+    fn insert_on<'e, 'q: 'e>(
+        conn: &'e mut Self::Connection,
+        query: Query<'q, Self>,
+    ) -> BoxFuture<'e, Result<Option<i64>, sqlx::Error>> {
+        Box::pin(async move { Ok(query.execute(conn).await?.inserted_id()) })
     }
 
     fn fetch_all<'e, 'q: 'e>(

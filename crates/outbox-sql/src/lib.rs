@@ -33,7 +33,7 @@ use std::time::Duration;
 pub use dialect::{AdminSql, Arg, Dialect, InboxSql, RelaySql, PARAMS};
 pub use engine::{Affected, Engine, Query};
 pub use inbox::{InboxEvent, SqlHandler, SqlInbox, SqlInboxHandler};
-pub use outbox::{EnqueueError, SqlOutbox, WriteDialect, WriteSql};
+pub use outbox::{EnqueueError, Insert, SqlOutbox, WriteDialect, WriteSql};
 pub use relay_store::{SqlRelayStore, STATS_EXACT_UP_TO};
 pub use statement::{Placeholders, Script, Statement};
 

@@ -23,9 +23,20 @@ pub struct WriteSql {
     /// when the key was used before.
     pub admit: Script,
     /// `@event_id, @aggregate_type, @aggregate_id, @partition, @event_type, @topic,
-    /// @message_key, @headers, @payload, @idempotency_key` -> the new row's `seq`, or no row
-    /// (or a unique violation) when the event id is in the table already.
-    pub insert: Script,
+    /// @message_key, @headers, @payload, @idempotency_key`: the insert, and how its `seq`
+    /// comes back.
+    pub insert: Insert,
+}
+
+/// How an insert of the write path tells the new row's `seq`.
+pub enum Insert {
+    /// The statement returns `seq` as a row, or no row (or a unique violation) when the
+    /// event id is in the table already (`RETURNING`).
+    Returning(Script),
+    /// The database reports the generated key with the statement's result (MySQL's
+    /// `LAST_INSERT_ID`, without a round trip to ask for it); a duplicate event id is a
+    /// unique violation.
+    GeneratedKey(crate::statement::Statement),
 }
 
 /// A dialect with the write path of [`SqlOutbox`].
@@ -126,14 +137,30 @@ impl<D: WriteDialect> SqlOutbox<D> {
                 Err(e) => return Err(e.into()),
             }
         }
-        let rows = match run::rows_on::<D>(&mut **tx, &self.sql.insert, &args).await {
-            Ok(rows) => rows,
-            Err(e) if is_unique_violation(&e) => return Ok(EnqueueOutcome::Duplicate),
-            Err(e) => return Err(e.into()),
+        let seq = match &self.sql.insert {
+            Insert::Returning(script) => match run::rows_on::<D>(&mut **tx, script, &args).await {
+                Ok(rows) => match rows.first() {
+                    Some(row) => Some(D::DB::int(row, 0)?),
+                    None => None,
+                },
+                Err(e) if is_unique_violation(&e) => None,
+                Err(e) => return Err(e.into()),
+            },
+            Insert::GeneratedKey(statement) => {
+                match D::DB::insert_on(&mut **tx, run::bound::<D>(statement, &args)).await {
+                    Ok(Some(seq)) => Some(seq),
+                    Ok(None) => {
+                        return Err(EnqueueError::Database(sqlx::Error::Protocol(
+                            "the database reported no generated key for the outbox row".into(),
+                        )))
+                    }
+                    Err(e) if is_unique_violation(&e) => None,
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
-        Ok(match rows.first() {
-            Some(row) => {
-                let seq = D::DB::int(row, 0)?;
+        Ok(match seq {
+            Some(seq) => {
                 if let Some(m) = &self.metrics {
                     m.enqueued(1);
                 }

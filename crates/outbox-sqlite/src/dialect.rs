@@ -4,7 +4,7 @@
 
 use futures::future::BoxFuture;
 use outbox_core::EventId;
-use outbox_sql::outbox::{WriteDialect, WriteSql};
+use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
 use outbox_sql::{AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql};
 use sqlx::sqlite::SqliteRow;
@@ -250,14 +250,14 @@ impl WriteDialect for SqliteDialect {
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now}) ON CONFLICT DO NOTHING",
             ]),
-            insert: script(&[
+            insert: Insert::Returning(script(&[
                 "INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id,
                      partition_no, event_type, topic, message_key, headers, payload,
                      idempotency_key, created_at)
                  VALUES (@event_id, @aggregate_type, @aggregate_id, @partition, @event_type,
                          @topic, @message_key, @headers, @payload, @idempotency_key, {now})
                  ON CONFLICT DO NOTHING RETURNING seq",
-            ]),
+            ])),
         }
     }
 }
