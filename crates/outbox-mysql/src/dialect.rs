@@ -15,7 +15,7 @@ use outbox_core::EventId;
 use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
 use outbox_sql::{
-    AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, Statement, PARAMS,
+    AdminParts, AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, Statement, PARAMS,
     STATS_EXACT_UP_TO,
 };
 use sqlx::mysql::MySqlRow;
@@ -235,39 +235,23 @@ impl Dialect for MySqlDialect {
     }
 
     fn admin_sql(&self) -> AdminSql {
-        let replay_match = "status = 'published' AND topic = @topic
-             AND published_at >= {now} - @since_ms
-             AND (@aggregate_id IS NULL OR aggregate_id = @aggregate_id)";
-        AdminSql {
-            topic_status: script(&["SELECT topic,
+        AdminSql::from_parts(
+            AdminParts {
+                table: "event_outbox",
+                record: RECORD,
+                filter: FILTER,
+                replay_match: "status = 'published' AND topic = @topic
+                     AND published_at >= {now} - @since_ms
+                     AND (@aggregate_id IS NULL OR aggregate_id = @aggregate_id)",
+                topic_status: "SELECT topic,
                     CAST(SUM(status = 'pending') AS SIGNED),
                     CAST(SUM(status = 'dead') AS SIGNED),
                     CAST(SUM(status = 'published') AS SIGNED),
                     CAST({now} - MIN(CASE WHEN status = 'pending' THEN created_at END) AS SIGNED)
-                 FROM event_outbox GROUP BY topic ORDER BY topic"]),
-            dead: script(&[&format!(
-                "SELECT {RECORD} FROM event_outbox WHERE status = 'dead' AND {FILTER}
-                 ORDER BY seq LIMIT @limit"
-            )]),
-            event: script(&[&format!(
-                "SELECT {RECORD} FROM event_outbox WHERE event_id = @event_id"
-            )]),
-            requeue: script(&[&format!(
-                "UPDATE event_outbox SET status = 'pending', attempts = 0, retry_at = NULL,
-                        dead_at = NULL
-                 WHERE status = 'dead' AND {FILTER}"
-            )]),
-            purge_dead: script(&[&format!(
-                "DELETE FROM event_outbox WHERE status = 'dead' AND {FILTER}"
-            )]),
-            replay_count: script(&[&format!(
-                "SELECT count(*) FROM event_outbox WHERE {replay_match}"
-            )]),
-            replay: script(&[&format!(
-                "UPDATE event_outbox SET status = 'pending', published_at = NULL, attempts = 0
-                 WHERE {replay_match}"
-            )]),
-        }
+                 FROM event_outbox GROUP BY topic ORDER BY topic",
+            },
+            script,
+        )
     }
 
     fn inbox_sql(&self) -> InboxSql {
@@ -291,9 +275,11 @@ impl Dialect for MySqlDialect {
 impl WriteDialect for MySqlDialect {
     fn write_sql(&self) -> WriteSql {
         WriteSql {
-            // The aggregate's bucket row, locked until commit (see migration 1).
+            // The aggregate's bucket row, locked until commit (see migration 1): by the
+            // insert itself (one round trip), or first, in key order, for several aggregates.
             lock: Some(script(&["SELECT bucket FROM event_outbox_write_lock
                  WHERE bucket = (@lock_key & 1023) FOR UPDATE"])),
+            insert_takes_lock: true,
             admit: script(&[
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now})",
@@ -303,8 +289,9 @@ impl WriteDialect for MySqlDialect {
                 &"INSERT INTO event_outbox (event_id, aggregate_type, aggregate_id, partition_no,
                      event_type, topic, message_key, headers, payload, idempotency_key,
                      created_at)
-                 VALUES (@event_id, @aggregate_type, @aggregate_id, @partition, @event_type,
-                         @topic, @message_key, @headers, @payload, @idempotency_key, {now})"
+                 SELECT @event_id, @aggregate_type, @aggregate_id, @partition, @event_type,
+                        @topic, @message_key, @headers, @payload, @idempotency_key, {now}
+                 FROM event_outbox_write_lock WHERE bucket = (@lock_key & 1023) FOR UPDATE"
                     .replace("{now}", NOW_MS),
                 Self::PLACEHOLDERS,
                 PARAMS,

@@ -39,8 +39,9 @@
 //! with `CAST(column AS CHAR)` in queries of your own.
 //!
 //! ## Ordering of writers
-//! `enqueue` locks the aggregate's bucket row (`event_outbox_write_lock`, 1,024 buckets)
-//! until the transaction ends, so writers of one aggregate commit in sequence order. MySQL's
+//! `enqueue` locks the aggregate's bucket row (`event_outbox_write_lock`, 1,024 buckets) in
+//! the insert itself (`INSERT ... SELECT ... FOR UPDATE`, one round trip) until the
+//! transaction ends, so writers of one aggregate commit in sequence order. MySQL's
 //! named locks (`GET_LOCK`) would outlive a rolled-back transaction: they belong to the
 //! session. A transaction that enqueues for several aggregates should enqueue them with
 //! `enqueue_all` or in a consistent order, as with any row locks; InnoDB aborts one of two
@@ -260,8 +261,18 @@ const INDEXES: &[&str] = &[
 
 /// Verifies tables, columns, indexes and partition rows; reports every problem found.
 pub async fn check_schema(pool: &MySqlPool) -> Result<(), MySqlOutboxError> {
-    let problems =
+    let mut problems =
         outbox_sql::schema::problems::<MySqlDialect>(pool, &dialect::catalog(), INDEXES).await?;
+    if problems.is_empty() {
+        let buckets: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox_write_lock")
+            .fetch_one(pool)
+            .await?;
+        if buckets != 1024 {
+            problems.push(format!(
+                "event_outbox_write_lock has {buckets} rows, expected 1024 (writers lock them)"
+            ));
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {

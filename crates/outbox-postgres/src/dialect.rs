@@ -13,7 +13,7 @@
 use outbox_core::EventId;
 use outbox_sql::dialect::json;
 use outbox_sql::{
-    AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, STATS_EXACT_UP_TO,
+    AdminParts, AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, STATS_EXACT_UP_TO,
 };
 use sqlx::postgres::PgRow;
 use sqlx::Postgres;
@@ -295,36 +295,25 @@ impl Dialect for PgDialect {
              AND published_at >= now() - @since_ms {MS}
              AND (@aggregate_id::text IS NULL OR aggregate_id = @aggregate_id)"
         );
-        AdminSql {
-            topic_status: script(&[&format!(
-                "SELECT topic,
-                        count(*) FILTER (WHERE status = 'pending'),
-                        count(*) FILTER (WHERE status = 'dead'),
-                        count(*) FILTER (WHERE status = 'published'),
-                        {}
-                 FROM {t} GROUP BY topic ORDER BY topic",
-                age_ms("min(created_at) FILTER (WHERE status = 'pending')")
-            )]),
-            dead: script(&[&format!(
-                "SELECT {record} FROM {t} WHERE status = 'dead' AND {filter}
-                 ORDER BY seq LIMIT @limit"
-            )]),
-            event: script(&[&format!(
-                "SELECT {record} FROM {t} WHERE event_id = @event_id"
-            )]),
-            requeue: script(&[&format!(
-                "UPDATE {t} SET status = 'pending', attempts = 0, retry_at = NULL, dead_at = NULL
-                 WHERE status = 'dead' AND {filter}"
-            )]),
-            purge_dead: script(&[&format!(
-                "DELETE FROM {t} WHERE status = 'dead' AND {filter}"
-            )]),
-            replay_count: script(&[&format!("SELECT count(*) FROM {t} WHERE {replay_match}")]),
-            replay: script(&[&format!(
-                "UPDATE {t} SET status = 'pending', published_at = NULL, attempts = 0
-                 WHERE {replay_match}"
-            )]),
-        }
+        let topic_status = format!(
+            "SELECT topic,
+                    count(*) FILTER (WHERE status = 'pending'),
+                    count(*) FILTER (WHERE status = 'dead'),
+                    count(*) FILTER (WHERE status = 'published'),
+                    {}
+             FROM {t} GROUP BY topic ORDER BY topic",
+            age_ms("min(created_at) FILTER (WHERE status = 'pending')")
+        );
+        AdminSql::from_parts(
+            AdminParts {
+                table: &t,
+                record: &record,
+                filter: &filter,
+                replay_match: &replay_match,
+                topic_status: &topic_status,
+            },
+            script,
+        )
     }
 
     fn inbox_sql(&self) -> InboxSql {

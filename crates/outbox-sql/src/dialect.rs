@@ -136,6 +136,57 @@ pub struct AdminSql {
     pub replay: Script,
 }
 
+/// What differs between databases in the admin statements; [`AdminSql::from_parts`] builds
+/// the rest.
+pub struct AdminParts<'a> {
+    /// The outbox table (schema-qualified where the database has schemas).
+    pub table: &'a str,
+    /// The record's columns, in the order of [`AdminSql`].
+    pub record: &'a str,
+    /// The filter condition over `@topic, @aggregate_id, @error_contains, @older_than_ms,
+    /// @event_id` (each NULL when not filtered on).
+    pub filter: &'a str,
+    /// Retained events of `@topic` published within `@since_ms`, of `@aggregate_id` if set.
+    pub replay_match: &'a str,
+    /// The per-topic counts, in the order of [`AdminSql::topic_status`].
+    pub topic_status: &'a str,
+}
+
+impl AdminSql {
+    /// The admin statements from a dialect's [`AdminParts`], compiled by `script`.
+    pub fn from_parts(parts: AdminParts<'_>, script: impl Fn(&[&str]) -> Script) -> Self {
+        let AdminParts {
+            table: t,
+            record,
+            filter,
+            replay_match,
+            topic_status,
+        } = parts;
+        Self {
+            topic_status: script(&[topic_status]),
+            dead: script(&[&format!(
+                "SELECT {record} FROM {t} WHERE status = 'dead' AND {filter}
+                 ORDER BY seq LIMIT @limit"
+            )]),
+            event: script(&[&format!(
+                "SELECT {record} FROM {t} WHERE event_id = @event_id"
+            )]),
+            requeue: script(&[&format!(
+                "UPDATE {t} SET status = 'pending', attempts = 0, retry_at = NULL, dead_at = NULL
+                 WHERE status = 'dead' AND {filter}"
+            )]),
+            purge_dead: script(&[&format!(
+                "DELETE FROM {t} WHERE status = 'dead' AND {filter}"
+            )]),
+            replay_count: script(&[&format!("SELECT count(*) FROM {t} WHERE {replay_match}")]),
+            replay: script(&[&format!(
+                "UPDATE {t} SET status = 'pending', published_at = NULL, attempts = 0
+                 WHERE {replay_match}"
+            )]),
+        }
+    }
+}
+
 /// The statements of the consumer inbox.
 pub struct InboxSql {
     /// `@consumer, @event_id, @event_type, @topic, @partition, @offset` -> counts 1 when

@@ -67,7 +67,8 @@ pub trait Engine: Database + Sized {
         query: Query<'q, Self>,
     ) -> BoxFuture<'e, Result<u64, sqlx::Error>>;
 
-    /// Runs an `INSERT`; returns the key it generated, if the database reports one.
+    /// Runs an `INSERT`; returns the key it generated, if it inserted a row and the database
+    /// reports the key.
     fn insert_on<'e, 'q: 'e>(
         conn: &'e mut Self::Connection,
         query: Query<'q, Self>,
@@ -127,7 +128,14 @@ where
         conn: &'e mut Self::Connection,
         query: Query<'q, Self>,
     ) -> BoxFuture<'e, Result<Option<i64>, sqlx::Error>> {
-        Box::pin(async move { Ok(query.execute(conn).await?.inserted_id()) })
+        Box::pin(async move {
+            let done = query.execute(conn).await?;
+            Ok(if done.affected() == 0 {
+                None
+            } else {
+                done.inserted_id()
+            })
+        })
     }
 
     fn fetch_all<'e, 'q: 'e>(

@@ -30,7 +30,7 @@ pub mod statement;
 
 use std::time::Duration;
 
-pub use dialect::{AdminSql, Arg, Dialect, InboxSql, RelaySql, PARAMS};
+pub use dialect::{AdminParts, AdminSql, Arg, Dialect, InboxSql, RelaySql, PARAMS};
 pub use engine::{Affected, Engine, Query};
 pub use inbox::{InboxEvent, SqlHandler, SqlInbox, SqlInboxHandler};
 pub use outbox::{EnqueueError, Insert, SqlOutbox, WriteDialect, WriteSql};

@@ -19,6 +19,9 @@ pub struct WriteSql {
     /// `@lock_key`: serialises the writers of one aggregate until commit, so that sequence
     /// order is commit order (none where the database has one writer at a time).
     pub lock: Option<Script>,
+    /// Whether the insert takes the lock itself (in the same round trip), so that `enqueue`
+    /// runs `lock` only for several aggregates at once (`enqueue_all`, `lock_aggregates`).
+    pub insert_takes_lock: bool,
     /// `@idempotency_key, @event_id`: counts 1 when admitted, 0 (or a unique violation)
     /// when the key was used before.
     pub admit: Script,
@@ -35,7 +38,7 @@ pub enum Insert {
     Returning(Script),
     /// The database reports the generated key with the statement's result (MySQL's
     /// `LAST_INSERT_ID`, without a round trip to ask for it); a duplicate event id is a
-    /// unique violation.
+    /// unique violation. An insert that added no row (its lock row missing) is an error.
     GeneratedKey(crate::statement::Statement),
 }
 
@@ -126,7 +129,7 @@ impl<D: WriteDialect> SqlOutbox<D> {
             ("payload", Arg::Bytes(event.payload().as_ref())),
             ("idempotency_key", Arg::OptText(event.idempotency_key())),
         ];
-        if let Some(lock) = &self.sql.lock {
+        if let (Some(lock), false) = (&self.sql.lock, self.sql.insert_takes_lock) {
             run::count_on::<D>(&mut **tx, lock, &args).await?;
         }
         if event.idempotency_key().is_some() {
@@ -151,7 +154,9 @@ impl<D: WriteDialect> SqlOutbox<D> {
                     Ok(Some(seq)) => Some(seq),
                     Ok(None) => {
                         return Err(EnqueueError::Database(sqlx::Error::Protocol(
-                            "the database reported no generated key for the outbox row".into(),
+                            "the outbox row was not inserted: the outbox tables are not as \
+                             migrated (its writer-lock row is missing?); run `outbox check`"
+                                .into(),
                         )))
                     }
                     Err(e) if is_unique_violation(&e) => None,

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use outbox_core::EventId;
 use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
 use outbox_sql::schema::CatalogSql;
-use outbox_sql::{AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql};
+use outbox_sql::{AdminParts, AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Pool, Sqlite, Transaction};
 
@@ -191,37 +191,21 @@ impl Dialect for SqliteDialect {
     }
 
     fn admin_sql(&self) -> AdminSql {
-        let replay_match = "status = 'published' AND topic = @topic
-             AND published_at >= {now} - @since_ms
-             AND (@aggregate_id IS NULL OR aggregate_id = @aggregate_id)";
-        AdminSql {
-            topic_status: script(&["SELECT topic,
+        AdminSql::from_parts(
+            AdminParts {
+                table: "event_outbox",
+                record: RECORD,
+                filter: FILTER,
+                replay_match: "status = 'published' AND topic = @topic
+                     AND published_at >= {now} - @since_ms
+                     AND (@aggregate_id IS NULL OR aggregate_id = @aggregate_id)",
+                topic_status: "SELECT topic,
                     sum(status = 'pending'), sum(status = 'dead'), sum(status = 'published'),
                     {now} - min(CASE WHEN status = 'pending' THEN created_at END)
-                 FROM event_outbox GROUP BY topic ORDER BY topic"]),
-            dead: script(&[&format!(
-                "SELECT {RECORD} FROM event_outbox WHERE status = 'dead' AND {FILTER}
-                 ORDER BY seq LIMIT @limit"
-            )]),
-            event: script(&[&format!(
-                "SELECT {RECORD} FROM event_outbox WHERE event_id = @event_id"
-            )]),
-            requeue: script(&[&format!(
-                "UPDATE event_outbox SET status = 'pending', attempts = 0, retry_at = NULL,
-                        dead_at = NULL
-                 WHERE status = 'dead' AND {FILTER}"
-            )]),
-            purge_dead: script(&[&format!(
-                "DELETE FROM event_outbox WHERE status = 'dead' AND {FILTER}"
-            )]),
-            replay_count: script(&[&format!(
-                "SELECT count(*) FROM event_outbox WHERE {replay_match}"
-            )]),
-            replay: script(&[&format!(
-                "UPDATE event_outbox SET status = 'pending', published_at = NULL, attempts = 0
-                 WHERE {replay_match}"
-            )]),
-        }
+                 FROM event_outbox GROUP BY topic ORDER BY topic",
+            },
+            script,
+        )
     }
 
     fn inbox_sql(&self) -> InboxSql {
@@ -246,6 +230,7 @@ impl WriteDialect for SqliteDialect {
         WriteSql {
             // One writer at a time: sequence order is commit order without a lock.
             lock: None,
+            insert_takes_lock: false,
             admit: script(&[
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now}) ON CONFLICT DO NOTHING",
