@@ -89,11 +89,11 @@ pub const SESSION_SETTINGS: &[&str] = &[
      ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION,ANSI_QUOTES,PIPES_AS_CONCAT'",
 ];
 
-/// Opens a pool of `size` connections with [`SESSION_SETTINGS`] applied to each.
-pub async fn connect_with_size(url: &str, size: u32) -> Result<MySqlPool, MySqlOutboxError> {
-    let options = MySqlConnectOptions::from_str(url)?;
-    let pool = MySqlPoolOptions::new()
-        .max_connections(size)
+/// Pool options with [`SESSION_SETTINGS`] applied to each new connection (16 connections,
+/// 10 s to wait for one); change what you need and open the pool with [`connect_with`].
+pub fn pool_options() -> MySqlPoolOptions {
+    MySqlPoolOptions::new()
+        .max_connections(16)
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(|conn, _| {
             Box::pin(async move {
@@ -103,15 +103,28 @@ pub async fn connect_with_size(url: &str, size: u32) -> Result<MySqlPool, MySqlO
                 Ok(())
             })
         })
-        .connect_with(options)
+}
+
+/// Opens a pool with `options` (start from [`pool_options`]) and checks the server's version.
+pub async fn connect_with(
+    url: &str,
+    options: MySqlPoolOptions,
+) -> Result<MySqlPool, MySqlOutboxError> {
+    let pool = options
+        .connect_with(MySqlConnectOptions::from_str(url)?)
         .await?;
     check_version(&pool).await?;
     Ok(pool)
 }
 
+/// Opens a pool of `size` connections with [`SESSION_SETTINGS`] applied to each.
+pub async fn connect_with_size(url: &str, size: u32) -> Result<MySqlPool, MySqlOutboxError> {
+    connect_with(url, pool_options().max_connections(size)).await
+}
+
 /// Opens a pool of 16 connections with [`SESSION_SETTINGS`] applied to each.
 pub async fn connect(url: &str) -> Result<MySqlPool, MySqlOutboxError> {
-    connect_with_size(url, 16).await
+    connect_with(url, pool_options()).await
 }
 
 /// Refuses servers without `JSON_TABLE` (MariaDB before 10.6, MySQL before 8.0.4).

@@ -22,9 +22,16 @@ async fn restart_under_load_loses_nothing_committed() {
         .await
         .unwrap();
     admin.close().await;
-    let pool = outbox_mysql::connect_with_size(&format!("{}/restart_test", server.url()), 8)
-        .await
-        .unwrap();
+    // A writer waits at most a second for a connection, so that the outage shows as errors
+    // rather than as writers waiting it out.
+    let pool = outbox_mysql::connect_with(
+        &format!("{}/restart_test", server.url()),
+        outbox_mysql::pool_options()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
     outbox_mysql::migrate(&pool).await.unwrap();
 
     let publisher = TestPublisher::new();
