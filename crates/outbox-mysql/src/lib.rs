@@ -110,9 +110,15 @@ pub async fn connect_with(
     url: &str,
     options: MySqlPoolOptions,
 ) -> Result<MySqlPool, MySqlOutboxError> {
-    let pool = options
-        .connect_with(MySqlConnectOptions::from_str(url)?)
-        .await?;
+    connect_to(MySqlConnectOptions::from_str(url)?, options).await
+}
+
+/// Like [`connect_with`], from parsed connection options (TLS and the rest kept as given).
+pub async fn connect_to(
+    connection: MySqlConnectOptions,
+    options: MySqlPoolOptions,
+) -> Result<MySqlPool, MySqlOutboxError> {
+    let pool = options.connect_with(connection).await?;
     check_version(&pool).await?;
     Ok(pool)
 }

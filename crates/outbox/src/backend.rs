@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use outbox_bus::{Bus, BusConsumer, BusPublisher};
 use outbox_core::config::redact_url;
@@ -157,25 +158,20 @@ impl Database {
             },
             other => other.into(),
         };
-        let (server, own) = match url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('/'))
-        {
-            Some((_, path)) => {
-                let own = path.split(['?', '#']).next().unwrap_or_default().to_owned();
-                (url[..url.len() - path.len() - 1].to_owned(), own)
-            }
-            None => (url.clone(), String::new()),
-        };
-        let database = if schema == "public" && !own.is_empty() {
-            own
-        } else {
-            schema.to_owned()
+        let parsed: sqlx::mysql::MySqlConnectOptions =
+            url.parse().map_err(|source| BackendError::Connect {
+                url: redact_url(&url),
+                source,
+            })?;
+        let database = match parsed.get_database() {
+            Some(own) if schema == "public" && !own.is_empty() => own.to_owned(),
+            _ => schema.to_owned(),
         };
         // The only configurable name that reaches SQL text: validated as an identifier.
         Schema::new(database.clone())?;
         let size = pool_size(std::env::var("OUTBOX_PG_POOL_SIZE").ok())?;
-        let admin = outbox_mysql::connect_with_size(&url, 1)
+        let pool_options = || outbox_mysql::pool_options().idle_timeout(Duration::from_secs(60));
+        let admin = outbox_mysql::connect_to(parsed.clone(), pool_options().max_connections(1))
             .await
             .map_err(connect_error)?;
         // Text compares byte for byte, as in PostgreSQL and SQLite (see outbox_mysql).
@@ -189,9 +185,13 @@ impl Database {
             source,
         })?;
         admin.close().await;
-        let pool = outbox_mysql::connect_with_size(&format!("{server}/{database}"), size)
-            .await
-            .map_err(connect_error)?;
+        // The URL's other settings (TLS, ...) are kept; only the database is the service's.
+        let pool = outbox_mysql::connect_to(
+            parsed.database(&database),
+            pool_options().max_connections(size),
+        )
+        .await
+        .map_err(connect_error)?;
         Ok(Self::MySql { pool, database })
     }
 
