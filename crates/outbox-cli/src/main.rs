@@ -1,4 +1,4 @@
-//! `outbox`: operate an outbox table from the command line, on PostgreSQL or SQLite.
+//! `outbox`: operate an outbox table from the command line, on PostgreSQL, MySQL/MariaDB or SQLite.
 //!
 //! Settings come from the environment (and `--config FILE`), as documented in
 //! `outbox_core::config` and `outbox_kafka::KafkaConfig`.

@@ -2,10 +2,11 @@
 //!
 //! [`ServiceDb`] opens the service's database by URL, applies the outbox migrations, and hands
 //! out [`Tx`] transactions in which business SQL and [`Tx::enqueue`] commit together. SQL is
-//! written in the dialect both engines share: `$1`-style placeholders, `BIGINT`, `TEXT`,
-//! `DOUBLE PRECISION`, `ON CONFLICT`, `RETURNING` on `INSERT` and `DELETE` only (MySQL
-//! has none on `UPDATE`). On MySQL the statements are rewritten once each (placeholders,
-//! `ON CONFLICT`, key columns' types; see `portable/mysql.rs`). On PostgreSQL each session's `search_path`
+//! written in the dialect PostgreSQL and SQLite share: `$1`-style placeholders, `BIGINT`,
+//! `TEXT`, `DOUBLE PRECISION`, `ON CONFLICT`, `RETURNING`. On MySQL/MariaDB each statement is
+//! rewritten once (placeholders, `ON CONFLICT`, `UPDATE ... RETURNING` read back by the
+//! `WHERE`'s first condition, which must be the row's key; key columns' types in DDL; see
+//! `portable/mysql.rs`). On PostgreSQL each session's `search_path`
 //! starts with the service's schema, so unqualified table names resolve to the service's own
 //! tables there as they do in its own SQLite file.
 //!
@@ -488,7 +489,7 @@ enum Writer {
     MySql(MySqlOutbox),
 }
 
-/// A service's database: its business tables and its outbox, on either engine.
+/// A service's database: its business tables and its outbox, on any of the engines.
 #[derive(Clone)]
 pub struct ServiceDb {
     database: Database,

@@ -61,6 +61,10 @@ struct Run {
     essays: Vec<(String, Vec<u8>)>,
     batches: Vec<String>,
     files: Vec<Vec<String>>,
+    /// Whether a pipeline request was accepted (202) for each batch: it travels to the Batch
+    /// Orchestrator as a command through the outbox, so the batch is not settled before the
+    /// orchestrator has either started a pipeline or recorded a denial.
+    requested: Vec<bool>,
 }
 
 impl Run {
@@ -77,6 +81,7 @@ impl Run {
                 self.batches
                     .push(reg["batch_id"].as_str().unwrap().to_owned());
                 self.files.push(Vec::new());
+                self.requested.push(false);
             }
             Op::Upload { batch, files } => {
                 let Some(b) = pick(*batch, self.batches.len()) else {
@@ -132,6 +137,9 @@ impl Run {
                     .unwrap();
                 // Accepted, or refused at once with a reason.
                 assert!(matches!(code.as_u16(), 202 | 400 | 409), "{code} {body}");
+                if code == 202 {
+                    self.requested[b] = true;
+                }
             }
             Op::Confirm { batch } => {
                 let Some(b) = pick(*batch, self.batches.len()) else {
@@ -160,9 +168,15 @@ impl Run {
         let (_, status) = self.api.get(&format!("/v1/batches/{batch}")).await.unwrap();
         let now = essay_common::util::now_ms();
         let pipeline = &status["pipeline"];
+        let requested = self
+            .batches
+            .iter()
+            .position(|b| b == batch)
+            .is_some_and(|i| self.requested[i]);
+        let request_in_flight = requested && status["last_denial"].is_null();
         match (status["status"].as_str(), pipeline["status"].as_str()) {
             (Some("FAILED"), _) if status["failure_reason"].is_string() => Ok(()),
-            (Some("READY"), None) => Ok(()),
+            (Some("READY"), None) if !request_in_flight => Ok(()),
             (_, Some("COMPLETED" | "FAILED")) => Ok(()),
             (_, Some("RUNNING"))
                 if pipeline["phase_deadline_ms"]
@@ -216,6 +230,7 @@ fn check(ops: Vec<Op>) {
             essays,
             batches: Vec::new(),
             files: Vec::new(),
+            requested: Vec::new(),
         };
         for op in &ops {
             run.apply(op).await;
