@@ -13,7 +13,7 @@
 
 use outbox_core::EventId;
 use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
-use outbox_sql::schema::CatalogSql;
+use outbox_sql::schema::{CatalogSql, RowCount};
 use outbox_sql::{
     AdminParts, AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql, Statement, PARAMS,
     STATS_EXACT_UP_TO,
@@ -279,7 +279,6 @@ impl WriteDialect for MySqlDialect {
             // insert itself (one round trip), or first, in key order, for several aggregates.
             lock: Some(script(&["SELECT bucket FROM event_outbox_write_lock
                  WHERE bucket = (@lock_key & 1023) FOR UPDATE"])),
-            insert_takes_lock: true,
             admit: script(&[
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now})",
@@ -311,6 +310,14 @@ pub(crate) fn catalog() -> CatalogSql {
             "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics
                  WHERE table_schema = DATABASE()",
         ]),
-        partitions: script(&["SELECT count(*) FROM event_outbox_partition"]),
+        row_counts: vec![
+            RowCount::partitions(script(&["SELECT count(*) FROM event_outbox_partition"])),
+            // Writers lock them (see migration 1); without its bucket a writer inserts nothing.
+            RowCount {
+                table: "event_outbox_write_lock",
+                expected: 1024,
+                count: script(&["SELECT count(*) FROM event_outbox_write_lock"]),
+            },
+        ],
     }
 }

@@ -280,18 +280,8 @@ const INDEXES: &[&str] = &[
 
 /// Verifies tables, columns, indexes and partition rows; reports every problem found.
 pub async fn check_schema(pool: &MySqlPool) -> Result<(), MySqlOutboxError> {
-    let mut problems =
+    let problems =
         outbox_sql::schema::problems::<MySqlDialect>(pool, &dialect::catalog(), INDEXES).await?;
-    if problems.is_empty() {
-        let buckets: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox_write_lock")
-            .fetch_one(pool)
-            .await?;
-        if buckets != 1024 {
-            problems.push(format!(
-                "event_outbox_write_lock has {buckets} rows, expected 1024 (writers lock them)"
-            ));
-        }
-    }
     if problems.is_empty() {
         Ok(())
     } else {

@@ -17,11 +17,11 @@ use crate::statement::Script;
 /// The statements of the write path.
 pub struct WriteSql {
     /// `@lock_key`: serialises the writers of one aggregate until commit, so that sequence
-    /// order is commit order (none where the database has one writer at a time).
+    /// order is commit order (none where the database has one writer at a time). Taken
+    /// ahead, in key order, for several aggregates at once (`enqueue_all`,
+    /// `lock_aggregates`); a single event's `insert` must take it itself, in its own round
+    /// trip.
     pub lock: Option<Script>,
-    /// Whether the insert takes the lock itself (in the same round trip), so that `enqueue`
-    /// runs `lock` only for several aggregates at once (`enqueue_all`, `lock_aggregates`).
-    pub insert_takes_lock: bool,
     /// `@idempotency_key, @event_id`: counts 1 when admitted, 0 (or a unique violation)
     /// when the key was used before.
     pub admit: Script,
@@ -129,9 +129,6 @@ impl<D: WriteDialect> SqlOutbox<D> {
             ("payload", Arg::Bytes(event.payload().as_ref())),
             ("idempotency_key", Arg::OptText(event.idempotency_key())),
         ];
-        if let (Some(lock), false) = (&self.sql.lock, self.sql.insert_takes_lock) {
-            run::count_on::<D>(&mut **tx, lock, &args).await?;
-        }
         if event.idempotency_key().is_some() {
             match run::count_on::<D>(&mut **tx, &self.sql.admit, &args).await {
                 Ok(1) => {}
@@ -183,11 +180,19 @@ impl<D: WriteDialect> SqlOutbox<D> {
         tx: &mut Transaction<'_, D::DB>,
         aggregates: &[outbox_core::AggregateRef],
     ) -> Result<(), EnqueueError> {
+        self.lock_in_order(tx, aggregates.iter()).await
+    }
+
+    /// Takes the writer locks of `aggregates` in ascending key order, each once.
+    async fn lock_in_order<'a>(
+        &self,
+        tx: &mut Transaction<'_, D::DB>,
+        aggregates: impl Iterator<Item = &'a outbox_core::AggregateRef>,
+    ) -> Result<(), EnqueueError> {
         let Some(lock) = &self.sql.lock else {
             return Ok(());
         };
         let mut keys: Vec<i64> = aggregates
-            .iter()
             .map(|a| i64::from(outbox_core::partition::aggregate_lock_key(a.kind(), a.id())))
             .collect();
         keys.sort_unstable();
@@ -206,8 +211,8 @@ impl<D: WriteDialect> SqlOutbox<D> {
         tx: &mut Transaction<'_, D::DB>,
         events: &[NewEvent],
     ) -> Result<Vec<EnqueueOutcome>, EnqueueError> {
-        let aggregates: Vec<_> = events.iter().map(|e| e.aggregate().clone()).collect();
-        self.lock_aggregates(tx, &aggregates).await?;
+        self.lock_in_order(tx, events.iter().map(NewEvent::aggregate))
+            .await?;
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             out.push(self.enqueue(tx, e).await?);

@@ -65,11 +65,30 @@ pub struct CatalogSql {
     pub columns: Script,
     /// -> rows `(index name)` of the outbox's tables.
     pub indexes: Script,
-    /// -> one row: the number of partition rows.
-    pub partitions: Script,
+    /// Tables whose rows the code relies on (the 64 partitions, and a dialect's own).
+    pub row_counts: Vec<RowCount>,
 }
 
-/// Verifies tables, columns, `indexes` and the 64 partition rows; returns every problem.
+/// A table that must hold a fixed number of rows.
+pub struct RowCount {
+    pub table: &'static str,
+    pub expected: i64,
+    /// -> one row: how many it holds.
+    pub count: Script,
+}
+
+impl RowCount {
+    /// The 64 rows of `event_outbox_partition`, counted with `count`.
+    pub fn partitions(count: Script) -> Self {
+        Self {
+            table: "event_outbox_partition",
+            expected: i64::from(outbox_core::PARTITIONS),
+            count,
+        }
+    }
+}
+
+/// Verifies tables, columns, `indexes` and the row counts; returns every problem.
 pub async fn problems<D: Dialect>(
     pool: &Pool<D::DB>,
     sql: &CatalogSql,
@@ -102,17 +121,22 @@ pub async fn problems<D: Dialect>(
             problems.push(format!("index {i} is missing"));
         }
     }
-    if problems.is_empty() {
-        let rows = run::rows::<D>(pool, &sql.partitions, &[]).await?;
+    if !problems.is_empty() {
+        return Ok(problems);
+    }
+    for RowCount {
+        table,
+        expected,
+        count,
+    } in &sql.row_counts
+    {
+        let rows = run::rows::<D>(pool, count, &[]).await?;
         let n = match rows.first() {
             Some(r) => D::DB::int(r, 0)?,
             None => 0,
         };
-        if n != i64::from(outbox_core::PARTITIONS) {
-            problems.push(format!(
-                "event_outbox_partition has {n} rows, expected {}",
-                outbox_core::PARTITIONS
-            ));
+        if n != *expected {
+            problems.push(format!("{table} has {n} rows, expected {expected}"));
         }
     }
     Ok(problems)

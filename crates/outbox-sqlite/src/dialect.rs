@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use outbox_core::EventId;
 use outbox_sql::outbox::{Insert, WriteDialect, WriteSql};
-use outbox_sql::schema::CatalogSql;
+use outbox_sql::schema::{CatalogSql, RowCount};
 use outbox_sql::{AdminParts, AdminSql, Arg, Dialect, InboxSql, Placeholders, Query, RelaySql};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Pool, Sqlite, Transaction};
@@ -230,7 +230,6 @@ impl WriteDialect for SqliteDialect {
         WriteSql {
             // One writer at a time: sequence order is commit order without a lock.
             lock: None,
-            insert_takes_lock: false,
             admit: script(&[
                 "INSERT INTO event_outbox_idempotency (idempotency_key, event_id, created_at)
                  VALUES (@idempotency_key, @event_id, {now}) ON CONFLICT DO NOTHING",
@@ -252,6 +251,8 @@ pub(crate) fn catalog() -> CatalogSql {
     CatalogSql {
         columns: script(&["SELECT name FROM pragma_table_info(@name)"]),
         indexes: script(&["SELECT name FROM sqlite_master WHERE type = 'index'"]),
-        partitions: script(&["SELECT count(*) FROM event_outbox_partition"]),
+        row_counts: vec![RowCount::partitions(script(&[
+            "SELECT count(*) FROM event_outbox_partition",
+        ]))],
     }
 }
