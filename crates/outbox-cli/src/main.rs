@@ -300,12 +300,12 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
                 "a standalone relay publishes to Kafka: set OUTBOX_BROKER or KAFKA_BOOTSTRAP_SERVERS",
             )?,
         ),
-        kafka => kafka.clone(),
+        broker => broker.clone(),
     };
     let broker = Broker::from_setting(&broker_setting, Bus::default())?;
     let publisher = broker
         .publisher()
-        .context("cannot create the Kafka producer")?;
+        .context("cannot create the broker's publisher")?;
     tracing::info!(database = db.kind(), "starting relay");
 
     let mut registry = prometheus_client::registry::Registry::default();

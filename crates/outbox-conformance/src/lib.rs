@@ -58,6 +58,12 @@ pub trait Transport: Send + Sync {
     /// Makes the broker unreachable / reachable again.
     fn start_outage(&self);
     fn end_outage(&self);
+    /// Kills the broker process and starts it again on the same address and data after
+    /// `down_for`; `false` for a transport without a durable broker of its own (Kafka's test
+    /// broker keeps nothing across a restart, the bus has no process).
+    async fn kill_and_restart(&self, _down_for: Duration) -> bool {
+        false
+    }
     /// Runs a consumer group member until the returned handle is stopped.
     fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer;
 }

@@ -1,4 +1,5 @@
-//! The transports under test: Kafka (a private real broker per test) and the in-process bus.
+//! The transports under test: Kafka and NATS JetStream (a private real server per test) and
+//! the in-process bus.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use outbox_bus::{Bus, BusConsumer, BusPublisher};
 use outbox_core::{ConsumerConfig, Headers, IncomingMessage, MessageHandler, Publisher};
 use outbox_kafka::testing::{read_topics, TestBroker};
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
+use outbox_nats::testing::{read_subject, PrivateNats};
+use outbox_nats::{NatsConfig, NatsConsumer, NatsPublisher};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -113,6 +116,109 @@ impl Transport for KafkaTransport {
                     })
                     .await
                     .expect("kafka consumer")
+            })
+        })
+    }
+}
+
+pub struct NatsTransport {
+    server: std::sync::Mutex<PrivateNats>,
+    url: String,
+    publisher: Arc<NatsPublisher>,
+}
+
+impl NatsTransport {
+    pub async fn boxed() -> Box<dyn Transport> {
+        let server = PrivateNats::start();
+        let publisher = Arc::new(
+            NatsPublisher::connect(Self::config_of(&server))
+                .await
+                .expect("NATS publisher"),
+        );
+        Box::new(Self {
+            url: server.url(),
+            server: std::sync::Mutex::new(server),
+            publisher,
+        })
+    }
+
+    fn config_of(server: &PrivateNats) -> NatsConfig {
+        Self::config_at(server.url())
+    }
+
+    fn config_at(url: String) -> NatsConfig {
+        let mut config = NatsConfig::new(url);
+        config.ack_timeout = Duration::from_secs(2);
+        config.ack_wait = Duration::from_secs(5);
+        config
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+
+    async fn received(
+        &self,
+        topic: &str,
+        distinct: usize,
+        limit: Duration,
+    ) -> Vec<IncomingMessage> {
+        read_subject(&NatsConfig::new(self.url.clone()), topic, distinct, limit).await
+    }
+
+    async fn produce(&self, topic: &str, key: &str, payload: Bytes, headers: Headers) {
+        // A producer of its own without the outbox's deduplication id: the same event sent
+        // three times must reach the consumer three times.
+        let client = async_nats::connect(self.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        outbox_nats::streams::Streams::default()
+            .ensure(&js, &NatsConfig::new(self.url.clone()), topic)
+            .await
+            .unwrap();
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in &headers {
+            h.insert(k.as_str(), v.as_str());
+        }
+        h.insert(outbox_nats::streams::KEY_HEADER, key);
+        js.publish_with_headers(topic.to_owned(), h, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    fn start_outage(&self) {
+        self.server.lock().unwrap().freeze();
+    }
+
+    fn end_outage(&self) {
+        self.server.lock().unwrap().thaw();
+    }
+
+    async fn kill_and_restart(&self, down_for: Duration) -> bool {
+        self.server.lock().unwrap().kill();
+        tokio::time::sleep(down_for).await;
+        self.server.lock().unwrap().restart();
+        true
+    }
+
+    fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer {
+        let consumer = NatsConsumer::new(Self::config_at(self.url.clone()), config);
+        running(|stopped| {
+            tokio::spawn(async move {
+                consumer
+                    .run(handler, async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .expect("nats consumer")
             })
         })
     }

@@ -1,9 +1,9 @@
 //! Every case against every store and transport: PostgreSQL, SQLite and MySQL/MariaDB, Kafka
-//! (a real broker) and the in-process bus.
+//! and NATS JetStream (real servers) and the in-process bus.
 
 use outbox_conformance::cases;
 use outbox_conformance::stores::{MySqlStore, PgStore, SqliteStore};
-use outbox_conformance::transports::{BusTransport, KafkaTransport};
+use outbox_conformance::transports::{BusTransport, KafkaTransport, NatsTransport};
 use outbox_conformance::{init_logs, Store, Transport};
 
 async fn run(store: Box<dyn Store>, transport: Box<dyn Transport>, case: cases::Case) {
@@ -43,6 +43,21 @@ macro_rules! conformance {
             }
 
             #[tokio::test]
+            async fn postgres_nats() {
+                run(PgStore::boxed().await, NatsTransport::boxed().await, cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn sqlite_nats() {
+                run(SqliteStore::boxed().await, NatsTransport::boxed().await, cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn mysql_nats() {
+                run(MySqlStore::boxed().await, NatsTransport::boxed().await, cases::$case).await
+            }
+
+            #[tokio::test]
             async fn mysql_bus() {
                 run(MySqlStore::boxed().await, BusTransport::boxed(), cases::$case).await
             }
@@ -55,7 +70,8 @@ conformance!(
     order_per_aggregate,
     retry_then_dead_letter,
     outage,
-    inbox_dedupe
+    inbox_dedupe,
+    consumer_order_across_restart
 );
 
 /// Store-level: the transport plays no part.
@@ -122,3 +138,38 @@ store_level!(
     foreign_event_id_header,
     restarted_instance_takes_its_partitions_back
 );
+
+/// Brokers with a durable process of their own, killed and restarted under load.
+mod broker_killed_and_restarted {
+    use super::*;
+
+    #[tokio::test]
+    async fn postgres_nats() {
+        run(
+            PgStore::boxed().await,
+            NatsTransport::boxed().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn sqlite_nats() {
+        run(
+            SqliteStore::boxed().await,
+            NatsTransport::boxed().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn mysql_nats() {
+        run(
+            MySqlStore::boxed().await,
+            NatsTransport::boxed().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+}

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `database_url` | `DATABASE_URL` | none | `postgres://...` (or `sqlite://...` where supported) |
 //! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
-//! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus) or a Kafka bootstrap list `host:port[,host:port]` |
+//! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus), a Kafka bootstrap list `host:port[,host:port]` or a NATS JetStream URL `nats://host:port` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
 //! | `instance` | `OUTBOX_INSTANCE` | none | a stable name for this relay process, unique among the live relays of the table (a pod or host name): a relay restarted under the same name takes its predecessor's partitions at once instead of after the lease |
 //! | `wake` | `OUTBOX_WAKE` | `watch` | how a relay in its own process (`outbox relay`) learns of commits besides polling: `watch` (reads the outbox sequence, or SQLite's `data_version`, every `wake_interval`; writers do nothing), `notify` (LISTEN; writers must enqueue with NOTIFY, which costs them throughput), `poll` (polling alone) |
@@ -122,6 +122,8 @@ pub enum BrokerSetting {
     Memory,
     /// Kafka, with this bootstrap list.
     Kafka(String),
+    /// NATS JetStream, with this URL (`nats://host:port[,nats://host:port]`).
+    Nats(String),
 }
 
 /// How a relay in its own process learns that writers committed (see the module docs).
@@ -310,10 +312,12 @@ impl Settings {
         if let Some(v) = take("broker") {
             s.broker = parse_with(
                 &v,
-                "`memory` or a Kafka bootstrap list host:port[,host:port]",
+                "`memory`, a Kafka bootstrap list host:port[,host:port] or a NATS URL nats://host:port",
                 |x| {
                     if x == "memory" {
                         Some(BrokerSetting::Memory)
+                    } else if x.starts_with("nats://") || x.starts_with("tls://") {
+                        Some(BrokerSetting::Nats(x.to_owned()))
                     } else if x.split(',').all(|b| {
                         b.trim()
                             .rsplit_once(':')
@@ -652,6 +656,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.broker, BrokerSetting::Kafka("b1:9092,b2:9093".into()));
+        let s = Settings::load(
+            None::<&Path>,
+            env_of(&[("OUTBOX_BROKER", "nats://127.0.0.1:4222")]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.broker,
+            BrokerSetting::Nats("nats://127.0.0.1:4222".into())
+        );
         let err = Settings::load(None::<&Path>, env_of(&[("OUTBOX_BROKER", "kafka")])).unwrap_err();
         assert!(err.to_string().contains("OUTBOX_BROKER"), "{err}");
     }

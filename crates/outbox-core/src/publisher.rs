@@ -1,5 +1,7 @@
 //! The [`Publisher`] trait: how the relay hands committed events to a broker.
 
+pub mod waves;
+
 use async_trait::async_trait;
 
 use crate::event::OutboxMessage;

@@ -1,5 +1,5 @@
 //! Backends chosen by configuration: the same code runs embedded (SQLite + in-process bus)
-//! or distributed (PostgreSQL + Kafka).
+//! or distributed (PostgreSQL or MySQL + Kafka or NATS JetStream).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use outbox_core::{
     RelayStore,
 };
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
+use outbox_nats::{NatsConfig, NatsConsumer, NatsPublisher};
 use outbox_postgres::{PgRelayStore, Schema};
 pub use outbox_sqlite::Durability;
 use sqlx::postgres::PgPoolOptions;
@@ -36,6 +37,10 @@ pub enum BackendError {
     MySql(#[from] outbox_mysql::MySqlOutboxError),
     #[error("OUTBOX_PG_POOL_SIZE must be a number of connections from 1 to 1000, got {0:?}")]
     PoolSize(String),
+    #[error("NATS: {0}")]
+    Nats(#[from] outbox_nats::NatsError),
+    #[error("NATS: {0}")]
+    NatsConfig(#[from] outbox_nats::NatsConfigError),
     #[error("Kafka: {0}")]
     Kafka(#[from] outbox_kafka::KafkaError),
     #[error(transparent)]
@@ -263,6 +268,7 @@ pub enum Broker {
     /// The in-process bus: every service in this process shares it.
     Memory(Bus),
     Kafka(KafkaConfig),
+    Nats(NatsConfig),
 }
 
 impl Broker {
@@ -276,6 +282,11 @@ impl Broker {
                 config.bootstrap_servers = bootstrap.clone();
                 Self::Kafka(config)
             }
+            BrokerSetting::Nats(url) => {
+                let config = NatsConfig::new(url.clone());
+                config.validate()?;
+                Self::Nats(config)
+            }
         })
     }
 
@@ -283,6 +294,7 @@ impl Broker {
         Ok(match self {
             Self::Memory(bus) => Arc::new(BusPublisher::new(bus.clone())),
             Self::Kafka(config) => Arc::new(KafkaPublisher::new(config.clone())?),
+            Self::Nats(config) => Arc::new(NatsPublisher::new(config.clone())?),
         })
     }
 
@@ -304,6 +316,11 @@ impl Broker {
                     .run(handler, shutdown)
                     .await?
             }
+            Self::Nats(nats) => {
+                NatsConsumer::new(nats.clone(), config)
+                    .run(handler, shutdown)
+                    .await?
+            }
         })
     }
 
@@ -312,7 +329,7 @@ impl Broker {
     pub fn sqlite_durability(&self) -> Durability {
         match self {
             Self::Memory(_) => Durability::Normal,
-            Self::Kafka(_) => Durability::Full,
+            Self::Kafka(_) | Self::Nats(_) => Durability::Full,
         }
     }
 
@@ -320,6 +337,7 @@ impl Broker {
         match self {
             Self::Memory(_) => "in-process bus",
             Self::Kafka(_) => "kafka",
+            Self::Nats(_) => "nats",
         }
     }
 }

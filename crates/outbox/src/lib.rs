@@ -23,5 +23,6 @@ pub use outbox_core::*;
 pub use outbox_http as http;
 pub use outbox_kafka as kafka;
 pub use outbox_mysql as mysql;
+pub use outbox_nats as nats;
 pub use outbox_postgres as postgres;
 pub use outbox_sqlite as sqlite;

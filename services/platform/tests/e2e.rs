@@ -1,5 +1,6 @@
 //! Batch to results, end to end: on the embedded default (SQLite + in-process bus), on
-//! PostgreSQL + a real Kafka-protocol broker and on MariaDB + Kafka, with every event then
+//! PostgreSQL + a real Kafka-protocol broker, on MariaDB + Kafka and on PostgreSQL + NATS
+//! JetStream (a private nats-server), with every event then
 //! redelivered; and the chaos run, with the broker frozen in the middle of a batch.
 
 mod common;
@@ -75,6 +76,12 @@ async fn mysql_and_kafka_batches_to_results() {
     let broker = TestBroker::start();
     let kafka = Broker::Kafka(KafkaConfig::new(broker.bootstrap()));
     two_batches_then_redelivery(mysql_location("e2e"), kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_and_nats_batches_to_results() {
+    let server = outbox_nats::testing::PrivateNats::start();
+    two_batches_then_redelivery(pg_location("e2e"), Broker::Nats(server.config())).await;
 }
 
 /// The broker is frozen (SIGSTOP) for 35 s in the middle of a batch; afterwards the pipeline

@@ -229,6 +229,16 @@ pub async fn broker_messages(broker: &Broker, at_least: usize) -> Vec<OnBroker> 
             payload: m.payload,
         })
         .collect(),
+        Broker::Nats(config) => outbox_nats::testing::read_stored(config, topics::ALL)
+            .await
+            .into_iter()
+            .map(|m| OnBroker {
+                topic: m.topic,
+                key: m.key,
+                headers: m.headers,
+                payload: m.payload.to_vec(),
+            })
+            .collect(),
     }
 }
 
@@ -316,6 +326,22 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
 
 /// Sends every message again, verbatim (same event ids), as a redelivering broker would.
 pub async fn redeliver(broker: &Broker, messages: &[OnBroker]) {
+    if let Broker::Nats(config) = broker {
+        // The outbox's publisher sets Nats-Msg-Id = event id, so JetStream would store a
+        // re-send within its duplicate window once: redeliver as raw copies instead.
+        for m in messages {
+            let incoming = outbox::IncomingMessage {
+                topic: m.topic.clone(),
+                partition: 0,
+                offset: 0,
+                key: m.key.clone(),
+                payload: m.payload.clone().into(),
+                headers: m.headers.clone(),
+            };
+            outbox_nats::testing::publish_raw(config, &incoming).await;
+        }
+        return;
+    }
     let publisher = broker.publisher().expect("publisher");
     let batch: Vec<outbox::OutboxMessage> = messages
         .iter()
