@@ -18,8 +18,9 @@ use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings
 ///
 /// The database comes from DATABASE_URL (postgres://..., mysql://... or sqlite://FILE) and, on
 /// PostgreSQL, OUTBOX_SCHEMA; tuning from OUTBOX_* variables or a TOML file given with
-/// --config (the environment wins). The relay publishes to Kafka: OUTBOX_BROKER or
-/// KAFKA_BOOTSTRAP_SERVERS, plus KAFKA_PROPERTY_<NAME> for TLS/SASL; it serves /metrics and
+/// --config (the environment wins). The relay publishes to OUTBOX_BROKER (a Kafka bootstrap
+/// list, nats://host:port or amqp://user:password@host:port/vhost) or KAFKA_BOOTSTRAP_SERVERS,
+/// plus KAFKA_PROPERTY_<NAME> for Kafka's TLS/SASL; it serves /metrics and
 /// the admin API (/api, mutations need OUTBOX_ADMIN_TOKEN) on OUTBOX_METRICS_ADDR.
 ///
 /// Examples:
@@ -297,7 +298,7 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
     let broker_setting = match &settings.broker {
         BrokerSetting::Memory => BrokerSetting::Kafka(
             std::env::var("KAFKA_BOOTSTRAP_SERVERS").context(
-                "a standalone relay publishes to Kafka: set OUTBOX_BROKER or KAFKA_BOOTSTRAP_SERVERS",
+                "a standalone relay publishes to a broker: set OUTBOX_BROKER (Kafka host:port, nats://... or amqp://...) or KAFKA_BOOTSTRAP_SERVERS",
             )?,
         ),
         broker => broker.clone(),

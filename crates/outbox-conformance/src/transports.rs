@@ -1,5 +1,6 @@
-//! The transports under test: Kafka and NATS JetStream (a private real server per test) and
-//! the in-process bus.
+//! The transports under test: Kafka and NATS JetStream (a private real server per test),
+//! RabbitMQ (the machine's broker, or a private node for the cases that stop it) and the
+//! in-process bus.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,8 @@ use outbox_kafka::testing::{read_topics, TestBroker};
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
 use outbox_nats::testing::{read_subject, PrivateNats};
 use outbox_nats::{NatsConfig, NatsConsumer, NatsPublisher};
+use outbox_rabbitmq::testing::{publish_raw, shared_url, Observer, PrivateRabbit};
+use outbox_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitPublisher};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -219,6 +222,138 @@ impl Transport for NatsTransport {
                     })
                     .await
                     .expect("nats consumer")
+            })
+        })
+    }
+}
+
+pub struct RabbitTransport {
+    /// Only for the cases that stop the broker; the others share the machine's.
+    private: Option<std::sync::Mutex<PrivateRabbit>>,
+    config: RabbitConfig,
+    publisher: Arc<RabbitPublisher>,
+    observer: Arc<Observer>,
+    /// Messages `produce` was given: RabbitMQ keeps a message only for the queues bound when
+    /// it arrives, so they are published once a consumer group declared its queues (as the
+    /// outbox's relay keeps an event until some group's queue exists).
+    held: Arc<std::sync::Mutex<Vec<IncomingMessage>>>,
+}
+
+impl RabbitTransport {
+    /// On a private node for the cases that stop the broker, else on the machine's.
+    pub async fn for_case(case: &str) -> Box<dyn Transport> {
+        let private = matches!(case, "outage" | "broker_killed_and_restarted");
+        let (private, mut config) = if private {
+            let node = PrivateRabbit::start();
+            let config = node.config();
+            (Some(std::sync::Mutex::new(node)), config)
+        } else {
+            let mut config = RabbitConfig::new(shared_url());
+            config.exchange = "outbox-conformance".into();
+            // As the private nodes and Kafka's default: the oversized case needs a limit.
+            config.max_message_size = 1024 * 1024;
+            (None, config)
+        };
+        config.confirm_timeout = Duration::from_secs(2);
+        // Test groups leave nothing behind on the machine's broker.
+        config.queue_expires = Some(Duration::from_secs(120));
+        let observer = Arc::new(Observer::declare(&config).await);
+        let publisher = Arc::new(RabbitPublisher::new(config.clone()).expect("publisher"));
+        Box::new(Self {
+            private,
+            config,
+            publisher,
+            observer,
+            held: Arc::default(),
+        })
+    }
+
+    fn node(&self) -> std::sync::MutexGuard<'_, PrivateRabbit> {
+        self.private
+            .as_ref()
+            .expect("this case stops the broker: it needs a private node (see for_case)")
+            .lock()
+            .unwrap()
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitTransport {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+
+    async fn received(
+        &self,
+        topic: &str,
+        distinct: usize,
+        limit: Duration,
+    ) -> Vec<IncomingMessage> {
+        self.observer.topic(topic, distinct, limit).await
+    }
+
+    async fn produce(&self, topic: &str, key: &str, payload: Bytes, headers: Headers) {
+        self.held.lock().unwrap().push(IncomingMessage {
+            topic: topic.to_owned(),
+            partition: 0,
+            offset: 0,
+            key: Some(key.to_owned()),
+            payload,
+            headers,
+        });
+    }
+
+    fn start_outage(&self) {
+        self.node().freeze();
+    }
+
+    fn end_outage(&self) {
+        self.node().thaw();
+    }
+
+    async fn kill_and_restart(&self, down_for: Duration) -> bool {
+        self.node().kill();
+        tokio::time::sleep(down_for).await;
+        self.node().restart();
+        true
+    }
+
+    fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer {
+        let rabbit = self.config.clone();
+        let held = self.held.clone();
+        running(|stopped| {
+            tokio::spawn(async move {
+                let topics = config.topics.clone();
+                let connection = rabbit.connect("conformance").await.expect("connect");
+                let channel = connection.create_channel().await.expect("channel");
+                outbox_rabbitmq::topology::declare_group(
+                    &channel,
+                    &rabbit,
+                    &config.group_id,
+                    &topics,
+                )
+                .await
+                .expect("declare the group's queues");
+                let _ = connection.close(200, "declared".into()).await;
+                let mine: Vec<IncomingMessage> = {
+                    let mut held = held.lock().unwrap();
+                    let (mine, rest) = held.drain(..).partition(|m| topics.contains(&m.topic));
+                    *held = rest;
+                    mine
+                };
+                for m in &mine {
+                    publish_raw(&rabbit, m).await;
+                }
+                RabbitConsumer::new(rabbit, config)
+                    .run(handler, async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .expect("rabbitmq consumer")
             })
         })
     }

@@ -1,9 +1,11 @@
 //! Every case against every store and transport: PostgreSQL, SQLite and MySQL/MariaDB, Kafka
-//! and NATS JetStream (real servers) and the in-process bus.
+//! NATS JetStream and RabbitMQ (real servers) and the in-process bus.
 
 use outbox_conformance::cases;
 use outbox_conformance::stores::{MySqlStore, PgStore, SqliteStore};
-use outbox_conformance::transports::{BusTransport, KafkaTransport, NatsTransport};
+use outbox_conformance::transports::{
+    BusTransport, KafkaTransport, NatsTransport, RabbitTransport,
+};
 use outbox_conformance::{init_logs, Store, Transport};
 
 async fn run(store: Box<dyn Store>, transport: Box<dyn Transport>, case: cases::Case) {
@@ -55,6 +57,21 @@ macro_rules! conformance {
             #[tokio::test]
             async fn mysql_nats() {
                 run(MySqlStore::boxed().await, NatsTransport::boxed().await, cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn postgres_rabbitmq() {
+                run(PgStore::boxed().await, RabbitTransport::for_case(stringify!($case)).await, cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn sqlite_rabbitmq() {
+                run(SqliteStore::boxed().await, RabbitTransport::for_case(stringify!($case)).await, cases::$case).await
+            }
+
+            #[tokio::test]
+            async fn mysql_rabbitmq() {
+                run(MySqlStore::boxed().await, RabbitTransport::for_case(stringify!($case)).await, cases::$case).await
             }
 
             #[tokio::test]
@@ -168,6 +185,40 @@ mod broker_killed_and_restarted {
         run(
             MySqlStore::boxed().await,
             NatsTransport::boxed().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+
+    async fn rabbitmq() -> Box<dyn Transport> {
+        RabbitTransport::for_case("broker_killed_and_restarted").await
+    }
+
+    #[tokio::test]
+    async fn postgres_rabbitmq() {
+        run(
+            PgStore::boxed().await,
+            rabbitmq().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn sqlite_rabbitmq() {
+        run(
+            SqliteStore::boxed().await,
+            rabbitmq().await,
+            cases::broker_killed_and_restarted,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn mysql_rabbitmq() {
+        run(
+            MySqlStore::boxed().await,
+            rabbitmq().await,
             cases::broker_killed_and_restarted,
         )
         .await

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `database_url` | `DATABASE_URL` | none | `postgres://...` (or `sqlite://...` where supported) |
 //! | `schema` | `OUTBOX_SCHEMA` | `public` | schema holding `event_outbox` (PostgreSQL) |
-//! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus), a Kafka bootstrap list `host:port[,host:port]` or a NATS JetStream URL `nats://host:port` |
+//! | `broker` | `OUTBOX_BROKER` | `memory` | `memory` (the in-process bus), a Kafka bootstrap list `host:port[,host:port]`, a NATS JetStream URL `nats://host:port` or a RabbitMQ URL `amqp://user:password@host:port/vhost` |
 //! | `service` | `OUTBOX_SERVICE` | `outbox` | service name: metrics label and relay name |
 //! | `instance` | `OUTBOX_INSTANCE` | none | a stable name for this relay process, unique among the live relays of the table (a pod or host name): a relay restarted under the same name takes its predecessor's partitions at once instead of after the lease |
 //! | `wake` | `OUTBOX_WAKE` | `watch` | how a relay in its own process (`outbox relay`) learns of commits besides polling: `watch` (reads the outbox sequence, or SQLite's `data_version`, every `wake_interval`; writers do nothing), `notify` (LISTEN; writers must enqueue with NOTIFY, which costs them throughput), `poll` (polling alone) |
@@ -124,6 +124,8 @@ pub enum BrokerSetting {
     Kafka(String),
     /// NATS JetStream, with this URL (`nats://host:port[,nats://host:port]`).
     Nats(String),
+    /// RabbitMQ, with this URL (`amqp://user:password@host:port/vhost`).
+    RabbitMq(String),
 }
 
 /// How a relay in its own process learns that writers committed (see the module docs).
@@ -312,12 +314,14 @@ impl Settings {
         if let Some(v) = take("broker") {
             s.broker = parse_with(
                 &v,
-                "`memory`, a Kafka bootstrap list host:port[,host:port] or a NATS URL nats://host:port",
+                "`memory`, a Kafka bootstrap list host:port[,host:port], a NATS URL nats://host:port or an AMQP URL amqp://user:password@host:port/vhost",
                 |x| {
                     if x == "memory" {
                         Some(BrokerSetting::Memory)
                     } else if x.starts_with("nats://") || x.starts_with("tls://") {
                         Some(BrokerSetting::Nats(x.to_owned()))
+                    } else if x.starts_with("amqp://") || x.starts_with("amqps://") {
+                        Some(BrokerSetting::RabbitMq(x.to_owned()))
                     } else if x.split(',').all(|b| {
                         b.trim()
                             .rsplit_once(':')

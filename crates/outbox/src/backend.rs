@@ -1,5 +1,5 @@
 //! Backends chosen by configuration: the same code runs embedded (SQLite + in-process bus)
-//! or distributed (PostgreSQL or MySQL + Kafka or NATS JetStream).
+//! or distributed (PostgreSQL or MySQL + Kafka, NATS JetStream or RabbitMQ).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use outbox_core::{
 use outbox_kafka::{KafkaConfig, KafkaConsumer, KafkaPublisher};
 use outbox_nats::{NatsConfig, NatsConsumer, NatsPublisher};
 use outbox_postgres::{PgRelayStore, Schema};
+use outbox_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitPublisher};
 pub use outbox_sqlite::Durability;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{MySqlPool, PgPool, SqlitePool};
@@ -41,6 +42,10 @@ pub enum BackendError {
     Nats(#[from] outbox_nats::NatsError),
     #[error("NATS: {0}")]
     NatsConfig(#[from] outbox_nats::NatsConfigError),
+    #[error("RabbitMQ: {0}")]
+    RabbitMq(#[from] outbox_rabbitmq::RabbitError),
+    #[error("RabbitMQ: {0}")]
+    RabbitConfig(#[from] outbox_rabbitmq::RabbitConfigError),
     #[error("Kafka: {0}")]
     Kafka(#[from] outbox_kafka::KafkaError),
     #[error(transparent)]
@@ -269,6 +274,7 @@ pub enum Broker {
     Memory(Bus),
     Kafka(KafkaConfig),
     Nats(NatsConfig),
+    RabbitMq(RabbitConfig),
 }
 
 impl Broker {
@@ -287,6 +293,14 @@ impl Broker {
                 config.validate()?;
                 Self::Nats(config)
             }
+            BrokerSetting::RabbitMq(url) => {
+                let mut config = RabbitConfig::new(url.clone());
+                if let Ok(exchange) = std::env::var("OUTBOX_RABBITMQ_EXCHANGE") {
+                    config.exchange = exchange;
+                }
+                config.validate()?;
+                Self::RabbitMq(config)
+            }
         })
     }
 
@@ -295,7 +309,31 @@ impl Broker {
             Self::Memory(bus) => Arc::new(BusPublisher::new(bus.clone())),
             Self::Kafka(config) => Arc::new(KafkaPublisher::new(config.clone())?),
             Self::Nats(config) => Arc::new(NatsPublisher::new(config.clone())?),
+            Self::RabbitMq(config) => Arc::new(RabbitPublisher::new(config.clone())?),
         })
+    }
+
+    /// Makes sure the broker keeps what is published to the group's topics from now on, before
+    /// its consumer runs: RabbitMQ keeps a message only for the queues bound when it arrives,
+    /// so the group's queues are declared here (Kafka and JetStream keep their logs anyway).
+    pub async fn prepare_consumer(&self, config: &ConsumerConfig) -> Result<(), BackendError> {
+        if let Self::RabbitMq(rabbit) = self {
+            let connection = rabbit.connect("outbox-prepare").await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| outbox_rabbitmq::RabbitError::Unavailable(e.to_string()))?;
+            let declared = outbox_rabbitmq::topology::declare_group(
+                &channel,
+                rabbit,
+                &config.group_id,
+                &config.topics,
+            )
+            .await;
+            let _ = connection.close(200, "declared".into()).await;
+            declared?;
+        }
+        Ok(())
     }
 
     /// Runs a consumer group member until `shutdown`.
@@ -321,6 +359,11 @@ impl Broker {
                     .run(handler, shutdown)
                     .await?
             }
+            Self::RabbitMq(rabbit) => {
+                RabbitConsumer::new(rabbit.clone(), config)
+                    .run(handler, shutdown)
+                    .await?
+            }
         })
     }
 
@@ -329,7 +372,7 @@ impl Broker {
     pub fn sqlite_durability(&self) -> Durability {
         match self {
             Self::Memory(_) => Durability::Normal,
-            Self::Kafka(_) | Self::Nats(_) => Durability::Full,
+            Self::Kafka(_) | Self::Nats(_) | Self::RabbitMq(_) => Durability::Full,
         }
     }
 
@@ -338,6 +381,7 @@ impl Broker {
             Self::Memory(_) => "in-process bus",
             Self::Kafka(_) => "kafka",
             Self::Nats(_) => "nats",
+            Self::RabbitMq(_) => "rabbitmq",
         }
     }
 }

@@ -11,6 +11,8 @@
 //! | `DATABASE_URL` | `mysql://...` (MySQL 8.0.4+ / MariaDB 10.6+) | [`mysql`] |
 //! | `OUTBOX_BROKER` | `memory` (embedded default) | [`bus`], in process |
 //! | `OUTBOX_BROKER` | `host:port[,host:port]` (production) | [`kafka`] |
+//! | `OUTBOX_BROKER` | `nats://host:port` | [`nats`] (JetStream) |
+//! | `OUTBOX_BROKER` | `amqp://user:password@host:port/vhost` (exchange `OUTBOX_RABBITMQ_EXCHANGE`, default `outbox`) | [`rabbitmq`] |
 //!
 //! See [`backend::Database`] and [`backend::Broker`], and the crate READMEs for the
 //! guarantees.
@@ -25,4 +27,5 @@ pub use outbox_kafka as kafka;
 pub use outbox_mysql as mysql;
 pub use outbox_nats as nats;
 pub use outbox_postgres as postgres;
+pub use outbox_rabbitmq as rabbitmq;
 pub use outbox_sqlite as sqlite;

@@ -348,6 +348,14 @@ pub async fn start(
 ) -> Result<RunningService, StartError> {
     let name = service.name();
     let (trigger, shutdown) = ShutdownTrigger::new();
+    if !service.consumes().is_empty() {
+        let config = ConsumerConfig::new(name, service.consumes());
+        // Before anything is published: a broker that keeps messages only for existing
+        // queues (RabbitMQ) must have this service's before its peers start sending.
+        if let Err(e) = broker.prepare_consumer(&config).await {
+            tracing::warn!(service = name, error = %e, "could not declare the consumer's queues yet; its consumer will when the broker answers");
+        }
+    }
     let publisher = broker
         .publisher()
         .map_err(|e| err(format!("{name}: {e}")))?;

@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     }) {
         Command::Serve { service, addr } => {
             if settings.broker == BrokerSetting::Memory {
-                bail!("serve runs one service per process: set OUTBOX_BROKER=host:port (Kafka) or nats://host:port (NATS JetStream); the in-process bus cannot reach other processes");
+                bail!("serve runs one service per process: set OUTBOX_BROKER=host:port (Kafka), nats://host:port (NATS JetStream) or amqp://... (RabbitMQ); the in-process bus cannot reach other processes");
             }
             essay_platform::serve(&service, &DataLocation::from_env(), broker, addr).await
         }

@@ -1,6 +1,7 @@
 //! Batch to results, end to end: on the embedded default (SQLite + in-process bus), on
 //! PostgreSQL + a real Kafka-protocol broker, on MariaDB + Kafka and on PostgreSQL + NATS
-//! JetStream (a private nats-server), with every event then
+//! JetStream (a private nats-server) and on PostgreSQL + RabbitMQ (a private node), with
+//! every event then
 //! redelivered; and the chaos run, with the broker frozen in the middle of a batch.
 
 mod common;
@@ -25,6 +26,7 @@ fn options() -> Options {
 
 /// A REGULAR and a GUEST batch at once, then every message redelivered.
 async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
+    observe(&broker).await;
     let platform = Platform::start(&location, broker.clone(), &options())
         .await
         .expect("platform starts");
@@ -82,6 +84,12 @@ async fn mysql_and_kafka_batches_to_results() {
 async fn postgres_and_nats_batches_to_results() {
     let server = outbox_nats::testing::PrivateNats::start();
     two_batches_then_redelivery(pg_location("e2e"), Broker::Nats(server.config())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_and_rabbitmq_batches_to_results() {
+    let node = outbox_rabbitmq::testing::PrivateRabbit::start();
+    two_batches_then_redelivery(pg_location("e2e"), Broker::RabbitMq(node.config())).await;
 }
 
 /// The broker is frozen (SIGSTOP) for 35 s in the middle of a batch; afterwards the pipeline

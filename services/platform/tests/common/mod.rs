@@ -201,6 +201,23 @@ impl OnBroker {
     }
 }
 
+/// RabbitMQ observers by exchange (see [`observe`]).
+static OBSERVERS: std::sync::Mutex<
+    std::collections::BTreeMap<String, std::sync::Arc<outbox_rabbitmq::testing::Observer>>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Starts keeping a copy of every message `broker` carries from now on, where the broker
+/// does not keep them by itself (RabbitMQ: a queue bound to every routing key).
+pub async fn observe(broker: &Broker) {
+    if let Broker::RabbitMq(config) = broker {
+        let observer = outbox_rabbitmq::testing::Observer::declare(config).await;
+        OBSERVERS
+            .lock()
+            .unwrap()
+            .insert(config.exchange.clone(), std::sync::Arc::new(observer));
+    }
+}
+
 /// Every message of every contract topic.
 pub async fn broker_messages(broker: &Broker, at_least: usize) -> Vec<OnBroker> {
     match broker {
@@ -229,6 +246,29 @@ pub async fn broker_messages(broker: &Broker, at_least: usize) -> Vec<OnBroker> 
             payload: m.payload,
         })
         .collect(),
+        Broker::RabbitMq(config) => {
+            let observer = OBSERVERS
+                .lock()
+                .unwrap()
+                .get(&config.exchange)
+                .cloned()
+                .expect("observe(&broker) before the platform starts: RabbitMQ keeps a message only for the queues bound when it arrives");
+            let mut seen = observer.all().await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while seen.len() < at_least && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                seen = observer.all().await;
+            }
+            seen.into_iter()
+                .filter(|m| topics::ALL.contains(&m.topic.as_str()))
+                .map(|m| OnBroker {
+                    topic: m.topic,
+                    key: m.key,
+                    headers: m.headers,
+                    payload: m.payload.to_vec(),
+                })
+                .collect()
+        }
         Broker::Nats(config) => outbox_nats::testing::read_stored(config, topics::ALL)
             .await
             .into_iter()
@@ -326,6 +366,20 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
 
 /// Sends every message again, verbatim (same event ids), as a redelivering broker would.
 pub async fn redeliver(broker: &Broker, messages: &[OnBroker]) {
+    if let Broker::RabbitMq(config) = broker {
+        for m in messages {
+            let incoming = outbox::IncomingMessage {
+                topic: m.topic.clone(),
+                partition: 0,
+                offset: 0,
+                key: m.key.clone(),
+                payload: m.payload.clone().into(),
+                headers: m.headers.clone(),
+            };
+            outbox_rabbitmq::testing::publish_raw(config, &incoming).await;
+        }
+        return;
+    }
     if let Broker::Nats(config) = broker {
         // The outbox's publisher sets Nats-Msg-Id = event id, so JetStream would store a
         // re-send within its duplicate window once: redeliver as raw copies instead.

@@ -1,0 +1,175 @@
+//! The RabbitMQ adapter's own edges, on the machine's broker with an exchange of the test's
+//! own: a topic nobody has a queue for, an oversized message, and parking.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use outbox_core::{
+    AggregateRef, ConsumerConfig, EventId, Handled, HandlerError, IncomingMessage, MessageHandler,
+    OutboxMessage, PublishOutcome, Publisher, Topic,
+};
+use outbox_rabbitmq::testing::{publish_raw, shared_url, Observer};
+use outbox_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitPublisher};
+
+fn config() -> RabbitConfig {
+    let mut config = RabbitConfig::new(shared_url());
+    config.exchange = format!("outbox-edges-{}", uuid::Uuid::new_v4().simple());
+    config.max_message_size = 64 * 1024;
+    config.queue_expires = Some(Duration::from_secs(60));
+    config
+}
+
+async fn delete_exchange(config: &RabbitConfig) {
+    let connection = config.connect("cleanup").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let _ = channel
+        .exchange_delete(config.exchange.as_str().into(), Default::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+fn message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMessage {
+    let aggregate = AggregateRef::new("a", aggregate).unwrap();
+    OutboxMessage {
+        seq: 0,
+        event_id: EventId::new(),
+        partition: aggregate.partition(),
+        key: aggregate.id().to_owned(),
+        aggregate,
+        event_type: "t.v1".into(),
+        topic: Topic::new(topic).unwrap(),
+        headers: Default::default(),
+        payload: Bytes::copy_from_slice(payload),
+        attempts: 0,
+        age_at_claim: Duration::ZERO,
+    }
+}
+
+#[tokio::test]
+async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused() {
+    let config = config();
+    let publisher = RabbitPublisher::new(config.clone()).unwrap();
+    // A group's queue for one topic only.
+    let connection = config.connect("setup").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    outbox_rabbitmq::topology::declare_group(&channel, &config, "svc", &["bound.v1".into()])
+        .await
+        .unwrap();
+    let batch = vec![
+        message("unbound.v1", "u", b"{}"),
+        message("unbound.v1", "u", b"{}"),
+        message("bound.v1", "big", &[b'x'; 70 * 1024]),
+        message("bound.v1", "ok", b"{}"),
+    ];
+    let out = publisher.publish(&batch).await;
+    match &out[0] {
+        PublishOutcome::Unavailable { reason } => {
+            assert!(
+                reason.contains("no queue is bound to topic unbound.v1"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(out[1], PublishOutcome::Skipped);
+    match &out[2] {
+        PublishOutcome::Rejected { reason } => assert!(reason.contains("too large"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(out[3], PublishOutcome::Delivered);
+    let queued = channel
+        .queue_declare(
+            "svc.bound.v1".into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(queued, 1, "only the deliverable message is queued");
+    publisher.probe().await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    delete_exchange(&config).await;
+}
+
+/// Applies messages; poison (no usable `event_id`) and the payload `fail` fail.
+struct Handler {
+    seen: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl MessageHandler for Handler {
+    async fn handle(&self, m: &IncomingMessage) -> Result<Handled, HandlerError> {
+        let id = m.event_id()?;
+        if &m.payload[..] == b"fail" {
+            return Err(HandlerError::retry("this one always fails"));
+        }
+        self.seen.lock().unwrap().push(id.to_string());
+        Ok(Handled::Processed)
+    }
+}
+
+#[tokio::test]
+async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest_flows() {
+    let config = config();
+    let observer = Observer::declare(&config).await;
+    let publisher = RabbitPublisher::new(config.clone()).unwrap();
+    let connection = config.connect("setup").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    outbox_rabbitmq::topology::declare_group(&channel, &config, "svc", &["orders.v1".into()])
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    let poison = IncomingMessage {
+        topic: "orders.v1".into(),
+        partition: 0,
+        offset: 0,
+        key: Some("p".into()),
+        payload: Bytes::from_static(b"{}"),
+        headers: [("event_id".to_owned(), "not-a-uuid".to_owned())].into(),
+    };
+    publish_raw(&config, &poison).await;
+    let failing = message("orders.v1", "b", b"fail");
+    let fine = message("orders.v1", "c", b"{}");
+    assert_eq!(
+        publisher.publish(&[failing.clone(), fine.clone()]).await,
+        vec![PublishOutcome::Delivered; 2]
+    );
+    let handler = Arc::new(Handler {
+        seen: Mutex::new(Vec::new()),
+    });
+    let mut group = ConsumerConfig::new("svc", &["orders.v1"]);
+    group.max_attempts = 2;
+    group.retry_base = Duration::from_millis(50);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(RabbitConsumer::new(config.clone(), group).run(
+        handler.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let parked = observer
+        .topic("orders.v1.DLQ", 2, Duration::from_secs(20))
+        .await;
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert!(parked[0].headers["dlq_reason"].contains("not a UUID"));
+    assert_eq!(parked[1].headers["event_id"], failing.event_id.to_string());
+    assert!(parked[1].headers["dlq_reason"].contains("failed 2 times"));
+    assert_eq!(parked[1].headers["dlq_consumer_group"], "svc");
+    assert_eq!(parked[1].key.as_deref(), Some("b"));
+    assert_eq!(&parked[1].payload[..], b"fail");
+    outbox_core::testing::wait_until(Duration::from_secs(20), "the good one applied", || async {
+        handler.seen.lock().unwrap().len() == 1
+    })
+    .await;
+    let _ = stop.send(());
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.processed, report.parked), (1, 2), "{report:?}");
+    assert_eq!(handler.seen.lock().unwrap()[0], fine.event_id.to_string());
+    delete_exchange(&config).await;
+}
