@@ -44,7 +44,7 @@ impl Publisher for Recording {
 /// How the relay learns of commits: the first as a relay inside the writers' process, the
 /// others as a relay in a process of its own (`outbox relay`, a sidecar) would.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Wake {
+pub(crate) enum Wake {
     Nudge,
     Poll,
     Watch,
@@ -62,7 +62,7 @@ impl Wake {
     }
 }
 
-async fn measure(
+pub(crate) async fn measure(
     rate: u32,
     duration: Duration,
     wake_mode: Wake,

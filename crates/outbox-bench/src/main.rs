@@ -6,8 +6,10 @@
 //! cargo run --release -p outbox-bench -- all --json bench.json # the full run of BENCHMARKS.md
 //! ```
 //! Needs PostgreSQL at `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
-//! the Kafka figures need `KAFKA_BOOTSTRAP_SERVERS`, the outage drain `OUTBOX_TEST_BROKER_BIN`.
+//! the Kafka figures need `KAFKA_BOOTSTRAP_SERVERS`, the outage drain `OUTBOX_TEST_BROKER_BIN`;
+//! the broker comparison starts private nats-server and RabbitMQ nodes of its own.
 
+mod brokers;
 mod counting;
 mod db;
 mod gauges;
@@ -47,6 +49,9 @@ enum Command {
     Outage,
     /// The relay's table gauges under a pending backlog, against a full count.
     Gauges,
+    /// Relay throughput and commit-to-ack latency to Kafka, NATS JetStream and RabbitMQ, each
+    /// against its own raw publish limit.
+    Brokers,
     /// All of the above.
     All,
 }
@@ -77,6 +82,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Command::Gauges) {
         results.insert("gauges".into(), gauges::run(quick).await?);
+    }
+    if run(Command::Brokers) {
+        results.insert("brokers".into(), brokers::run(quick).await?);
     }
     let report = json!({
         "quick": quick,

@@ -29,7 +29,7 @@ impl Publisher for NullPublisher {
 }
 
 /// Fills the outbox with `events` over `aggregates` aggregates (same partition per aggregate).
-async fn prefill(
+pub(crate) async fn prefill(
     db: &BenchDb,
     events: usize,
     aggregates: usize,
@@ -148,7 +148,7 @@ async fn raw_drain(db: &BenchDb, batch: i64) -> anyhow::Result<f64> {
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn pending(store: &impl RelayStore) -> u64 {
+pub(crate) async fn pending(store: &impl RelayStore) -> u64 {
     store.stats().await.map(|s| s.pending).unwrap_or(u64::MAX)
 }
 
@@ -310,7 +310,11 @@ async fn drain_with<S: RelayStore>(
 }
 
 /// Kafka's own rate: the same messages produced pipelined by a bare idempotent producer.
-async fn raw_produce(bootstrap: &str, events: usize, payload: usize) -> anyhow::Result<f64> {
+pub(crate) async fn raw_produce(
+    bootstrap: &str,
+    events: usize,
+    payload: usize,
+) -> anyhow::Result<f64> {
     let producer: FutureProducer = KafkaConfig::new(bootstrap)
         .client_config()
         .set("enable.idempotence", "true")
