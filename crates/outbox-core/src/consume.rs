@@ -195,6 +195,44 @@ pub struct ConsumerReport {
     pub unavailable_retries: u64,
 }
 
+impl ConsumerReport {
+    /// Adds another runner's (or topic's) counts to these.
+    pub fn add(&mut self, other: &ConsumerReport) {
+        self.processed += other.processed;
+        self.duplicates += other.duplicates;
+        self.handler_failures += other.handler_failures;
+        self.parked += other.parked;
+        self.unavailable_retries += other.unavailable_retries;
+    }
+}
+
+/// Turns a runner's `shutdown` future into a flag every part of the runner can watch, and a
+/// future that raises it when `shutdown` completes (and then never completes itself: race it
+/// against the consuming loop, which sees the flag and finishes the message in hand).
+pub fn stop_flag(
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> (
+    watch::Receiver<bool>,
+    impl std::future::Future<Output = ()> + Send,
+) {
+    let (raise, flag) = watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = raise.send(true);
+        std::future::pending::<()>().await
+    };
+    (flag, signal)
+}
+
+/// Sleeps for `delay`, or less if the stop flag is raised meanwhile.
+pub async fn sleep_unless_stopped(stop: &watch::Receiver<bool>, delay: Duration) {
+    let mut stop = stop.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+}
+
 /// What to do with a message after [`run_handler`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Disposition {

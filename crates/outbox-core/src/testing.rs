@@ -199,3 +199,52 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A loopback port nobody listens on right now (for a private server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Sends `sig` (`STOP`, `CONT`, `KILL`, ...) to process `pid`, as a test freezes, thaws or
+/// kills a private server.
+pub fn signal(pid: &str, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), pid])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Waits until something listens on the loopback `port`, or panics naming `what` after
+/// `limit`.
+pub fn wait_listening(port: u16, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An outbox message as a relay would hand it to a publisher: `payload` for `aggregate`
+/// (also the key) on `topic`, with a fresh event id.
+pub fn outbox_message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMessage {
+    let aggregate = crate::AggregateRef::new("a", aggregate).expect("aggregate id");
+    OutboxMessage {
+        seq: 0,
+        event_id: EventId::new(),
+        partition: aggregate.partition(),
+        key: aggregate.id().to_owned(),
+        aggregate,
+        event_type: "t.v1".into(),
+        topic: crate::Topic::new(topic).expect("topic"),
+        headers: Default::default(),
+        payload: bytes::Bytes::copy_from_slice(payload),
+        attempts: 0,
+        age_at_claim: Duration::ZERO,
+    }
+}

@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use outbox_core::consume::{dead_letter_headers, dead_letter_topic, run_handler};
+use outbox_core::consume::{
+    dead_letter_headers, dead_letter_topic, run_handler, sleep_unless_stopped, stop_flag,
+};
 use outbox_core::retry::Backoff;
 use outbox_core::{
     ConsumerConfig, ConsumerMetrics, ConsumerReport, Disposition, IncomingMessage, MessageHandler,
@@ -192,19 +194,14 @@ impl KafkaConsumer {
             .set("enable.idempotence", "true")
             .create()?;
 
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop, signal) = stop_flag(shutdown);
         let mut run = Run {
             runner: &self,
             consumer: &consumer,
             dlq: &dlq,
-            stop: stop_rx,
+            stop,
             positions: positions.clone(),
             report: ConsumerReport::default(),
-        };
-        let signal = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-            std::future::pending::<()>().await
         };
         tokio::select! {
             _ = run.consume(&handler) => {}
@@ -305,10 +302,9 @@ impl Run<'_> {
                 }
                 Err((e, _)) => {
                     tracing::error!(error = %e, %dlq_topic, "parking failed; retrying (the offset stays put)");
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        _ = stop.changed() => return false,
+                    sleep_unless_stopped(&self.stop, backoff.next_delay()).await;
+                    if self.stopping() {
+                        return false;
                     }
                 }
             }

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use outbox_core::publisher::waves::Verdict;
 use outbox_core::{AggregateRef, OutboxMessage, PublishOutcome, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -197,12 +198,6 @@ fn headers_of(m: &OutboxMessage) -> OwnedHeaders {
     kafka_headers(stored.chain(missing))
 }
 
-/// An outcome still to be decided by what the rest of the batch did.
-enum Verdict {
-    Known(PublishOutcome),
-    Unknown(String),
-}
-
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
@@ -271,7 +266,7 @@ impl Publisher for KafkaPublisher {
                         ErrorClass::Message => {
                             Verdict::Known(PublishOutcome::rejected(e.to_string()))
                         }
-                        ErrorClass::Unknown => Verdict::Unknown(e.to_string()),
+                        ErrorClass::Unknown => Verdict::Unclassified(e.to_string()),
                     }
                 }
                 Err(_canceled) => Verdict::Known(PublishOutcome::unavailable(
@@ -291,13 +286,9 @@ impl Publisher for KafkaPublisher {
         verdicts
             .into_iter()
             .map(|v| match v {
-                Some(Verdict::Known(o)) => o,
                 // An unexplained error that spared others is the message's; one that hit
                 // everything is the broker's.
-                Some(Verdict::Unknown(reason)) if delivered > 0 => {
-                    PublishOutcome::Rejected { reason }
-                }
-                Some(Verdict::Unknown(reason)) => PublishOutcome::Unavailable { reason },
+                Some(v) => v.into_outcome(delivered > 0),
                 None => PublishOutcome::unavailable("no delivery report"),
             })
             .collect()

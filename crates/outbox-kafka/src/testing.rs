@@ -9,7 +9,6 @@
 //! Both fail loudly when the broker is missing: these tests need the real thing.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,14 +70,7 @@ impl TestBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the test broker");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "test broker did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        outbox_core::testing::wait_listening(port, Duration::from_secs(20), "the test broker");
         Self { child, port }
     }
 
@@ -117,18 +109,10 @@ impl Drop for TestBroker {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status();
+    outbox_core::testing::signal(&pid.to_string(), sig);
 }
 
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use outbox_core::testing::free_port;
 
 /// A message read back from a topic.
 #[derive(Clone, Debug)]

@@ -28,7 +28,9 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{self, Message};
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use outbox_core::consume::{dead_letter_headers, dead_letter_topic, run_handler};
+use outbox_core::consume::{
+    dead_letter_headers, dead_letter_topic, run_handler, sleep_unless_stopped, stop_flag,
+};
 use outbox_core::retry::Backoff;
 use outbox_core::{
     ConsumerConfig, ConsumerMetrics, ConsumerReport, Disposition, Headers, IncomingMessage,
@@ -73,7 +75,7 @@ impl NatsConsumer {
             .connect(&format!("outbox-consumer-{}", self.config.group_id))
             .await?;
         let js = self.nats.jetstream(client);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_rx, signal) = stop_flag(shutdown);
         let streams = Arc::new(Streams::default());
         let runs = self.config.topics.iter().map(|topic| {
             let mut run = TopicRun {
@@ -91,30 +93,17 @@ impl NatsConsumer {
             }
         });
         let all = futures::future::join_all(runs);
-        let signal = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-            std::future::pending::<()>().await
-        };
         let results = tokio::select! {
             r = all => r,
             _ = signal => unreachable!("the signal never completes"),
         };
         let mut report = ConsumerReport::default();
         for r in results {
-            add(&mut report, r?);
+            report.add(&r?);
         }
         tracing::info!(group = %self.config.group_id, ?report, "consumer stopped");
         Ok(report)
     }
-}
-
-fn add(total: &mut ConsumerReport, r: ConsumerReport) {
-    total.processed += r.processed;
-    total.duplicates += r.duplicates;
-    total.handler_failures += r.handler_failures;
-    total.parked += r.parked;
-    total.unavailable_retries += r.unavailable_retries;
 }
 
 /// One topic's consumption by this member.
@@ -163,11 +152,7 @@ impl TopicRun<'_> {
     }
 
     async fn pause(&self, delay: Duration) {
-        let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => {}
-        }
+        sleep_unless_stopped(&self.stop, delay).await
     }
 
     /// The group's durable consumer on this topic's stream, and its message stream.

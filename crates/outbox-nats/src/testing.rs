@@ -6,7 +6,6 @@
 //! touching the machine's own server. It fails loudly when the binary is missing: these tests
 //! need the real thing.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,15 +70,7 @@ impl PrivateNats {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        outbox_core::testing::wait_listening(self.port, Duration::from_secs(20), "nats-server");
     }
 
     pub fn url(&self) -> String {
@@ -132,9 +123,7 @@ impl Drop for PrivateNats {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status();
+    outbox_core::testing::signal(&pid.to_string(), sig);
 }
 
 fn uuid_like() -> String {
@@ -147,13 +136,7 @@ fn uuid_like() -> String {
     )
 }
 
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use outbox_core::testing::free_port;
 
 /// Reads `subject` from the start of its stream until messages with `count` distinct
 /// `event_id` headers arrived or `limit` passed; every message that arrived, in stream order.

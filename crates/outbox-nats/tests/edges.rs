@@ -7,29 +7,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+use outbox_core::testing::outbox_message;
 use outbox_core::{
-    AggregateRef, ConsumerConfig, EventId, Handled, HandlerError, IncomingMessage, MessageHandler,
-    OutboxMessage, PublishOutcome, Publisher, Topic,
+    ConsumerConfig, EventId, Handled, HandlerError, IncomingMessage, MessageHandler,
+    PublishOutcome, Publisher,
 };
 use outbox_nats::testing::{read_subject, PrivateNats};
 use outbox_nats::{NatsConsumer, NatsPublisher};
-
-fn message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMessage {
-    let aggregate = AggregateRef::new("a", aggregate).unwrap();
-    OutboxMessage {
-        seq: 0,
-        event_id: EventId::new(),
-        partition: aggregate.partition(),
-        key: aggregate.id().to_owned(),
-        aggregate,
-        event_type: "t.v1".into(),
-        topic: Topic::new(topic).unwrap(),
-        headers: Default::default(),
-        payload: Bytes::copy_from_slice(payload),
-        attempts: 0,
-        age_at_claim: Duration::ZERO,
-    }
-}
 
 #[tokio::test]
 async fn refusals_name_their_reason_and_stop_only_their_aggregate() {
@@ -47,14 +31,14 @@ async fn refusals_name_their_reason_and_stop_only_their_aggregate() {
     .await
     .unwrap();
     let publisher = NatsPublisher::connect(config.clone()).await.unwrap();
-    let mut broken = message("small.t", "h", b"{}");
+    let mut broken = outbox_message("small.t", "h", b"{}");
     broken.headers.insert("note".into(), "two\nlines".into());
     let batch = vec![
-        message("small.t", "big", &[b'x'; 4096]),
-        message("small.t", "big", b"{}"),
+        outbox_message("small.t", "big", &[b'x'; 4096]),
+        outbox_message("small.t", "big", b"{}"),
         broken,
-        message("small.t", "ok", b"{}"),
-        message("big.t", "huge", &vec![b'y'; 2 * 1024 * 1024]),
+        outbox_message("small.t", "ok", b"{}"),
+        outbox_message("big.t", "huge", &vec![b'y'; 2 * 1024 * 1024]),
     ];
     let out = publisher.publish(&batch).await;
     match &out[0] {
@@ -132,13 +116,13 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     let mut config = server.config();
     config.ack_wait = Duration::from_secs(2);
     let publisher = NatsPublisher::connect(config.clone()).await.unwrap();
-    let mut poison = message("orders.v1", "a", b"{}");
+    let mut poison = outbox_message("orders.v1", "a", b"{}");
     poison
         .headers
         .insert("event_id".into(), "not-a-uuid".into());
     poison.event_id = EventId::new();
-    let failing = message("orders.v1", "b", b"fail");
-    let fine = message("orders.v1", "c", b"{}");
+    let failing = outbox_message("orders.v1", "b", b"fail");
+    let fine = outbox_message("orders.v1", "c", b"{}");
     // The header names another id than the row: a relay refuses such a row, but a foreign
     // producer may send it. Publish it through a raw client instead.
     let client = async_nats::connect(server.url()).await.unwrap();

@@ -24,7 +24,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
-use outbox_core::consume::{dead_letter_headers, dead_letter_topic, run_handler};
+use outbox_core::consume::{
+    dead_letter_headers, dead_letter_topic, run_handler, sleep_unless_stopped, stop_flag,
+};
 use outbox_core::retry::Backoff;
 use outbox_core::{
     ConsumerConfig, ConsumerMetrics, ConsumerReport, Disposition, Headers, IncomingMessage,
@@ -70,16 +72,11 @@ impl RabbitConsumer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<ConsumerReport, RabbitError> {
         self.rabbit.validate()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop, signal) = stop_flag(shutdown);
         let mut run = Run {
             runner: &self,
-            stop: stop_rx,
+            stop,
             report: ConsumerReport::default(),
-        };
-        let signal = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-            std::future::pending::<()>().await
         };
         tokio::select! {
             _ = run.consume(&handler) => {}
@@ -103,11 +100,7 @@ impl Run<'_> {
     }
 
     async fn pause(&self, delay: Duration) {
-        let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => {}
-        }
+        sleep_unless_stopped(&self.stop, delay).await
     }
 
     async fn consume<H: MessageHandler>(&mut self, handler: &H) {

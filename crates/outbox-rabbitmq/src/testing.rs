@@ -8,7 +8,6 @@
 //! that need no outage use [`shared_url`]. Both fail loudly when missing: these tests need
 //! the real thing.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -104,16 +103,7 @@ impl PrivateRabbit {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "rabbitmq-server did not listen on {} (logs in {})",
-                self.port,
-                self.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        outbox_core::testing::wait_listening(self.port, Duration::from_secs(60), "rabbitmq-server");
     }
 
     pub fn url(&self) -> String {
@@ -181,20 +171,7 @@ impl Drop for PrivateRabbit {
     }
 }
 
-fn signal(pid: &str, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), pid])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use outbox_core::testing::{free_port, signal};
 
 /// A queue bound to every routing key of the configured exchange: it keeps a copy of every
 /// message published from its declaration on (expires a minute after its last use).

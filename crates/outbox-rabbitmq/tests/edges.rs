@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use outbox_core::testing::outbox_message;
 use outbox_core::{
-    AggregateRef, ConsumerConfig, EventId, Handled, HandlerError, IncomingMessage, MessageHandler,
-    OutboxMessage, PublishOutcome, Publisher, Topic,
+    ConsumerConfig, Handled, HandlerError, IncomingMessage, MessageHandler, PublishOutcome,
+    Publisher,
 };
 use outbox_rabbitmq::testing::{publish_raw, shared_url, Observer};
 use outbox_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitPublisher};
@@ -30,23 +31,6 @@ async fn delete_exchange(config: &RabbitConfig) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-fn message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMessage {
-    let aggregate = AggregateRef::new("a", aggregate).unwrap();
-    OutboxMessage {
-        seq: 0,
-        event_id: EventId::new(),
-        partition: aggregate.partition(),
-        key: aggregate.id().to_owned(),
-        aggregate,
-        event_type: "t.v1".into(),
-        topic: Topic::new(topic).unwrap(),
-        headers: Default::default(),
-        payload: Bytes::copy_from_slice(payload),
-        attempts: 0,
-        age_at_claim: Duration::ZERO,
-    }
-}
-
 #[tokio::test]
 async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused() {
     let config = config();
@@ -58,10 +42,10 @@ async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused
         .await
         .unwrap();
     let batch = vec![
-        message("unbound.v1", "u", b"{}"),
-        message("unbound.v1", "u", b"{}"),
-        message("bound.v1", "big", &[b'x'; 70 * 1024]),
-        message("bound.v1", "ok", b"{}"),
+        outbox_message("unbound.v1", "u", b"{}"),
+        outbox_message("unbound.v1", "u", b"{}"),
+        outbox_message("bound.v1", "big", &[b'x'; 70 * 1024]),
+        outbox_message("bound.v1", "ok", b"{}"),
     ];
     let out = publisher.publish(&batch).await;
     match &out[0] {
@@ -134,8 +118,8 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
         headers: [("event_id".to_owned(), "not-a-uuid".to_owned())].into(),
     };
     publish_raw(&config, &poison).await;
-    let failing = message("orders.v1", "b", b"fail");
-    let fine = message("orders.v1", "c", b"{}");
+    let failing = outbox_message("orders.v1", "b", b"fail");
+    let fine = outbox_message("orders.v1", "c", b"{}");
     assert_eq!(
         publisher.publish(&[failing.clone(), fine.clone()]).await,
         vec![PublishOutcome::Delivered; 2]

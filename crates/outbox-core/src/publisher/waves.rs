@@ -26,6 +26,19 @@ pub enum Verdict {
     Unclassified(String),
 }
 
+impl Verdict {
+    /// The outcome, once it is known whether the broker took any message of the batch.
+    pub fn into_outcome(self, batch_delivered_any: bool) -> PublishOutcome {
+        match self {
+            Self::Known(o) => o,
+            Self::Unclassified(reason) if batch_delivered_any => {
+                PublishOutcome::Rejected { reason }
+            }
+            Self::Unclassified(reason) => PublishOutcome::Unavailable { reason },
+        }
+    }
+}
+
 impl From<PublishOutcome> for Verdict {
     fn from(o: PublishOutcome) -> Self {
         Self::Known(o)
@@ -87,11 +100,7 @@ where
     verdicts
         .into_iter()
         .map(|v| match v {
-            Some(Verdict::Known(o)) => o,
-            Some(Verdict::Unclassified(reason)) if delivered > 0 => {
-                PublishOutcome::Rejected { reason }
-            }
-            Some(Verdict::Unclassified(reason)) => PublishOutcome::Unavailable { reason },
+            Some(v) => v.into_outcome(delivered > 0),
             // Behind an undelivered message of its aggregate: never offered.
             None => PublishOutcome::Skipped,
         })

@@ -195,6 +195,17 @@ pub struct OnBroker {
     pub payload: Vec<u8>,
 }
 
+impl From<outbox::IncomingMessage> for OnBroker {
+    fn from(m: outbox::IncomingMessage) -> Self {
+        Self {
+            topic: m.topic,
+            key: m.key,
+            headers: m.headers,
+            payload: m.payload.to_vec(),
+        }
+    }
+}
+
 impl OnBroker {
     pub fn envelope(&self) -> Value {
         serde_json::from_slice(&self.payload).expect("every message is JSON")
@@ -224,12 +235,7 @@ pub async fn broker_messages(broker: &Broker, at_least: usize) -> Vec<OnBroker> 
         Broker::Memory(bus) => topics::ALL
             .iter()
             .flat_map(|t| bus.messages(t))
-            .map(|m| OnBroker {
-                topic: m.topic,
-                key: m.key,
-                headers: m.headers,
-                payload: m.payload.to_vec(),
-            })
+            .map(OnBroker::from)
             .collect(),
         Broker::Kafka(config) => outbox_kafka::testing::read_topics(
             &config.bootstrap_servers,
@@ -261,23 +267,13 @@ pub async fn broker_messages(broker: &Broker, at_least: usize) -> Vec<OnBroker> 
             }
             seen.into_iter()
                 .filter(|m| topics::ALL.contains(&m.topic.as_str()))
-                .map(|m| OnBroker {
-                    topic: m.topic,
-                    key: m.key,
-                    headers: m.headers,
-                    payload: m.payload.to_vec(),
-                })
+                .map(OnBroker::from)
                 .collect()
         }
         Broker::Nats(config) => outbox_nats::testing::read_stored(config, topics::ALL)
             .await
             .into_iter()
-            .map(|m| OnBroker {
-                topic: m.topic,
-                key: m.key,
-                headers: m.headers,
-                payload: m.payload.to_vec(),
-            })
+            .map(OnBroker::from)
             .collect(),
     }
 }
@@ -366,25 +362,11 @@ pub fn assert_events_once(messages: &[OnBroker], batch_id: &str, with_class: boo
 
 /// Sends every message again, verbatim (same event ids), as a redelivering broker would.
 pub async fn redeliver(broker: &Broker, messages: &[OnBroker]) {
-    if let Broker::RabbitMq(config) = broker {
-        for m in messages {
-            let incoming = outbox::IncomingMessage {
-                topic: m.topic.clone(),
-                partition: 0,
-                offset: 0,
-                key: m.key.clone(),
-                payload: m.payload.clone().into(),
-                headers: m.headers.clone(),
-            };
-            outbox_rabbitmq::testing::publish_raw(config, &incoming).await;
-        }
-        return;
-    }
     if let Broker::Nats(config) = broker {
-        // The outbox's publisher sets Nats-Msg-Id = event id, so JetStream would store a
-        // re-send within its duplicate window once: redeliver as raw copies instead.
+        // JetStream stores a re-send carrying the outbox's Nats-Msg-Id (= event id) once
+        // within its duplicate window: redeliver raw copies, as the server would.
         for m in messages {
-            let incoming = outbox::IncomingMessage {
+            let raw = outbox::IncomingMessage {
                 topic: m.topic.clone(),
                 partition: 0,
                 offset: 0,
@@ -392,7 +374,7 @@ pub async fn redeliver(broker: &Broker, messages: &[OnBroker]) {
                 payload: m.payload.clone().into(),
                 headers: m.headers.clone(),
             };
-            outbox_nats::testing::publish_raw(config, &incoming).await;
+            outbox_nats::testing::publish_raw(config, &raw).await;
         }
         return;
     }
