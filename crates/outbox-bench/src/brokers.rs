@@ -148,6 +148,96 @@ async fn rabbit_raw(
     Ok(rate)
 }
 
+/// Counts what a consumer hands it: the runner's own cost, without a database.
+struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl outbox_core::MessageHandler for Counting {
+    async fn handle(
+        &self,
+        _: &outbox_core::IncomingMessage,
+    ) -> Result<outbox_core::Handled, outbox_core::HandlerError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(outbox_core::Handled::Processed)
+    }
+}
+
+/// `events` published over `KEYS` aggregates, then one consumer group member running a
+/// handler that only counts: messages per second from its start to the last.
+async fn consume_rate(broker: &Broker, events: usize) -> anyhow::Result<f64> {
+    let topic = format!("bench.consume.{}", uuid::Uuid::new_v4().simple());
+    broker.prepare(&topic).await?;
+    let publisher = broker.publisher()?;
+    let messages: Vec<outbox_core::OutboxMessage> = (0..events)
+        .map(|i| {
+            let aggregate = outbox_core::AggregateRef::new("agg", format!("agg-{}", i % KEYS))
+                .expect("aggregate");
+            outbox_core::OutboxMessage {
+                seq: i as i64,
+                event_id: outbox_core::EventId::new(),
+                partition: aggregate.partition(),
+                key: aggregate.id().to_owned(),
+                aggregate,
+                event_type: "bench".into(),
+                topic: outbox_core::Topic::new(topic.clone()).expect("topic"),
+                headers: Default::default(),
+                payload: bytes::Bytes::from(vec![b'x'; PAYLOAD]),
+                attempts: 0,
+                age_at_claim: Duration::ZERO,
+            }
+        })
+        .collect();
+    for batch in messages.chunks(500) {
+        let outcomes = publisher.publish(batch).await;
+        anyhow::ensure!(
+            outcomes
+                .iter()
+                .all(|o| *o == outbox_core::PublishOutcome::Delivered),
+            "filling {topic} failed: {:?}",
+            outcomes
+                .iter()
+                .find(|o| **o != outbox_core::PublishOutcome::Delivered)
+        );
+    }
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = Counting(count.clone());
+    let config = outbox_core::ConsumerConfig::new("bench", &[topic.as_str()]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let start = Instant::now();
+    let run: tokio::task::JoinHandle<anyhow::Result<()>> = match broker {
+        Broker::Kafka(b) => {
+            let consumer = outbox_kafka::KafkaConsumer::new(
+                outbox_kafka::KafkaConfig::new(b.bootstrap()),
+                config,
+            );
+            tokio::spawn(async move { Ok(consumer.run(handler, shutdown).await.map(|_| ())?) })
+        }
+        Broker::Nats(n) => {
+            let consumer = outbox_nats::NatsConsumer::new(n.config(), config);
+            tokio::spawn(async move { Ok(consumer.run(handler, shutdown).await.map(|_| ())?) })
+        }
+        Broker::Rabbit(r) => {
+            let consumer = outbox_rabbitmq::RabbitConsumer::new(r.config(), config);
+            tokio::spawn(async move { Ok(consumer.run(handler, shutdown).await.map(|_| ())?) })
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while count.load(std::sync::atomic::Ordering::Relaxed) < events {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the consumer did not finish in 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = events as f64 / start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    run.await??;
+    Ok(rate)
+}
+
 /// A prefilled outbox of `events` over `aggregates` drained by one relay to `broker`: events
 /// per second.
 async fn relay_rate(broker: &Broker, events: usize, aggregates: usize) -> anyhow::Result<f64> {
@@ -219,6 +309,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             "relay/s",
             "relay / raw",
             "relay/s, 1 aggregate",
+            "consumer/s (no database)",
             "p50 ms",
             "p99 ms",
         ],
@@ -229,16 +320,19 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
         let mut raws = Vec::new();
         let mut relays = Vec::new();
         let mut hot = Vec::new();
+        let mut consumed = Vec::new();
         for _ in 0..rounds {
+            consumed.push(consume_rate(broker, events / 4).await?);
             raws.push(broker.raw_rate(events).await?);
             relays.push(relay_rate(broker, events, KEYS).await?);
             // One aggregate's backlog: the worst case of waves (a round trip per message).
             hot.push(relay_rate(broker, events / 4, 1).await?);
         }
-        let (raw, relay, hot) = (
+        let (raw, relay, hot, consumer) = (
             median(raws.clone()),
             median(relays.clone()),
             median(hot.clone()),
+            median(consumed.clone()),
         );
         // The latency run's topic is made inside `measure`: RabbitMQ gets a queue taking all.
         broker.prepare("#").await?;
@@ -254,13 +348,14 @@ pub async fn run(quick: bool) -> anyhow::Result<Value> {
             format!("{relay:.0}"),
             format!("{:.2}", relay / raw),
             format!("{hot:.0}"),
+            format!("{consumer:.0}"),
             format!("{:.1}", latency.p50_us / 1e3),
             format!("{:.1}", latency.p99_us / 1e3),
         ]);
         out.push(json!({
             "broker": broker.name(), "events": events, "payload": PAYLOAD, "aggregates": KEYS,
             "raw_per_sec": raws, "relay_per_sec": relays, "ratio": relay / raw,
-            "one_aggregate_relay_per_sec": hot,
+            "one_aggregate_relay_per_sec": hot, "consumer_per_sec": consumed,
             "latency_rate": rate, "latency_achieved": achieved,
             "p50_ms": latency.p50_us / 1e3, "p99_ms": latency.p99_us / 1e3,
             "max_ms": latency.max_us / 1e3,

@@ -331,8 +331,9 @@ impl TopicRun<'_> {
 /// Runs `work`, telling the server every `every` that the message is still in hand.
 async fn with_progress<F: Future>(message: &Message, every: Duration, work: F) -> F::Output {
     tokio::pin!(work);
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
+    // The first tick one period from now: awaiting an interval's immediate first tick costs a
+    // timer round (about a millisecond), per message.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             out = &mut work => return out,
