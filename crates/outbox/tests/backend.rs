@@ -1,6 +1,6 @@
 //! Backends are chosen by configuration alone.
 
-use outbox::backend::{BackendError, Broker, Database};
+use outbox::backend::{BackendError, Broker, Database, Durability};
 use outbox::bus::Bus;
 use outbox::{AggregateRef, BrokerSetting, NewEvent, Relay, RelayConfig, Topic};
 
@@ -163,4 +163,31 @@ async fn sqlite_commits_are_durable_unless_the_broker_is_in_process() {
     let db = Database::open_for(&url, "x", &memory).await.unwrap();
     assert_eq!(synchronous(&db).await, 1, "NORMAL with the in-process bus");
     remove(&path);
+}
+
+#[test]
+fn nats_and_rabbitmq_urls_choose_their_broker_and_bad_ones_say_what_to_give() {
+    let nats = BrokerSetting::Nats("nats://127.0.0.1:4222".into());
+    let nats = Broker::from_setting(&nats, Bus::default()).unwrap();
+    assert_eq!(nats.kind(), "nats");
+    assert!(matches!(nats.sqlite_durability(), Durability::Full));
+    let rabbit = BrokerSetting::RabbitMq("amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let rabbit = Broker::from_setting(&rabbit, Bus::default()).unwrap();
+    assert_eq!(rabbit.kind(), "rabbitmq");
+    // No TLS stack is compiled into the AMQP client: refused at start, not at first publish.
+    let tls = BrokerSetting::RabbitMq("amqps://guest:guest@rabbit:5671/%2f".into());
+    let err = Broker::from_setting(&tls, Bus::default())
+        .err()
+        .expect("amqps refused")
+        .to_string();
+    assert!(
+        err.contains("amqp://user:password@host:port/vhost"),
+        "{err}"
+    );
+    let nats = BrokerSetting::Nats("nats://".into());
+    let err = Broker::from_setting(&nats, Bus::default())
+        .err()
+        .expect("empty host refused")
+        .to_string();
+    assert!(err.contains("nats://host:port"), "{err}");
 }
