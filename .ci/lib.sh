@@ -42,6 +42,25 @@ ensure_mariadb() {
   return 1
 }
 
+# RabbitMQ (the conformance cases that do not stop the broker use the machine's; the others
+# start private nodes from the same installation): started if it is down.
+ensure_rabbitmq() {
+  if ! (echo > /dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    echo "RabbitMQ is down; starting it"
+    if [ -x /etc/init.d/rabbitmq-server ]; then
+      /etc/init.d/rabbitmq-server start
+    else
+      (rabbitmq-server >/dev/null 2>&1 &)
+    fi
+  fi
+  for _ in $(seq 1 60); do
+    (echo > /dev/tcp/127.0.0.1/5672) 2>/dev/null && return 0
+    sleep 1
+  done
+  echo "RabbitMQ did not become ready on 127.0.0.1:5672" >&2
+  return 1
+}
+
 # Drops the MySQL databases earlier test runs left behind (a test drops its own; one that
 # was killed cannot).
 drop_stale_mysql_databases() {
