@@ -666,10 +666,20 @@ pub fn broker_killed_and_restarted<'a>(
             );
             return;
         }
-        wait_for(LIMIT, "every effect after the restart", || async {
-            store.effects().await.len() == expected.len()
-        })
-        .await;
+        let waited = Instant::now();
+        while store.effects().await.len() < expected.len() {
+            let handled = log.lock().unwrap().len();
+            let stats = store.relay_store().stats().await;
+            assert!(
+                waited.elapsed() < LIMIT,
+                "every effect after the restart: {} of {} applied, {} handled; outbox {:?}",
+                store.effects().await.len(),
+                expected.len(),
+                handled,
+                stats
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let report = r.stop().await;
         consumer.stop().await;
         assert_eq!((report.rejected_attempts, report.dead_lettered), (0, 0));

@@ -125,7 +125,7 @@ impl Transport for KafkaTransport {
 }
 
 pub struct NatsTransport {
-    server: std::sync::Mutex<PrivateNats>,
+    server: Arc<std::sync::Mutex<PrivateNats>>,
     url: String,
     publisher: Arc<NatsPublisher>,
 }
@@ -140,7 +140,7 @@ impl NatsTransport {
         );
         Box::new(Self {
             url: server.url(),
-            server: std::sync::Mutex::new(server),
+            server: Arc::new(std::sync::Mutex::new(server)),
             publisher,
         })
     }
@@ -206,9 +206,17 @@ impl Transport for NatsTransport {
     }
 
     async fn kill_and_restart(&self, down_for: Duration) -> bool {
-        self.server.lock().unwrap().kill();
+        // Aside: the server's start blocks until it listens, and the relay, the consumer and
+        // the writers must keep running meanwhile.
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.lock().unwrap().kill())
+            .await
+            .unwrap();
         tokio::time::sleep(down_for).await;
-        self.server.lock().unwrap().restart();
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.lock().unwrap().restart())
+            .await
+            .unwrap();
         true
     }
 
@@ -229,7 +237,7 @@ impl Transport for NatsTransport {
 
 pub struct RabbitTransport {
     /// Only for the cases that stop the broker; the others share the machine's.
-    private: Option<std::sync::Mutex<PrivateRabbit>>,
+    private: Option<Arc<std::sync::Mutex<PrivateRabbit>>>,
     config: RabbitConfig,
     publisher: Arc<RabbitPublisher>,
     observer: Arc<Observer>,
@@ -246,7 +254,7 @@ impl RabbitTransport {
         let (private, mut config) = if private {
             let node = PrivateRabbit::start();
             let config = node.config();
-            (Some(std::sync::Mutex::new(node)), config)
+            (Some(Arc::new(std::sync::Mutex::new(node))), config)
         } else {
             let mut config = RabbitConfig::new(shared_url());
             config.exchange = "outbox-conformance".into();
@@ -316,9 +324,17 @@ impl Transport for RabbitTransport {
     }
 
     async fn kill_and_restart(&self, down_for: Duration) -> bool {
-        self.node().kill();
+        // Aside: the node's boot blocks until it listens (seconds), and the relay, the
+        // consumer and the writers must keep running meanwhile.
+        let node = self.private.clone().expect("a private node (see for_case)");
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || n.lock().unwrap().kill())
+            .await
+            .unwrap();
         tokio::time::sleep(down_for).await;
-        self.node().restart();
+        tokio::task::spawn_blocking(move || node.lock().unwrap().restart())
+            .await
+            .unwrap();
         true
     }
 

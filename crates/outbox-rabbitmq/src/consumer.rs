@@ -176,6 +176,7 @@ impl Run<'_> {
             Err(e) => return lost(e),
         };
         backoff.reset();
+        tracing::info!(group = %cfg.group_id, topics = ?cfg.topics, "RabbitMQ consumer attached");
         let mut deliveries = futures::stream::select_all(consumers);
         let mut stop = self.stop.clone();
         // A lost connection does not always end the delivery streams: watch it as well.

@@ -108,23 +108,29 @@ impl RabbitPublisher {
                     continue;
                 }
             };
-            let sent = channel
-                .basic_publish(
-                    self.config.exchange.as_str().into(),
-                    m.topic.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.payload,
-                    properties,
+            // Bounded: on a connection that died under it a publish never completes.
+            let sent = self
+                .config
+                .within(
+                    "publishing",
+                    channel.basic_publish(
+                        self.config.exchange.as_str().into(),
+                        m.topic.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &m.payload,
+                        properties,
+                    ),
                 )
                 .await;
             match sent {
                 Ok(confirm) => confirms.push((slot, confirm)),
                 Err(e) => {
                     broken = true;
-                    verdicts[slot] = Some(classify(&e));
+                    verdicts[slot] = Some(PublishOutcome::unavailable(e.to_string()).into());
+                    break;
                 }
             }
         }
