@@ -195,7 +195,6 @@ mod broker_killed_and_restarted {
     }
 
     #[tokio::test]
-    #[ignore = "RabbitMQ killed and restarted: in about 4 of 10 runs 10 of 100 events the broker confirmed never reach the consumer (no dead letter, nothing pending); not explained yet, see docs/guarantees.md"]
     async fn postgres_rabbitmq() {
         run(
             PgStore::boxed().await,
@@ -206,7 +205,6 @@ mod broker_killed_and_restarted {
     }
 
     #[tokio::test]
-    #[ignore = "RabbitMQ killed and restarted: in about 4 of 10 runs 10 of 100 events the broker confirmed never reach the consumer (no dead letter, nothing pending); not explained yet, see docs/guarantees.md"]
     async fn sqlite_rabbitmq() {
         run(
             SqliteStore::boxed().await,
@@ -217,7 +215,6 @@ mod broker_killed_and_restarted {
     }
 
     #[tokio::test]
-    #[ignore = "RabbitMQ killed and restarted: in about 4 of 10 runs 10 of 100 events the broker confirmed never reach the consumer (no dead letter, nothing pending); not explained yet, see docs/guarantees.md"]
     async fn mysql_rabbitmq() {
         run(
             MySqlStore::boxed().await,
