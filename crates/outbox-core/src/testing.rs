@@ -248,3 +248,42 @@ pub fn outbox_message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMes
         age_at_claim: Duration::ZERO,
     }
 }
+
+/// A handler for consumer-runner tests: applies a message by recording its event id, fails
+/// (retryably, every time) the one whose payload is `fail`, and finds a message without a
+/// usable `event_id` poison.
+#[derive(Default)]
+pub struct ApplyUnlessFail {
+    pub applied: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl crate::MessageHandler for ApplyUnlessFail {
+    async fn handle(
+        &self,
+        m: &crate::IncomingMessage,
+    ) -> Result<crate::Handled, crate::HandlerError> {
+        let id = m.event_id()?;
+        if &m.payload[..] == b"fail" {
+            return Err(crate::HandlerError::retry("this one always fails"));
+        }
+        self.applied.lock().unwrap().push(id.to_string());
+        Ok(crate::Handled::Processed)
+    }
+}
+
+/// What a runner parked for [`ApplyUnlessFail`] with two attempts in group `svc`: a poison
+/// message (its `event_id` not a UUID), then `failing` (payload `fail`, key `b`), each with
+/// its reason, group, key and payload.
+pub fn assert_poison_then_exhausted_parked(
+    parked: &[crate::IncomingMessage],
+    failing: &OutboxMessage,
+) {
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert!(parked[0].headers["dlq_reason"].contains("not a UUID"));
+    assert_eq!(parked[1].headers["event_id"], failing.event_id.to_string());
+    assert!(parked[1].headers["dlq_reason"].contains("failed 2 times"));
+    assert_eq!(parked[1].headers["dlq_consumer_group"], "svc");
+    assert_eq!(parked[1].key.as_deref(), Some("b"));
+    assert_eq!(&parked[1].payload[..], b"fail");
+}

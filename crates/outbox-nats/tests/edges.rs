@@ -1,17 +1,13 @@
 //! The NATS adapter's own edges, on a private nats-server: what the publisher refuses and why,
 //! parking to the dead-letter subject, and a durable consumer that could not keep order.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use async_trait::async_trait;
 use bytes::Bytes;
-use outbox_core::testing::outbox_message;
-use outbox_core::{
-    ConsumerConfig, EventId, Handled, HandlerError, IncomingMessage, MessageHandler,
-    PublishOutcome, Publisher,
-};
+use outbox_core::testing::{assert_poison_then_exhausted_parked, outbox_message, ApplyUnlessFail};
+use outbox_core::{ConsumerConfig, EventId, PublishOutcome, Publisher};
 use outbox_nats::testing::{read_subject, PrivateNats};
 use outbox_nats::{NatsConsumer, NatsPublisher};
 
@@ -92,24 +88,6 @@ async fn refusals_name_their_reason_and_stop_only_their_aggregate() {
     server.thaw();
 }
 
-/// Applies messages, failing poison (no `event_id`) and the ones asked to fail.
-struct Handler {
-    seen: Mutex<Vec<String>>,
-    fail: String,
-}
-
-#[async_trait]
-impl MessageHandler for Handler {
-    async fn handle(&self, m: &IncomingMessage) -> Result<Handled, HandlerError> {
-        let id = m.event_id()?;
-        if m.payload == self.fail.as_bytes() {
-            return Err(HandlerError::retry("this one always fails"));
-        }
-        self.seen.lock().unwrap().push(id.to_string());
-        Ok(Handled::Processed)
-    }
-}
-
 #[tokio::test]
 async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest_flows() {
     let server = PrivateNats::start();
@@ -142,10 +120,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
         publisher.publish(&[failing.clone(), fine.clone()]).await,
         vec![PublishOutcome::Delivered; 2]
     );
-    let handler = Arc::new(Handler {
-        seen: Mutex::new(Vec::new()),
-        fail: "fail".into(),
-    });
+    let handler = Arc::new(ApplyUnlessFail::default());
     let mut group = ConsumerConfig::new("svc", &["orders.v1"]);
     group.max_attempts = 2;
     group.retry_base = Duration::from_millis(50);
@@ -156,21 +131,18 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
         }),
     );
     let parked = read_subject(&config, "orders.v1.DLQ", 2, Duration::from_secs(20)).await;
-    assert_eq!(parked.len(), 2, "{parked:?}");
-    assert!(parked[0].headers["dlq_reason"].contains("not a UUID"));
-    assert_eq!(parked[1].headers["event_id"], failing.event_id.to_string());
-    assert!(parked[1].headers["dlq_reason"].contains("failed 2 times"));
-    assert_eq!(parked[1].headers["dlq_consumer_group"], "svc");
-    assert_eq!(parked[1].key.as_deref(), Some("b"));
-    assert_eq!(&parked[1].payload[..], b"fail");
+    assert_poison_then_exhausted_parked(&parked, &failing);
     outbox_core::testing::wait_until(Duration::from_secs(20), "the good one applied", || async {
-        handler.seen.lock().unwrap().len() == 1
+        handler.applied.lock().unwrap().len() == 1
     })
     .await;
     let _ = stop.send(());
     let report = run.await.unwrap().unwrap();
     assert_eq!((report.processed, report.parked), (1, 2), "{report:?}");
-    assert_eq!(handler.seen.lock().unwrap()[0], fine.event_id.to_string());
+    assert_eq!(
+        handler.applied.lock().unwrap()[0],
+        fine.event_id.to_string()
+    );
 }
 
 #[tokio::test]
@@ -193,10 +165,7 @@ async fn a_durable_consumer_that_could_not_keep_order_is_refused() {
         })
         .await
         .unwrap();
-    let handler = Arc::new(Handler {
-        seen: Mutex::new(Vec::new()),
-        fail: String::new(),
-    });
+    let handler = Arc::new(ApplyUnlessFail::default());
     let err = NatsConsumer::new(config, ConsumerConfig::new("svc", &["orders.v1"]))
         .run(handler, std::future::pending::<()>())
         .await

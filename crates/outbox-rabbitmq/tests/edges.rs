@@ -1,16 +1,12 @@
 //! The RabbitMQ adapter's own edges, on the machine's broker with an exchange of the test's
 //! own: a topic nobody has a queue for, an oversized message, and parking.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use outbox_core::testing::outbox_message;
-use outbox_core::{
-    ConsumerConfig, Handled, HandlerError, IncomingMessage, MessageHandler, PublishOutcome,
-    Publisher,
-};
+use outbox_core::testing::{assert_poison_then_exhausted_parked, outbox_message, ApplyUnlessFail};
+use outbox_core::{ConsumerConfig, IncomingMessage, PublishOutcome, Publisher};
 use outbox_rabbitmq::testing::{publish_raw, shared_url, Observer};
 use outbox_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitPublisher};
 
@@ -81,23 +77,6 @@ async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused
     delete_exchange(&config).await;
 }
 
-/// Applies messages; poison (no usable `event_id`) and the payload `fail` fail.
-struct Handler {
-    seen: Mutex<Vec<String>>,
-}
-
-#[async_trait]
-impl MessageHandler for Handler {
-    async fn handle(&self, m: &IncomingMessage) -> Result<Handled, HandlerError> {
-        let id = m.event_id()?;
-        if &m.payload[..] == b"fail" {
-            return Err(HandlerError::retry("this one always fails"));
-        }
-        self.seen.lock().unwrap().push(id.to_string());
-        Ok(Handled::Processed)
-    }
-}
-
 #[tokio::test]
 async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest_flows() {
     let config = config();
@@ -124,9 +103,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
         publisher.publish(&[failing.clone(), fine.clone()]).await,
         vec![PublishOutcome::Delivered; 2]
     );
-    let handler = Arc::new(Handler {
-        seen: Mutex::new(Vec::new()),
-    });
+    let handler = Arc::new(ApplyUnlessFail::default());
     let mut group = ConsumerConfig::new("svc", &["orders.v1"]);
     group.max_attempts = 2;
     group.retry_base = Duration::from_millis(50);
@@ -140,20 +117,17 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     let parked = observer
         .topic("orders.v1.DLQ", 2, Duration::from_secs(20))
         .await;
-    assert_eq!(parked.len(), 2, "{parked:?}");
-    assert!(parked[0].headers["dlq_reason"].contains("not a UUID"));
-    assert_eq!(parked[1].headers["event_id"], failing.event_id.to_string());
-    assert!(parked[1].headers["dlq_reason"].contains("failed 2 times"));
-    assert_eq!(parked[1].headers["dlq_consumer_group"], "svc");
-    assert_eq!(parked[1].key.as_deref(), Some("b"));
-    assert_eq!(&parked[1].payload[..], b"fail");
+    assert_poison_then_exhausted_parked(&parked, &failing);
     outbox_core::testing::wait_until(Duration::from_secs(20), "the good one applied", || async {
-        handler.seen.lock().unwrap().len() == 1
+        handler.applied.lock().unwrap().len() == 1
     })
     .await;
     let _ = stop.send(());
     let report = run.await.unwrap().unwrap();
     assert_eq!((report.processed, report.parked), (1, 2), "{report:?}");
-    assert_eq!(handler.seen.lock().unwrap()[0], fine.event_id.to_string());
+    assert_eq!(
+        handler.applied.lock().unwrap()[0],
+        fine.event_id.to_string()
+    );
     delete_exchange(&config).await;
 }
