@@ -17,6 +17,7 @@ mod latency;
 mod outage;
 mod relay;
 mod stats;
+mod stream;
 mod write;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// Relay throughput and commit-to-ack latency to Kafka, NATS JetStream and RabbitMQ, each
     /// against its own raw publish limit.
     Brokers,
+    /// The stream write mode (logical messages) against the table mode: write cost, drain
+    /// against PostgreSQL's own decoding, commit-to-ack latency (private logical cluster).
+    Stream,
     /// All of the above.
     All,
 }
@@ -85,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Command::Brokers) {
         results.insert("brokers".into(), brokers::run(quick).await?);
+    }
+    if run(Command::Stream) {
+        results.insert("stream".into(), stream::run(quick).await?);
     }
     let report = json!({
         "quick": quick,

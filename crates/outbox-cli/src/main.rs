@@ -11,7 +11,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use outbox::backend::{Broker, Database};
 use outbox::bus::Bus;
-use outbox::{BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings, WakeSetting};
+use outbox::postgres::stream::{self, SlotName, StreamConfig, StreamRelay};
+use outbox::{
+    BrokerSetting, EventFilter, EventId, OutboxMetrics, Relay, Settings, WakeSetting,
+    WriteModeSetting,
+};
 
 /// Operate a transactional outbox: migrate and check the schema, inspect status, handle dead
 /// letters, replay retained events, and run the relay.
@@ -143,18 +147,53 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => {
             let applied = db.migrate().await?;
-            say(json, serde_json::json!({ "applied": applied }), || {
-                format!("applied {} migration(s) {applied:?}", applied.len())
-            });
+            let slot = match stream_slot(&settings, &db)? {
+                Some((pool, slot)) => Some((stream::create_slot(&pool, &slot).await?, slot)),
+                None => None,
+            };
+            say(
+                json,
+                serde_json::json!({
+                    "applied": applied,
+                    "stream_slot": slot.as_ref().map(|(_, s)| s.to_string()),
+                    "stream_slot_created": slot.as_ref().map(|(c, _)| *c),
+                }),
+                || {
+                    let mut out = format!("applied {} migration(s) {applied:?}", applied.len());
+                    if let Some((created, slot)) = &slot {
+                        out += &format!(
+                            "; stream slot {slot} {}",
+                            if *created { "created" } else { "exists" }
+                        );
+                    }
+                    out
+                },
+            );
         }
         Command::Check => {
             db.check().await?;
-            say(json, serde_json::json!({ "ok": true }), || {
-                "schema ok".into()
+            let slot = match stream_slot(&settings, &db)? {
+                Some((pool, slot)) => Some(stream::check_slot(&pool, &slot).await?),
+                None => None,
+            };
+            say(json, serde_json::json!({ "ok": true }), || match slot {
+                Some(s) => format!(
+                    "schema ok; {}",
+                    s.describe(settings.stream.max_retained_wal)
+                ),
+                None => "schema ok".into(),
             });
         }
         Command::Status => {
             db.check().await?;
+            let slot = match stream_slot(&settings, &db)? {
+                Some((pool, slot)) => {
+                    Some(stream::slot_status(&pool, &slot).await?.ok_or_else(|| {
+                        anyhow::anyhow!("stream slot {slot} does not exist: run `outbox migrate`")
+                    })?)
+                }
+                None => None,
+            };
             let stats = db.relay_store().stats().await?;
             let topics = db.admin().topic_status().await?;
             let value = serde_json::json!({
@@ -167,6 +206,12 @@ async fn main() -> anyhow::Result<()> {
                 "published_last_minute": stats.published_last_minute,
                 "published_per_second": stats.published_last_minute as f64 / 60.0,
                 "topics": topics,
+                "stream": slot.as_ref().map(|s| serde_json::json!({
+                    "slot": s.slot, "active": s.active, "lag_bytes": s.lag_bytes,
+                    "lag_seconds": s.lag_seconds, "retained_wal_bytes": s.retained_bytes,
+                    "retained_wal_limit_bytes": settings.stream.max_retained_wal,
+                    "wal_status": s.wal_status,
+                })),
             });
             say(json, value, || {
                 let mut out = format!(
@@ -186,6 +231,10 @@ async fn main() -> anyhow::Result<()> {
                     stats.published_last_minute as f64 / 60.0,
                     stats.live_relays
                 );
+                if let Some(s) = &slot {
+                    out += &s.describe(settings.stream.max_retained_wal);
+                    out.push('\n');
+                }
                 for t in &topics {
                     out += &format!(
                         "  {:<60} pending {:>7}  in flight {:>5}  dead {:>5}  retained {:>7}  last minute {:>7}\n",
@@ -337,7 +386,9 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
         .merge(dashboard.router());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let relay = Relay::new(store, Arc::clone(&publisher), settings.relay).with_metrics(metrics);
+    let stream_metrics = metrics.clone();
+    let relay =
+        Relay::new(store, Arc::clone(&publisher), settings.relay.clone()).with_metrics(metrics);
     // Writers in other processes cannot wake this relay directly: watch for their commits.
     let wake = relay.wake_signal();
     let interval = settings.wake_interval;
@@ -368,12 +419,68 @@ async fn relay(settings: Settings, db: Database) -> anyhow::Result<()> {
         }
     };
     tracing::info!(wake = ?settings.wake, ?interval, "relay wake-up");
-    let report = relay.run(shutdown_signal()).await;
+    let streaming = match stream_slot(&settings, &db)? {
+        Some((pool, slot)) => {
+            let mut config = StreamConfig::new(slot, settings.relay.clone());
+            config.heartbeat = settings.stream.heartbeat;
+            config.max_retained_wal = settings.stream.max_retained_wal;
+            let url = settings.require_database_url()?.to_owned();
+            let schema = outbox::postgres::Schema::new(settings.schema.clone())?;
+            Some(
+                StreamRelay::new(pool, url, schema, Arc::clone(&publisher), config)
+                    .with_metrics(stream_metrics)
+                    .with_table_wake(relay.wake_signal()),
+            )
+        }
+        None => None,
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let table = tokio::spawn(relay.run(stopped(stop.clone())));
+    let result = match streaming {
+        // The stream relay publishes what writers emit; the table relay what it parks.
+        Some(s) => {
+            tokio::select! {
+                r = s.run(stopped(stop.clone())) => r.map(|report| tracing::info!(?report, "stream relay finished")).map_err(anyhow::Error::from),
+                _ = async { shutdown_signal().await; let _ = stop_tx.send(true); std::future::pending::<()>().await } => Ok(()),
+            }
+        }
+        None => {
+            shutdown_signal().await;
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    let report = table.await?;
     if let Some(w) = watcher {
         w.abort();
     }
     tracing::info!(?report, "relay finished");
-    Ok(())
+    result
+}
+
+/// The stream slot when the stream write mode is configured, with the pool to reach it;
+/// refused (with why) on a database other than PostgreSQL.
+fn stream_slot(
+    settings: &Settings,
+    db: &Database,
+) -> anyhow::Result<Option<(sqlx::PgPool, SlotName)>> {
+    if settings.write_mode != WriteModeSetting::Stream {
+        return Ok(None);
+    }
+    let Database::Postgres { pool, schema } = db else {
+        anyhow::bail!(
+            "OUTBOX_WRITE_MODE=stream needs PostgreSQL (logical replication); {} keeps the table mode",
+            db.kind()
+        );
+    };
+    let slot = match &settings.stream.slot {
+        Some(name) => SlotName::new(name.clone())?,
+        None => SlotName::for_schema(schema)?,
+    };
+    Ok(Some((pool.clone(), slot)))
 }
 
 async fn shutdown_signal() {

@@ -77,7 +77,7 @@ async fn pending(store: &dyn Store) -> u64 {
 }
 
 /// Every expected event arrived, and per key the first deliveries follow `expected` order.
-fn assert_delivered_in_order(received: &[IncomingMessage], expected: &[NewEvent]) {
+pub fn assert_delivered_in_order(received: &[IncomingMessage], expected: &[NewEvent]) {
     let mut order: HashMap<String, Vec<String>> = HashMap::new();
     for e in expected {
         order

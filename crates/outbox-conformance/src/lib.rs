@@ -6,6 +6,7 @@
 
 pub mod cases;
 pub mod stores;
+pub mod stream;
 pub mod transports;
 
 /// Shared with every other test crate.

@@ -29,6 +29,10 @@
 //! | `retention_sweep_interval` | `OUTBOX_RETENTION_SWEEP_INTERVAL` | `1m` | how often old published rows are deleted |
 //! | `retention_sweep_batch` | `OUTBOX_RETENTION_SWEEP_BATCH` | `1000` | rows deleted per statement |
 //! | `stats_interval` | `OUTBOX_STATS_INTERVAL` | `5s` | how often the relay refreshes table gauges |
+//! | `write_mode` | `OUTBOX_WRITE_MODE` | `table` | `table` (a row per event) or `stream` (PostgreSQL: a transactional logical message per enqueue, published from a replication slot; needs `wal_level = logical`) |
+//! | `stream_slot` | `OUTBOX_STREAM_SLOT` | `outbox_<schema>` | the replication slot (and publication) of the stream mode |
+//! | `stream_heartbeat` | `OUTBOX_STREAM_HEARTBEAT` | `10s` | with no event for this long the stream relay emits a heartbeat, so an idle outbox never holds WAL |
+//! | `stream_max_retained_wal` | `OUTBOX_STREAM_MAX_RETAINED_WAL` | none | WAL the slot may retain before the relay logs errors and `outbox status` flags it (`512MiB`, `8GiB`, or bytes); exported as a gauge for an alert rule |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -141,6 +145,35 @@ pub enum WakeSetting {
     Poll,
 }
 
+/// Where `enqueue` writes events (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteModeSetting {
+    /// A row in the outbox table.
+    #[default]
+    Table,
+    /// A transactional logical message, published from a replication slot (PostgreSQL).
+    Stream,
+}
+
+/// The stream write mode's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// The slot name; `None`: `outbox_<schema>`.
+    pub slot: Option<String>,
+    pub heartbeat: Duration,
+    pub max_retained_wal: Option<u64>,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            slot: None,
+            heartbeat: Duration::from_secs(10),
+            max_retained_wal: None,
+        }
+    }
+}
+
 /// Everything a service or the relay binary reads at start.
 #[derive(Clone, PartialEq)]
 pub struct Settings {
@@ -151,6 +184,8 @@ pub struct Settings {
     pub wake: WakeSetting,
     pub wake_interval: Duration,
     pub relay: RelayConfig,
+    pub write_mode: WriteModeSetting,
+    pub stream: StreamSettings,
 }
 
 impl Default for Settings {
@@ -163,6 +198,8 @@ impl Default for Settings {
             wake: WakeSetting::Watch,
             wake_interval: Duration::from_millis(10),
             relay: RelayConfig::default(),
+            write_mode: WriteModeSetting::Table,
+            stream: StreamSettings::default(),
         }
     }
 }
@@ -180,6 +217,8 @@ impl fmt::Debug for Settings {
             .field("wake", &self.wake)
             .field("wake_interval", &self.wake_interval)
             .field("relay", &self.relay)
+            .field("write_mode", &self.write_mode)
+            .field("stream", &self.stream)
             .finish()
     }
 }
@@ -239,6 +278,10 @@ const KEYS: &[Key] = &[
     ),
     key("retention_sweep_batch", "OUTBOX_RETENTION_SWEEP_BATCH"),
     key("stats_interval", "OUTBOX_STATS_INTERVAL"),
+    key("write_mode", "OUTBOX_WRITE_MODE"),
+    key("stream_slot", "OUTBOX_STREAM_SLOT"),
+    key("stream_heartbeat", "OUTBOX_STREAM_HEARTBEAT"),
+    key("stream_max_retained_wal", "OUTBOX_STREAM_MAX_RETAINED_WAL"),
 ];
 
 const fn key(file: &'static str, env: &'static str) -> Key {
@@ -406,9 +449,46 @@ impl Settings {
         if let Some(v) = take("stats_interval") {
             r.stats_interval = parse_duration(&v, Duration::from_millis(10))?;
         }
+        if let Some(v) = take("write_mode") {
+            s.write_mode = parse_with(&v, "table or stream", |x| match x {
+                "table" => Some(WriteModeSetting::Table),
+                "stream" => Some(WriteModeSetting::Stream),
+                _ => None,
+            })?;
+        }
+        if let Some(v) = take("stream_slot") {
+            s.stream.slot = Some(parse_identifier(&v)?);
+        }
+        if let Some(v) = take("stream_heartbeat") {
+            s.stream.heartbeat = parse_duration(&v, Duration::from_millis(10))?;
+        }
+        if let Some(v) = take("stream_max_retained_wal") {
+            s.stream.max_retained_wal = Some(parse_with(
+                &v,
+                "a size like 512MiB, 8GiB or a number of bytes",
+                parse_size,
+            )?);
+        }
         s.relay.validate()?;
         Ok(s)
     }
+}
+
+/// `123`, `64KiB`, `512MiB`, `8GiB` (binary units; `KB`/`MB`/`GB` mean the same here).
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "KB" | "kB" => 10,
+        "MiB" | "MB" => 20,
+        "GiB" | "GB" => 30,
+        "TiB" | "TB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift).filter(|v| *v > 0)
 }
 
 impl RelayConfig {
@@ -608,6 +688,38 @@ mod tests {
         assert_eq!(s.relay.poll_max, Duration::from_secs(2));
         assert_eq!(s.schema, "files");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_stream_mode_settings_are_read_and_checked() {
+        let s = Settings::load(
+            None::<&Path>,
+            env_of(&[
+                ("OUTBOX_WRITE_MODE", "stream"),
+                ("OUTBOX_STREAM_SLOT", "orders_stream"),
+                ("OUTBOX_STREAM_MAX_RETAINED_WAL", "8GiB"),
+                ("OUTBOX_STREAM_HEARTBEAT", "2s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.write_mode, WriteModeSetting::Stream);
+        assert_eq!(s.stream.slot.as_deref(), Some("orders_stream"));
+        assert_eq!(s.stream.max_retained_wal, Some(8 << 30));
+        assert_eq!(s.stream.heartbeat, Duration::from_secs(2));
+        assert_eq!(Settings::default().write_mode, WriteModeSetting::Table);
+        for (key, bad) in [
+            ("OUTBOX_WRITE_MODE", "wal"),
+            ("OUTBOX_STREAM_SLOT", "Bad-Slot"),
+            ("OUTBOX_STREAM_MAX_RETAINED_WAL", "lots"),
+            ("OUTBOX_STREAM_MAX_RETAINED_WAL", "0"),
+        ] {
+            let err = Settings::load(None::<&Path>, env_of(&[(key, bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub mod store;
 pub mod testing;
 
 pub use admin::{EventFilter, EventRecord, OutboxAdmin, TopicStatus};
-pub use config::{BrokerSetting, ConfigError, RelayConfig, Settings, WakeSetting};
+pub use config::{
+    BrokerSetting, ConfigError, RelayConfig, Settings, StreamSettings, WakeSetting,
+    WriteModeSetting,
+};
 pub use consume::{
     ConsumerConfig, ConsumerReport, Disposition, Handled, HandlerError, IncomingMessage,
     MessageHandler, Poison,

@@ -49,6 +49,11 @@ struct Families {
     dead_lettered: Family<TableLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     commit_to_ack: Family<TableLabels, Histogram, fn() -> Histogram>,
+    stream_active: Family<TableLabels, Gauge>,
+    stream_lag_bytes: Family<TableLabels, Gauge>,
+    stream_lag_seconds: Family<TableLabels, Gauge<f64, AtomicU64>>,
+    stream_retained: Family<TableLabels, Gauge>,
+    stream_retained_limit: Family<TableLabels, Gauge>,
 }
 
 /// The outbox metric families of one registry.
@@ -74,6 +79,11 @@ impl OutboxMetrics {
             dead_lettered: Family::default(),
             failures: Family::default(),
             commit_to_ack: Family::new_with_constructor(latency_histogram),
+            stream_active: Family::default(),
+            stream_lag_bytes: Family::default(),
+            stream_lag_seconds: Family::default(),
+            stream_retained: Family::default(),
+            stream_retained_limit: Family::default(),
         };
         let f = &families;
         registry.register(
@@ -140,6 +150,31 @@ impl OutboxMetrics {
             "outbox_commit_to_ack_seconds",
             "Time from the event's insert to the broker's acknowledgement",
             f.commit_to_ack.clone(),
+        );
+        registry.register(
+            "outbox_stream_active",
+            "1 while this process's stream relay holds the replication slot (0: standby or not streaming)",
+            f.stream_active.clone(),
+        );
+        registry.register(
+            "outbox_stream_lag_bytes",
+            "WAL written since the slot's confirmed position (stream write mode)",
+            f.stream_lag_bytes.clone(),
+        );
+        registry.register(
+            "outbox_stream_lag_seconds",
+            "Age of the last published transaction while more wait in the stream (0 when caught up)",
+            f.stream_lag_seconds.clone(),
+        );
+        registry.register(
+            "outbox_stream_retained_wal_bytes",
+            "WAL the server keeps for the stream relay's slot",
+            f.stream_retained.clone(),
+        );
+        registry.register(
+            "outbox_stream_retained_wal_limit_bytes",
+            "The configured limit of retained WAL (alert when the retained bytes pass it)",
+            f.stream_retained_limit.clone(),
         );
         Self {
             families: Arc::new(families),
@@ -226,6 +261,37 @@ impl TableMetrics {
             .paused
             .get_or_create(&self.labels)
             .set(i64::from(paused));
+    }
+
+    /// Whether this process's stream relay holds its slot.
+    pub fn set_stream_active(&self, active: bool) {
+        self.families
+            .stream_active
+            .get_or_create(&self.labels)
+            .set(i64::from(active));
+    }
+
+    /// The slot's lag and retained WAL as read from the server, and the configured limit.
+    pub fn set_stream_lag(&self, lag_bytes: u64, retained_bytes: u64, limit: Option<u64>) {
+        let f = &self.families;
+        f.stream_lag_bytes
+            .get_or_create(&self.labels)
+            .set(lag_bytes as i64);
+        f.stream_retained
+            .get_or_create(&self.labels)
+            .set(retained_bytes as i64);
+        if let Some(limit) = limit {
+            f.stream_retained_limit
+                .get_or_create(&self.labels)
+                .set(limit as i64);
+        }
+    }
+
+    pub fn set_stream_lag_seconds(&self, seconds: f64) {
+        self.families
+            .stream_lag_seconds
+            .get_or_create(&self.labels)
+            .set(seconds);
     }
 
     /// Sets the table gauges from counts read from the table.

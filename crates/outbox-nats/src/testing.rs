@@ -22,6 +22,7 @@ pub struct PrivateNats {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    started_once: bool,
 }
 
 impl PrivateNats {
@@ -42,35 +43,70 @@ impl PrivateNats {
             child: None,
             port,
             dir,
+            started_once: false,
         };
         nats.launch();
         nats
     }
 
+    /// Starts the process and waits for its ports file: only a server that bound the port
+    /// writes it, so a test never talks to another test's server that won a race for a
+    /// free port (a connect alone cannot tell). A first start that lost such a race moves
+    /// to another port; a restart keeps its port, as the clients expect.
     fn launch(&mut self) {
-        let child = Command::new(Self::binary())
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}): these tests need nats-server on PATH or in \
-                     OUTBOX_TEST_NATS_BIN",
-                    Self::binary()
-                )
-            });
-        self.child = Some(child);
-        outbox_core::testing::wait_listening(self.port, Duration::from_secs(20), "nats-server");
+        for attempt in 0..5 {
+            if attempt > 0 && !self.started_once {
+                self.port = free_port();
+            }
+            let mut child = Command::new(Self::binary())
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "--ports_file_dir",
+                ])
+                .arg(&self.dir)
+                .arg("-sd")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start {} ({e}): these tests need nats-server on PATH or in \
+                         OUTBOX_TEST_NATS_BIN",
+                        Self::binary()
+                    )
+                });
+            let ports_file = format!("_{}.ports", child.id());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let bound = std::fs::read_dir(&self.dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file));
+                if bound {
+                    self.child = Some(child);
+                    self.started_once = true;
+                    return;
+                }
+                if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "nats-server did not bind 127.0.0.1:{} after 5 starts",
+            self.port
+        );
     }
 
     pub fn url(&self) -> String {

@@ -48,6 +48,7 @@ mod dialect;
 mod error;
 mod migrate;
 mod outbox;
+pub mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod unavailable;
@@ -57,7 +58,7 @@ pub use check::{check_schema, SchemaMismatch};
 pub use dialect::PgDialect;
 pub use error::OutboxError;
 pub use migrate::{migrate, Migration, MIGRATIONS};
-pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteOrdering};
+pub use outbox::{listen_for_commits, notify_channel, PgOutbox, WriteMode, WriteOrdering};
 pub use outbox_sql::{InboxEvent, SqlHandler, STATS_EXACT_UP_TO};
 
 /// The relay's (and operators') view of `<schema>.event_outbox`:

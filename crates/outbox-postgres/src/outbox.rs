@@ -37,7 +37,20 @@ pub enum WriteOrdering {
     CallerSerialises,
 }
 
-/// Enqueues events into `<schema>.event_outbox`. Cheap to clone.
+/// Where `enqueue` puts an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteMode {
+    /// A row in `<schema>.event_outbox`, published by the table relay.
+    #[default]
+    Table,
+    /// A transactional logical message in the WAL, published by the stream relay from a
+    /// replication slot (see [`crate::stream`]). Needs `wal_level = logical`. Order per
+    /// aggregate is commit order, so no writer lock is taken ([`WriteOrdering`] is unused).
+    LogicalMessage,
+}
+
+/// Enqueues events into `<schema>.event_outbox`, or into the WAL in the stream write mode.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct PgOutbox {
     inner: Arc<Inner>,
@@ -48,12 +61,14 @@ struct Inner {
     insert_one: String,
     insert_many: String,
     lock_many: String,
+    emit: Option<crate::stream::emit::Emit>,
 }
 
 #[derive(Clone)]
 struct Options {
     schema: Schema,
     ordering: WriteOrdering,
+    mode: WriteMode,
     notify: bool,
     wake: Option<WakeSignal>,
     metrics: Option<TableMetrics>,
@@ -69,6 +84,7 @@ impl PgOutbox {
         Self::build(Options {
             schema,
             ordering: WriteOrdering::default(),
+            mode: WriteMode::default(),
             notify: false,
             wake: None,
             metrics: None,
@@ -153,6 +169,8 @@ impl PgOutbox {
         );
         Self {
             inner: Arc::new(Inner {
+                emit: (options.mode == WriteMode::LogicalMessage)
+                    .then(|| crate::stream::emit::Emit::new(&options.schema)),
                 options,
                 insert_one,
                 insert_many,
@@ -169,6 +187,15 @@ impl PgOutbox {
 
     pub fn with_ordering(self, ordering: WriteOrdering) -> Self {
         self.with(|o| o.ordering = ordering)
+    }
+
+    /// Rows in the table (the default) or logical messages for the stream relay.
+    pub fn with_write_mode(self, mode: WriteMode) -> Self {
+        self.with(|o| o.mode = mode)
+    }
+
+    pub fn write_mode(&self) -> WriteMode {
+        self.inner.options.mode
     }
 
     /// Wake this relay when [`PgOutbox::commit`] commits (for relays in the same process).
@@ -198,8 +225,17 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         event: &NewEvent,
     ) -> Result<EnqueueOutcome, OutboxError> {
-        let agg = event.aggregate();
         let headers = headers_json(event)?;
+        if let Some(emit) = &self.inner.emit {
+            let outcome = emit.one(tx, event).await?;
+            if let (Some(m), EnqueueOutcome::Inserted { .. }) =
+                (&self.inner.options.metrics, &outcome)
+            {
+                m.enqueued(1);
+            }
+            return Ok(outcome);
+        }
+        let agg = event.aggregate();
         let seq: Option<i64> = sqlx::query_scalar(&self.inner.insert_one)
             .bind(aggregate_lock_key(agg.kind(), agg.id()))
             .bind(event.event_id().as_uuid())
@@ -235,7 +271,10 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         aggregates: &[AggregateRef],
     ) -> Result<(), OutboxError> {
-        if self.inner.options.ordering == WriteOrdering::CallerSerialises || aggregates.is_empty() {
+        if self.inner.options.ordering == WriteOrdering::CallerSerialises
+            || self.inner.emit.is_some()
+            || aggregates.is_empty()
+        {
             return Ok(());
         }
         let keys: Vec<i32> = aggregates
@@ -269,6 +308,32 @@ impl PgOutbox {
         }
         if send.is_empty() {
             return Ok(vec![EnqueueOutcome::Duplicate; events.len()]);
+        }
+        if let Some(emit) = &self.inner.emit {
+            for e in &send {
+                headers_json(e)?;
+            }
+            let outcomes = emit.many(tx, &send).await?;
+            let inserted: std::collections::HashMap<EventId, EnqueueOutcome> = send
+                .iter()
+                .zip(outcomes)
+                .map(|(e, o)| (e.event_id(), o))
+                .collect();
+            if let Some(m) = &self.inner.options.metrics {
+                let n = inserted
+                    .values()
+                    .filter(|o| matches!(o, EnqueueOutcome::Inserted { .. }))
+                    .count();
+                m.enqueued(n as u64);
+            }
+            let mut reported = HashSet::new();
+            return Ok(events
+                .iter()
+                .map(|e| match inserted.get(&e.event_id()) {
+                    Some(o) if reported.insert(e.event_id()) => *o,
+                    _ => EnqueueOutcome::Duplicate,
+                })
+                .collect());
         }
         let mut lock_keys = Vec::with_capacity(send.len());
         let mut ids = Vec::with_capacity(send.len());

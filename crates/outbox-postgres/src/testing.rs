@@ -74,6 +74,7 @@ pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    settings: Vec<String>,
 }
 
 impl Cluster {
@@ -98,6 +99,21 @@ impl Cluster {
 
     /// Creates and starts a cluster on a free port. Panics with a hint without binaries.
     pub fn create() -> Self {
+        Self::create_with(&[])
+    }
+
+    /// A cluster that writes logical WAL (for the stream relay), with room for a few
+    /// replication slots and senders.
+    pub fn create_logical() -> Self {
+        Self::create_with(&[
+            "wal_level=logical",
+            "max_replication_slots=8",
+            "max_wal_senders=8",
+        ])
+    }
+
+    /// A cluster started with these `name=value` server settings.
+    pub fn create_with(settings: &[&str]) -> Self {
         assert!(
             Path::new("/usr/lib/postgresql").exists()
                 || std::env::var_os("OUTBOX_TEST_PG_BIN").is_some(),
@@ -121,6 +137,7 @@ impl Cluster {
             bin: pg_bin(),
             dir,
             port,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         let data = c.data();
         c.run(
@@ -136,11 +153,15 @@ impl Cluster {
     }
 
     pub fn start(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
             self.port,
             self.dir.display()
         );
+        for s in &self.settings {
+            opts.push_str(" -c ");
+            opts.push_str(s);
+        }
         let log = self.dir.join("log").display().to_string();
         self.run(
             "pg_ctl",
@@ -150,6 +171,15 @@ impl Cluster {
 
     pub fn stop(&self) {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Stops the server without a shutdown checkpoint (`immediate`: a crash, as far as the
+    /// data is concerned); [`Cluster::start`] recovers it.
+    pub fn crash(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
     }
 
     /// Its `postgres` database as the `postgres` user.
