@@ -485,6 +485,12 @@ async fn a_killed_relay_resumes_from_the_slot_through_its_standby() {
     run_first.abort();
     let _ = run_first.await;
     writer.await.unwrap();
+    // Written after the crash: only the standby can publish these.
+    for i in 0..20 {
+        let agg = format!("o-{}", i % 7);
+        let (id, v) = db.write(&outbox, &agg, false).await.unwrap();
+        committed.lock().unwrap().insert(id, (agg, v));
+    }
     let committed = committed.lock().unwrap().clone();
     wait_until(LIMIT, "the standby took over and caught up", || async {
         let mut ids: HashSet<EventId> = first.delivered().iter().map(|m| m.event_id).collect();
@@ -629,6 +635,8 @@ async fn an_idle_outbox_holds_no_wal_and_the_guard_rails_speak() {
         line.contains("streaming") && line.contains("OVER THE LIMIT"),
         "{line}"
     );
+    // Idle for more than two heartbeat intervals.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     stop.send(()).unwrap();
     let report = run.await.unwrap().unwrap();
     assert!(report.heartbeats >= 1, "{report:?}");

@@ -495,6 +495,15 @@ pub struct ServiceDb {
     database: Database,
     writer: Arc<Writer>,
     wake: WakeSignal,
+    stream: Option<StreamSource>,
+}
+
+/// Where a database in the stream write mode is read from: its URL (for the replication
+/// connection) and its slot.
+#[derive(Clone, Debug)]
+pub struct StreamSource {
+    pub url: String,
+    pub slot: outbox_postgres::stream::SlotName,
 }
 
 impl ServiceDb {
@@ -533,7 +542,30 @@ impl ServiceDb {
             database,
             writer: Arc::new(writer),
             wake,
+            stream: None,
         }
+    }
+
+    /// Switches the outbox to the stream write mode (PostgreSQL only): events become
+    /// transactional logical messages, which a stream relay reads from `source.slot`.
+    /// Create the slot first (`outbox_postgres::stream::create_slot`).
+    pub fn streamed(mut self, source: StreamSource) -> Result<Self, DbError> {
+        let Writer::Postgres(outbox) = self.writer.as_ref() else {
+            return Err(DbError::Invalid(
+                "the stream write mode needs PostgreSQL (logical replication)".into(),
+            ));
+        };
+        let outbox = outbox
+            .clone()
+            .with_write_mode(outbox_postgres::WriteMode::LogicalMessage);
+        self.writer = Arc::new(Writer::Postgres(outbox));
+        self.stream = Some(source);
+        Ok(self)
+    }
+
+    /// Set when the outbox is in the stream write mode: run a stream relay from it.
+    pub fn stream_source(&self) -> Option<&StreamSource> {
+        self.stream.as_ref()
     }
 
     pub fn database(&self) -> &Database {

@@ -10,10 +10,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::Router;
 use outbox::backend::{Broker, Database};
-use outbox::portable::{InboxHandler, ServiceDb, Tx, TxHandler};
+use outbox::portable::{InboxHandler, ServiceDb, StreamSource, Tx, TxHandler};
+use outbox::postgres::stream::{create_slot, SlotName, StreamConfig, StreamRelay};
 use outbox::{
     ConsumerConfig, HandlerError, InboxMetrics, IncomingMessage, OutboxMetrics, Relay, RelayConfig,
-    RelayReport,
+    RelayReport, WriteModeSetting,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -194,11 +195,14 @@ impl Observability {
 
 /// Opens the database of `service`: connect, migrate the outbox, count into `obs`. SQLite
 /// commits are durable unless `broker` is the in-process bus (see `outbox::backend::Durability`).
+/// In the stream write mode (PostgreSQL with `wal_level = logical`) the service's slot is
+/// created (`outbox_<schema>`) and its events become logical messages.
 pub async fn open_database(
     location: &DataLocation,
     service: &str,
     broker: &Broker,
     obs: &Observability,
+    write_mode: WriteModeSetting,
 ) -> Result<ServiceDb, StartError> {
     if let DataLocation::SqliteDir(dir) = location {
         std::fs::create_dir_all(dir)
@@ -212,11 +216,32 @@ pub async fn open_database(
     .await
     .map_err(|e| err(format!("{service}: {e}")))?;
     let metrics = obs.outbox.table(service, "event_outbox");
-    Ok(ServiceDb::with_parts(
-        database,
-        outbox::WakeSignal::new(),
-        Some(metrics),
-    ))
+    let stream = match (write_mode, &database) {
+        (WriteModeSetting::Table, _) => None,
+        (WriteModeSetting::Stream, Database::Postgres { pool, schema }) => {
+            let slot = SlotName::for_schema(schema).map_err(|e| err(format!("{service}: {e}")))?;
+            create_slot(pool, &slot)
+                .await
+                .map_err(|e| err(format!("{service}: {e}")))?;
+            Some(StreamSource {
+                url: location.url_for(service),
+                slot,
+            })
+        }
+        (WriteModeSetting::Stream, other) => {
+            return Err(err(format!(
+                "{service}: OUTBOX_WRITE_MODE=stream needs PostgreSQL; {} keeps the table mode",
+                other.kind()
+            )))
+        }
+    };
+    let db = ServiceDb::with_parts(database, outbox::WakeSignal::new(), Some(metrics));
+    match stream {
+        Some(source) => db
+            .streamed(source)
+            .map_err(|e| err(format!("{service}: {e}"))),
+        None => Ok(db),
+    }
 }
 
 /// A service could not start; the message names the service and the cause.
@@ -362,12 +387,32 @@ pub async fn start(
     let relay_config = relay_config(name, instance)?;
     // The consumer's member name is the relay's instance: one per process.
     let member = relay_config.instance.clone();
+    let mut others = Vec::new();
+    if let (Some(source), Database::Postgres { pool, schema }) = (db.stream_source(), db.database())
+    {
+        // The stream write mode: this relay publishes what the service emits; the table
+        // relay below what it parks (rejected events and those behind them).
+        let stream = StreamRelay::new(
+            pool.clone(),
+            source.url.clone(),
+            schema.clone(),
+            publisher.clone(),
+            StreamConfig::new(source.slot.clone(), relay_config.clone()),
+        )
+        .with_metrics(obs.outbox.table(name, "event_outbox"))
+        .with_table_wake(db.wake_signal());
+        let stop = shutdown.clone();
+        others.push(tokio::spawn(async move {
+            if let Err(e) = stream.run(stop.wait()).await {
+                tracing::error!(service = name, error = %e, "stream relay stopped");
+            }
+        }));
+    }
     let relay = Relay::new(db.database().relay_store(), publisher, relay_config)
         .with_wake_signal(db.wake_signal())
         .with_metrics(obs.outbox.table(name, "event_outbox"));
     let relay = tokio::spawn(relay.run(shutdown.clone().wait()));
 
-    let mut others = Vec::new();
     if !service.consumes().is_empty() {
         let handler = InboxHandler::new(db.clone(), name, Dispatch(service.clone()))
             .with_metrics(obs.inbox.consumer(name));

@@ -83,6 +83,10 @@ pub struct Options {
     pub results_deadline: Duration,
     /// The most comparisons CJ asks of its judge per batch (`CJ_MAX_COMPARISONS`).
     pub max_comparisons: usize,
+    /// How the services write their events (`OUTBOX_WRITE_MODE`): rows in their outbox
+    /// tables, or logical messages streamed from one slot per service (PostgreSQL with
+    /// `wal_level = logical`).
+    pub write_mode: outbox::WriteModeSetting,
 }
 
 impl Default for Options {
@@ -100,6 +104,7 @@ impl Default for Options {
             ),
             content_sweep: SweepPolicy::default(),
             content_policy: ContentPolicy::default(),
+            write_mode: outbox::WriteModeSetting::Table,
         }
     }
 }
@@ -130,6 +135,7 @@ impl Options {
                         )
                     })?,
             },
+            write_mode: outbox::Settings::from_env()?.write_mode,
             ..d
         })
     }
@@ -274,8 +280,14 @@ impl Platform {
         runtime::prepare_broker(&broker).await?;
         let obs = Observability::default();
         // The Content Service first: the others need its address.
-        let content_db =
-            runtime::open_database(location, content_service::NAME, &broker, &obs).await?;
+        let content_db = runtime::open_database(
+            location,
+            content_service::NAME,
+            &broker,
+            &obs,
+            options.write_mode,
+        )
+        .await?;
         let content =
             Arc::new(ContentService::open(content_db.clone(), options.content_sweep).await?);
         let (content_running, content_addr) =
@@ -284,15 +296,27 @@ impl Platform {
             ContentClient::new(&format!("http://{content_addr}"), options.content_policy)
                 .map_err(anyhow::Error::msg)?;
         // Class Management next, on a port of its own: the matching service asks it for rosters.
-        let cms_db =
-            runtime::open_database(location, class_management::NAME, &broker, &obs).await?;
+        let cms_db = runtime::open_database(
+            location,
+            class_management::NAME,
+            &broker,
+            &obs,
+            options.write_mode,
+        )
+        .await?;
         let cms =
             Arc::new(ClassManagement::open(cms_db.clone(), options.match_confirm_timeout).await?);
         let (cms_running, cms_addr) =
             start_on_local_port(cms.clone(), cms_db, &broker, &obs).await?;
         // Batch Orchestrator too: File Service asks it whether a batch's files may change.
-        let bos_db =
-            runtime::open_database(location, batch_orchestrator::NAME, &broker, &obs).await?;
+        let bos_db = runtime::open_database(
+            location,
+            batch_orchestrator::NAME,
+            &broker,
+            &obs,
+            options.write_mode,
+        )
+        .await?;
         let bos = Arc::new(
             BatchOrchestrator::open(bos_db.clone())
                 .await?
@@ -309,7 +333,8 @@ impl Platform {
         };
         let mut built = Vec::new();
         for (short, full, _) in &SERVICES[3..] {
-            let db = runtime::open_database(location, full, &broker, &obs).await?;
+            let db =
+                runtime::open_database(location, full, &broker, &obs, options.write_mode).await?;
             built.push(AnyService::build(short, db, options, &peers).await?);
         }
         let mut running = vec![content_running, cms_running, bos_running];
@@ -525,9 +550,10 @@ pub async fn serve(
         .with_context(|| format!("unknown service {name:?}; one of: {}", short_names()))?;
     runtime::prepare_broker(&broker).await?;
     let obs = Observability::default();
-    let db = runtime::open_database(location, full, &broker, &obs).await?;
+    let options = Options::from_env()?;
+    let db = runtime::open_database(location, full, &broker, &obs, options.write_mode).await?;
     let peers = Peers::from_env()?;
-    let service = AnyService::build(short, db.clone(), &Options::from_env()?, &peers).await?;
+    let service = AnyService::build(short, db.clone(), &options, &peers).await?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
     // One process per service and host: a restart takes the relay's partitions back at once.
     let instance = runtime::host_instance();

@@ -2,7 +2,9 @@
 //! PostgreSQL + a real Kafka-protocol broker, on MariaDB + Kafka and on PostgreSQL + NATS
 //! JetStream (a private nats-server) and on PostgreSQL + RabbitMQ (a private node), with
 //! every event then
-//! redelivered; and the chaos run, with the broker frozen in the middle of a batch.
+//! redelivered; the same on PostgreSQL in the stream write mode (events as logical messages,
+//! one slot per service, a private cluster with `wal_level = logical`) + Kafka; and the chaos
+//! run, with the broker frozen in the middle of a batch.
 
 mod common;
 
@@ -26,10 +28,19 @@ fn options() -> Options {
 
 /// A REGULAR and a GUEST batch at once, then every message redelivered.
 async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
+    two_batches_then_redelivery_with(location, broker, options()).await
+}
+
+async fn two_batches_then_redelivery_with(
+    location: DataLocation,
+    broker: Broker,
+    options: Options,
+) {
     observe(&broker).await;
-    let platform = Platform::start(&location, broker.clone(), &options())
+    let platform = Platform::start(&location, broker.clone(), &options)
         .await
         .expect("platform starts");
+    let streamed = options.write_mode == outbox::WriteModeSetting::Stream;
     let api = platform.gateway();
     let (with_class, without) = (quiet(true), quiet(false));
     let (regular, guest) = tokio::join!(demo::run(&api, &with_class), demo::run(&api, &without));
@@ -40,6 +51,9 @@ async fn two_batches_then_redelivery(location: DataLocation, broker: Broker) {
     }
     // Let the last event (results ready) leave the outboxes.
     drain_outboxes(&platform, Duration::from_secs(5)).await;
+    if streamed {
+        assert_nothing_went_through_the_tables(&platform).await;
+    }
     let published = platform.published() as usize;
     let messages = broker_messages(&broker, published).await;
     assert_events_once(&messages, &regular.batch_id, true);
@@ -84,6 +98,57 @@ async fn mysql_and_kafka_batches_to_results() {
 async fn postgres_and_nats_batches_to_results() {
     let server = outbox_nats::testing::PrivateNats::start();
     two_batches_then_redelivery(pg_location("e2e"), Broker::Nats(server.config())).await;
+}
+
+/// In the stream write mode no service ever inserted an outbox row: every event of the run
+/// left through the slots (the rows' identity sequences were never drawn).
+async fn assert_nothing_went_through_the_tables(platform: &Platform) {
+    for (name, db) in platform.databases() {
+        assert!(db.stream_source().is_some(), "{name} is in the stream mode");
+        let outbox::backend::Database::Postgres { pool, schema } = db.database() else {
+            panic!("{name}: the stream mode runs on PostgreSQL");
+        };
+        let table = format!("{}.event_outbox", schema.name());
+        let drawn: bool = sqlx::query_scalar(&format!(
+            "SELECT is_called FROM {}",
+            sqlx::query_scalar::<_, String>("SELECT pg_get_serial_sequence($1, 'seq')")
+                .bind(&table)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(!drawn, "{name}: an event went through its table");
+    }
+}
+
+/// Every service in the stream write mode: its events leave as logical messages through its
+/// own slot; the contract, the effects and the redelivery checks are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stream_mode_and_kafka_batches_to_results() {
+    let cluster = outbox_postgres::testing::Cluster::create_with(&[
+        "wal_level=logical",
+        "max_replication_slots=16",
+        "max_wal_senders=16",
+        "max_connections=300",
+    ]);
+    let broker = TestBroker::start();
+    let location = DataLocation::Server {
+        url: cluster.url(),
+        schema_prefix: "stream_".into(),
+    };
+    let options = Options {
+        write_mode: outbox::WriteModeSetting::Stream,
+        ..options()
+    };
+    two_batches_then_redelivery_with(
+        location,
+        Broker::Kafka(KafkaConfig::new(broker.bootstrap())),
+        options,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,6 +13,7 @@ use crate::Schema;
 pub(crate) struct Emit {
     prefix: String,
     one: String,
+    /// One message, no key: also `one`'s fast path.
     many: &'static str,
     admit: String,
 }
@@ -22,8 +23,8 @@ impl Emit {
         let idem = schema.table("event_outbox_idempotency");
         Self {
             prefix: layout::event_prefix(schema),
-            // The message is emitted only if the key (when there is one) was admitted; its
-            // position doubles as the event's `seq`.
+            // With a key: the message is emitted only if the key was admitted; its position
+            // doubles as the event's `seq`.
             one: format!(
                 "WITH admitted AS (
                      INSERT INTO {idem} (idempotency_key, event_id)
@@ -48,6 +49,16 @@ impl Emit {
     ) -> Result<EnqueueOutcome, sqlx::Error> {
         let mut content = Vec::with_capacity(event.payload().len() + 128);
         layout::encode(std::iter::once(event), &mut content);
+        if event.idempotency_key().is_none() {
+            // Without a key the idempotency table is not touched at all (not even opened by
+            // an empty modifying CTE): the write is the message alone.
+            let seq: i64 = sqlx::query_scalar(self.many)
+                .bind(&self.prefix)
+                .bind(&content)
+                .fetch_one(&mut **tx)
+                .await?;
+            return Ok(EnqueueOutcome::Inserted { seq });
+        }
         let seq: Option<i64> = sqlx::query_scalar(&self.one)
             .bind(&self.prefix)
             .bind(&content)

@@ -548,6 +548,38 @@ pub async fn drain_outboxes(platform: &Platform, limit: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // In the stream write mode the table stays empty: wait until every service's slot is
+    // confirmed past the WAL written so far, i.e. its events were acknowledged.
+    for (name, db) in platform.databases() {
+        let (Some(source), outbox::backend::Database::Postgres { pool, .. }) =
+            (db.stream_source(), db.database())
+        else {
+            continue;
+        };
+        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        loop {
+            let behind: bool = sqlx::query_scalar(
+                "SELECT coalesce(confirmed_flush_lsn < $2::pg_lsn, true)
+                 FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(source.slot.as_str())
+            .bind(&target)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if !behind {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: its stream is not confirmed past {target}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     assert_eq!(platform.dead_events().await.unwrap(), 0, "dead letters");
 }
 
