@@ -297,6 +297,85 @@ async fn prefill(db: &Db, mode: Mode, txns: usize, per_txn: usize) -> anyhow::Re
     Ok(())
 }
 
+/// The relay under test, publishing to a sink.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RelayPath {
+    Stream,
+    /// The table relay, woken by its commit watch (10 ms) as `outbox relay` runs it.
+    Table,
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<()>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(db: &Db, path: RelayPath, sink: Arc<Sink>) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let mut watcher = None;
+        let run = match path {
+            RelayPath::Stream => {
+                let relay = StreamRelay::new(
+                    db.pool.clone(),
+                    db.url.clone(),
+                    db.schema.clone(),
+                    sink,
+                    StreamConfig::new(db.slot.clone(), relay_config()),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = relay.run(stopped).await {
+                        eprintln!("stream relay: {e}");
+                    }
+                })
+            }
+            RelayPath::Table => {
+                let relay = Relay::new(
+                    PgRelayStore::new(db.pool.clone(), &db.schema),
+                    sink,
+                    relay_config(),
+                );
+                watcher = Some(tokio::spawn(outbox_postgres::watch_for_commits(
+                    db.pool.clone(),
+                    db.schema.clone(),
+                    relay.wake_signal(),
+                    Duration::from_millis(10),
+                )));
+                tokio::spawn(async move {
+                    relay.run(stopped).await;
+                })
+            }
+        };
+        Self { stop, run, watcher }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.run.await?;
+        if let Some(w) = self.watcher {
+            w.abort();
+        }
+        Ok(())
+    }
+}
+
+/// How long `path` takes to publish the `total` events waiting for it.
+async fn drain_time(db: &Db, path: RelayPath, total: u64) -> anyhow::Result<Duration> {
+    let sink = Arc::new(Sink::default());
+    let started = Instant::now();
+    let running = Running::start(db, path, sink.clone());
+    while sink.delivered.load(Ordering::Relaxed) < total {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    running.stop().await?;
+    Ok(took)
+}
+
 async fn drain(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
     let (txns, per_txn) = if quick { (500, 10) } else { (10_000, 10) };
     let total = (txns * per_txn) as u64;
@@ -328,25 +407,7 @@ async fn drain(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         format!("{decode_rate:.0}"),
         "1.00".into(),
     ]);
-    let sink = Arc::new(Sink::default());
-    let relay = StreamRelay::new(
-        db.pool.clone(),
-        db.url.clone(),
-        db.schema.clone(),
-        sink.clone(),
-        StreamConfig::new(db.slot.clone(), relay_config()),
-    );
-    let started = Instant::now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(relay.run(async move {
-        let _ = stopped.await;
-    }));
-    while sink.delivered.load(Ordering::Relaxed) < total {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let stream = started.elapsed();
-    let _ = stop.send(());
-    run.await??;
+    let stream = drain_time(&db, RelayPath::Stream, total).await?;
     let stream_rate = total as f64 / stream.as_secs_f64();
     row(&[
         "stream relay".into(),
@@ -356,23 +417,7 @@ async fn drain(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
     // The table relay on the same backlog written as rows.
     db.reset().await?;
     prefill(&db, Mode::Table, txns, per_txn).await?;
-    let sink = Arc::new(Sink::default());
-    let relay = Relay::new(
-        PgRelayStore::new(db.pool.clone(), &db.schema),
-        sink.clone(),
-        relay_config(),
-    );
-    let started = Instant::now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(relay.run(async move {
-        let _ = stopped.await;
-    }));
-    while sink.delivered.load(Ordering::Relaxed) < total {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let table = started.elapsed();
-    let _ = stop.send(());
-    run.await?;
+    let table = drain_time(&db, RelayPath::Table, total).await?;
     let table_rate = total as f64 / table.as_secs_f64();
     row(&[
         "table relay".into(),
@@ -397,51 +442,18 @@ async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         &["path", "p50 ms", "p99 ms", "max ms"],
     );
     let mut out = serde_json::Map::new();
-    for path in ["stream relay", "table relay (watch wake)"] {
+    for (path, relay, mode) in [
+        ("stream relay", RelayPath::Stream, Mode::Stream),
+        ("table relay (watch wake)", RelayPath::Table, Mode::Table),
+    ] {
         let db = Arc::new(Db::open(cluster, 8).await?);
         db.reset().await?;
         let sink = Arc::new(Sink {
             track: true,
             ..Default::default()
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let stopped = async move {
-            let _ = stopped.await;
-        };
-        let mut watcher = None;
-        let run = if path == "stream relay" {
-            let relay = StreamRelay::new(
-                db.pool.clone(),
-                db.url.clone(),
-                db.schema.clone(),
-                sink.clone(),
-                StreamConfig::new(db.slot.clone(), relay_config()),
-            );
-            tokio::spawn(async move {
-                let _ = relay.run(stopped).await;
-            })
-        } else {
-            let relay = Relay::new(
-                PgRelayStore::new(db.pool.clone(), &db.schema),
-                sink.clone(),
-                relay_config(),
-            );
-            watcher = Some(tokio::spawn(outbox_postgres::watch_for_commits(
-                db.pool.clone(),
-                db.schema.clone(),
-                relay.wake_signal(),
-                Duration::from_millis(10),
-            )));
-            tokio::spawn(async move {
-                relay.run(stopped).await;
-            })
-        };
+        let running = Running::start(&db, relay, sink.clone());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mode = if path == "stream relay" {
-            Mode::Stream
-        } else {
-            Mode::Table
-        };
         let mut committed = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
         for i in 0..rate as usize * seconds {
@@ -457,11 +469,7 @@ async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = stop.send(());
-        run.await?;
-        if let Some(w) = watcher {
-            w.abort();
-        }
+        running.stop().await?;
         let arrivals = sink.arrivals.lock().unwrap().clone();
         let lat: Vec<Duration> = committed
             .iter()

@@ -33,7 +33,8 @@ fn event(topic: &Topic, aggregate: &str, n: usize) -> NewEvent {
     )
 }
 
-fn config() -> RelayConfig {
+/// The relay settings of every case: small batches, short waits, three attempts.
+pub fn config() -> RelayConfig {
     RelayConfig {
         service: "conformance".into(),
         batch_size: 50,

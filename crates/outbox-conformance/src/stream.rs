@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{AggregateRef, NewEvent, Relay, RelayConfig, RetryPolicy, Topic};
+use outbox_core::{AggregateRef, NewEvent, Relay, RelayConfig, Topic};
 use outbox_postgres::stream::{create_slot, slot_status, SlotName, StreamConfig, StreamRelay};
 use outbox_postgres::testing::Cluster;
 use outbox_postgres::{migrate, PgOutbox, PgRelayStore, Schema, WriteMode};
@@ -24,18 +24,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn config() -> RelayConfig {
     RelayConfig {
         service: "conformance-stream".into(),
-        batch_size: 50,
-        poll_min: Duration::from_millis(5),
-        poll_max: Duration::from_millis(50),
-        lease: Duration::from_secs(2),
-        retry: RetryPolicy {
-            base: Duration::from_millis(100),
-            cap: Duration::from_millis(400),
-            max_attempts: 3,
-        },
-        outage_backoff_min: Duration::from_millis(50),
-        outage_backoff_max: Duration::from_millis(500),
-        ..RelayConfig::default()
+        ..crate::cases::config()
     }
 }
 

@@ -192,11 +192,20 @@ impl<P: Publisher + ?Sized> StreamRelay<P> {
                 if *stop.borrow() {
                     return Ok(());
                 }
-                let wait = match self.session(&target, stop.clone(), &mut report).await {
+                let sessions_before = report.sessions;
+                let end = self.session(&target, stop.clone(), &mut report).await;
+                if report.sessions > sessions_before {
+                    // It streamed: the next trouble starts from the shortest wait again.
+                    backoff.reset();
+                }
+                let wait = match end {
                     SessionEnd::Stopped => return Ok(()),
                     SessionEnd::Fatal(e) => return Err(e),
                     SessionEnd::Standby => {
                         report.standby_waits += 1;
+                        if report.standby_waits == 1 {
+                            tracing::info!(slot = %self.config.slot, "another relay streams from the slot; this one waits as its standby");
+                        }
                         self.set_active(false);
                         self.config.standby_poll
                     }

@@ -51,15 +51,18 @@ pub async fn require_logical_wal(pool: &PgPool) -> Result<(), StreamError> {
     Ok(())
 }
 
+async fn publication_exists(pool: &PgPool, slot: &SlotName) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(slot.as_str())
+        .fetch_one(pool)
+        .await
+}
+
 /// Creates the publication and the slot if they do not exist (idempotent; `outbox migrate`
 /// calls it when a stream slot is configured). Returns whether the slot was created now.
 pub async fn create_slot(pool: &PgPool, slot: &SlotName) -> Result<bool, StreamError> {
     require_logical_wal(pool).await?;
-    let publication: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-            .bind(slot.as_str())
-            .fetch_one(pool)
-            .await?;
+    let publication = publication_exists(pool, slot).await?;
     if !publication {
         // An empty publication: the relay wants logical messages only, and a publication
         // without tables makes pgoutput skip every row change instead of sending it.
@@ -241,11 +244,7 @@ pub async fn check_slot(pool: &PgPool, slot: &SlotName) -> Result<SlotStatus, St
              (`outbox migrate`) and reconcile from the business tables"
         )));
     }
-    let publication: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-            .bind(slot.as_str())
-            .fetch_one(pool)
-            .await?;
+    let publication = publication_exists(pool, slot).await?;
     if !publication {
         return Err(StreamError::Slot(format!(
             "publication {slot} does not exist: run `outbox migrate` with the stream slot \
