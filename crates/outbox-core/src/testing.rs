@@ -230,6 +230,104 @@ pub fn wait_listening(port: u16, limit: Duration, what: &str) {
     }
 }
 
+/// Waits until `child`, or a process it started, listens on the loopback `port`: `true` then,
+/// `false` when `child` exited first (it could not bind: another test's server won the port
+/// between [`free_port`] and its start). Unlike [`wait_listening`], it never mistakes another
+/// process's listener for this one. Panics naming `what` after `limit`. Linux (`/proc`).
+pub fn wait_child_listening(
+    child: &mut std::process::Child,
+    port: u16,
+    limit: Duration,
+    what: &str,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return false;
+        }
+        let sockets = listening_sockets(port);
+        if !sockets.is_empty()
+            && process_tree(child.id())
+                .iter()
+                .any(|pid| owns_any(*pid, &sockets))
+        {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The inodes of the sockets listening on `port` (IPv4 and IPv6).
+fn listening_sockets(port: u16) -> Vec<String> {
+    let wanted = format!(":{port:04X}");
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local address, state (0A = LISTEN), inode
+            if f.len() > 9 && f[1].ends_with(&wanted) && f[3] == "0A" {
+                out.push(f[9].to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// `root` and every process below it.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command name in parentheses: state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    tree
+}
+
+fn owns_any(pid: u32, inodes: &[String]) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|l| {
+            let l = l.to_string_lossy();
+            inodes.iter().any(|i| l == format!("socket:[{i}]"))
+        })
+    })
+}
+
 /// An outbox message as a relay would hand it to a publisher: `payload` for `aggregate`
 /// (also the key) on `topic`, with a fresh event id.
 pub fn outbox_message(topic: &str, aggregate: &str, payload: &[u8]) -> OutboxMessage {
@@ -286,4 +384,39 @@ pub fn assert_poison_then_exhausted_parked(
     assert_eq!(parked[1].headers["dlq_consumer_group"], "svc");
     assert_eq!(parked[1].key.as_deref(), Some("b"));
     assert_eq!(&parked[1].payload[..], b"fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_counts_only_when_the_child_holds_it() {
+        // This process holds the port; a child that never listens is not taken for it.
+        let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = ours.local_addr().unwrap().port();
+        assert_eq!(listening_sockets(port).len(), 1);
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_child_listening(&mut sleeper, port, Duration::from_millis(300), "sleep")
+        }));
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(
+            found.is_err(),
+            "another process's listener was taken for the child's"
+        );
+        assert!(owns_any(std::process::id(), &listening_sockets(port)));
+        // A child that exits (as a server that could not bind does) is reported at once.
+        let mut quitter = std::process::Command::new("true").spawn().unwrap();
+        assert!(!wait_child_listening(
+            &mut quitter,
+            free_port(),
+            Duration::from_secs(5),
+            "true"
+        ));
+    }
 }

@@ -43,16 +43,31 @@ impl TestBroker {
         })
     }
 
-    /// Starts a broker with in-memory storage on a free port and waits until it listens.
+    /// Starts a broker with in-memory storage on a free port and waits until it listens
+    /// itself (another test's broker may win a race for the port: then another port).
     pub fn start() -> Self {
-        let port = free_port();
-        Self::start_on(port)
+        for _ in 0..5 {
+            if let Some(broker) = Self::try_start_on(free_port()) {
+                return broker;
+            }
+        }
+        panic!("the test broker could not bind a free port in 5 starts");
     }
 
     /// Starts a broker on `port` (e.g. again after [`TestBroker::kill`]).
     pub fn start_on(port: u16) -> Self {
+        for _ in 0..5 {
+            if let Some(broker) = Self::try_start_on(port) {
+                return broker;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the test broker could not bind 127.0.0.1:{port} in 5 starts");
+    }
+
+    fn try_start_on(port: u16) -> Option<Self> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(Self::binary())
+        let mut child = Command::new(Self::binary())
             .args([
                 "broker",
                 "--listener-url",
@@ -70,8 +85,17 @@ impl TestBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the test broker");
-        outbox_core::testing::wait_listening(port, Duration::from_secs(20), "the test broker");
-        Self { child, port }
+        if outbox_core::testing::wait_child_listening(
+            &mut child,
+            port,
+            Duration::from_secs(20),
+            "the test broker",
+        ) {
+            Some(Self { child, port })
+        } else {
+            let _ = child.wait();
+            None
+        }
     }
 
     pub fn bootstrap(&self) -> String {

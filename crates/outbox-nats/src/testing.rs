@@ -49,10 +49,9 @@ impl PrivateNats {
         nats
     }
 
-    /// Starts the process and waits for its ports file: only a server that bound the port
-    /// writes it, so a test never talks to another test's server that won a race for a
-    /// free port (a connect alone cannot tell). A first start that lost such a race moves
-    /// to another port; a restart keeps its port, as the clients expect.
+    /// Starts the process and waits until it listens itself (not another test's server that
+    /// won a race for the free port). A first start that lost such a race moves to another
+    /// port; a restart keeps its port, as the clients expect.
     fn launch(&mut self) {
         for attempt in 0..5 {
             if attempt > 0 && !self.started_once {
@@ -65,10 +64,8 @@ impl PrivateNats {
                     "127.0.0.1",
                     "-p",
                     &self.port.to_string(),
-                    "--ports_file_dir",
+                    "-sd",
                 ])
-                .arg(&self.dir)
-                .arg("-sd")
                 .arg(&self.dir)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -81,30 +78,22 @@ impl PrivateNats {
                         Self::binary()
                     )
                 });
-            let ports_file = format!("_{}.ports", child.id());
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let bound = std::fs::read_dir(&self.dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file));
-                if bound {
-                    self.child = Some(child);
-                    self.started_once = true;
-                    return;
-                }
-                if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let listening = outbox_core::testing::wait_child_listening(
+                &mut child,
+                self.port,
+                Duration::from_secs(20),
+                "nats-server",
+            );
+            if listening {
+                self.child = Some(child);
+                self.started_once = true;
+                return;
             }
+            let _ = child.wait();
             std::thread::sleep(Duration::from_millis(200));
         }
         panic!(
-            "nats-server did not bind 127.0.0.1:{} after 5 starts",
+            "nats-server could not bind 127.0.0.1:{} in 5 starts",
             self.port
         );
     }

@@ -43,8 +43,6 @@ impl PrivateRabbit {
     /// Starts a node on free ports, with `max_message_size` of 1 MiB (as Kafka's and NATS's
     /// defaults), and waits until it accepts AMQP connections.
     pub fn start() -> Self {
-        let port = free_port();
-        let dist_port = free_port();
         let stamp = format!(
             "{}{:x}",
             std::process::id(),
@@ -56,30 +54,40 @@ impl PrivateRabbit {
         let dir = std::env::temp_dir().join(format!("outbox-rabbit-{stamp}"));
         std::fs::create_dir_all(dir.join("mnesia")).expect("rabbitmq data directory");
         std::fs::create_dir_all(dir.join("log")).expect("rabbitmq log directory");
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n\
-                 max_message_size = 1048576\n"
-            ),
-        )
-        .expect("rabbitmq config");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
         std::fs::write(dir.join("env.conf"), "").expect("env file");
         let mut rabbit = Self {
             child: None,
-            port,
-            dist_port,
+            port: 0,
+            dist_port: 0,
             node: format!("outbox{stamp}@localhost"),
             dir,
         };
-        rabbit.launch();
-        rabbit
+        // Another test's server may take a free port before the node binds it: then the node
+        // stops, and this one tries other ports.
+        for _ in 0..3 {
+            rabbit.port = free_port();
+            rabbit.dist_port = free_port();
+            std::fs::write(
+                rabbit.dir.join("rabbitmq.conf"),
+                format!(
+                    "listeners.tcp.local = 127.0.0.1:{}\nloopback_users = none\n\
+                     max_message_size = 1048576\n",
+                    rabbit.port
+                ),
+            )
+            .expect("rabbitmq config");
+            if rabbit.launch() {
+                return rabbit;
+            }
+        }
+        panic!("rabbitmq-server could not bind free ports in 3 starts");
     }
 
-    fn launch(&mut self) {
+    /// Starts the node; `false` when it stopped before listening (its ports were taken).
+    fn launch(&mut self) -> bool {
         let d = |p: &str| self.dir.join(p);
-        let child = Command::new(Self::binary())
+        let mut child = Command::new(Self::binary())
             .env("HOME", &self.dir)
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -102,8 +110,18 @@ impl PrivateRabbit {
                     Self::binary()
                 )
             });
-        self.child = Some(child);
-        outbox_core::testing::wait_listening(self.port, Duration::from_secs(60), "rabbitmq-server");
+        let listening = outbox_core::testing::wait_child_listening(
+            &mut child,
+            self.port,
+            Duration::from_secs(60),
+            "rabbitmq-server",
+        );
+        if listening {
+            self.child = Some(child);
+        } else {
+            let _ = child.wait();
+        }
+        listening
     }
 
     pub fn url(&self) -> String {
@@ -160,7 +178,11 @@ impl PrivateRabbit {
     /// Starts the node again on the same port and data.
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        assert!(
+            self.launch(),
+            "rabbitmq-server could not bind 127.0.0.1:{} again",
+            self.port
+        );
     }
 }
 
