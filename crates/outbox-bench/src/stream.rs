@@ -19,6 +19,7 @@ use outbox_core::{
     AggregateRef, EventId, NewEvent, OutboxMessage, PublishOutcome, Publisher, Relay, RelayConfig,
     Topic,
 };
+use outbox_kafka::testing::TestBroker;
 use outbox_postgres::stream::{create_slot, SlotName, StreamConfig, StreamRelay};
 use outbox_postgres::testing::Cluster;
 use outbox_postgres::{migrate, PgOutbox, PgRelayStore, Schema, WriteMode};
@@ -28,27 +29,81 @@ use sqlx::PgPool;
 
 use crate::stats::{header, median, row, summarize, Summary};
 
-/// Acknowledges every message at once; counts them and notes when each arrived.
+/// The publisher under the relay: one that acknowledges at once (the relay's own limit), or a
+/// real broker's; counts what was delivered and notes when each event first was.
 #[derive(Default)]
 struct Sink {
+    broker: Option<Arc<dyn Publisher>>,
     delivered: AtomicU64,
     arrivals: Mutex<HashMap<EventId, Instant>>,
     track: bool,
 }
 
+impl Sink {
+    fn new(target: Target, track: bool) -> anyhow::Result<(Arc<Self>, Option<TestBroker>)> {
+        let (broker, process) = match target {
+            Target::Acknowledging => (None, None),
+            Target::Kafka => {
+                let b = TestBroker::start();
+                let p: Arc<dyn Publisher> = Arc::new(outbox_kafka::KafkaPublisher::new(
+                    outbox_kafka::KafkaConfig::new(b.bootstrap()),
+                )?);
+                (Some(p), Some(b))
+            }
+        };
+        let sink = Self {
+            broker,
+            track,
+            ..Default::default()
+        };
+        Ok((Arc::new(sink), process))
+    }
+}
+
 #[async_trait]
 impl Publisher for Sink {
     async fn publish(&self, batch: &[OutboxMessage]) -> Vec<PublishOutcome> {
-        if self.track {
-            let now = Instant::now();
-            let mut a = self.arrivals.lock().unwrap();
-            for m in batch {
-                a.entry(m.event_id).or_insert(now);
+        let outcomes = match &self.broker {
+            Some(b) => b.publish(batch).await,
+            None => vec![PublishOutcome::Delivered; batch.len()],
+        };
+        let now = Instant::now();
+        let mut delivered = 0;
+        let mut arrivals = self.arrivals.lock().unwrap();
+        for (m, o) in batch.iter().zip(&outcomes) {
+            if *o == PublishOutcome::Delivered {
+                delivered += 1;
+                if self.track {
+                    arrivals.entry(m.event_id).or_insert(now);
+                }
             }
         }
-        self.delivered
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        vec![PublishOutcome::Delivered; batch.len()]
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        outcomes
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        match &self.broker {
+            Some(b) => b.probe().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the relay publishes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Acknowledging,
+    /// A private, fresh nisshi (memory storage) per measurement.
+    Kafka,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Acknowledging => "acknowledging publisher",
+            Self::Kafka => "Kafka (nisshi)",
+        }
     }
 }
 
@@ -363,9 +418,14 @@ impl Running {
     }
 }
 
-/// How long `path` takes to publish the `total` events waiting for it.
-async fn drain_time(db: &Db, path: RelayPath, total: u64) -> anyhow::Result<Duration> {
-    let sink = Arc::new(Sink::default());
+/// How long `path` takes to publish the `total` events waiting for it to `target`.
+async fn drain_time(
+    db: &Db,
+    path: RelayPath,
+    target: Target,
+    total: u64,
+) -> anyhow::Result<Duration> {
+    let (sink, broker) = Sink::new(target, false)?;
     let started = Instant::now();
     let running = Running::start(db, path, sink.clone());
     while sink.delivered.load(Ordering::Relaxed) < total {
@@ -373,6 +433,9 @@ async fn drain_time(db: &Db, path: RelayPath, total: u64) -> anyhow::Result<Dura
     }
     let took = started.elapsed();
     running.stop().await?;
+    // The publisher before its broker: no complaints from a client whose broker went away.
+    drop(sink);
+    drop(broker);
     Ok(took)
 }
 
@@ -380,7 +443,9 @@ async fn drain(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
     let (txns, per_txn) = if quick { (500, 10) } else { (10_000, 10) };
     let total = (txns * per_txn) as u64;
     header(
-        &format!("stream drain: {total} events of 200 B ({per_txn} per transaction, 1,000 aggregates) to an acknowledging publisher"),
+        &format!(
+            "stream drain: {total} events of 200 B ({per_txn} per transaction, 1,000 aggregates)"
+        ),
         &["path", "events/s", "of PostgreSQL's decoding"],
     );
     let db = Db::open(cluster, 8).await?;
@@ -407,30 +472,28 @@ async fn drain(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         format!("{decode_rate:.0}"),
         "1.00".into(),
     ]);
-    let stream = drain_time(&db, RelayPath::Stream, total).await?;
-    let stream_rate = total as f64 / stream.as_secs_f64();
-    row(&[
-        "stream relay".into(),
-        format!("{stream_rate:.0}"),
-        format!("{:.2}", stream_rate / decode_rate),
-    ]);
-    // The table relay on the same backlog written as rows.
-    db.reset().await?;
-    prefill(&db, Mode::Table, txns, per_txn).await?;
-    let table = drain_time(&db, RelayPath::Table, total).await?;
-    let table_rate = total as f64 / table.as_secs_f64();
-    row(&[
-        "table relay".into(),
-        format!("{table_rate:.0}"),
-        format!("{:.2}", table_rate / decode_rate),
-    ]);
+    let mut out = vec![json!({"path": "postgres decoding", "per_sec": decode_rate})];
+    for target in [Target::Acknowledging, Target::Kafka] {
+        for (name, path, mode) in [
+            ("stream relay", RelayPath::Stream, Mode::Stream),
+            ("table relay", RelayPath::Table, Mode::Table),
+        ] {
+            // Each path on its own backlog, written the way it reads it.
+            db.reset().await?;
+            prefill(&db, mode, txns, per_txn).await?;
+            let took = drain_time(&db, path, target, total).await?;
+            let rate = total as f64 / took.as_secs_f64();
+            row(&[
+                format!("{name} -> {}", target.name()),
+                format!("{rate:.0}"),
+                format!("{:.2}", rate / decode_rate),
+            ]);
+            out.push(json!({"path": name, "publisher": target.name(), "per_sec": rate}));
+        }
+    }
     db.reset().await?;
     db.pool.close().await;
-    Ok(json!({
-        "events": total, "per_txn": per_txn,
-        "postgres_decoding_per_sec": decode_rate, "stream_relay_per_sec": stream_rate,
-        "table_relay_per_sec": table_rate,
-    }))
+    Ok(json!({ "events": total, "per_txn": per_txn, "rates": out }))
 }
 
 async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
@@ -442,16 +505,24 @@ async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         &["path", "p50 ms", "p99 ms", "max ms"],
     );
     let mut out = serde_json::Map::new();
-    for (path, relay, mode) in [
-        ("stream relay", RelayPath::Stream, Mode::Stream),
-        ("table relay (watch wake)", RelayPath::Table, Mode::Table),
-    ] {
+    let cases = [Target::Acknowledging, Target::Kafka]
+        .into_iter()
+        .flat_map(|target| {
+            [
+                ("stream relay", RelayPath::Stream, Mode::Stream, target),
+                (
+                    "table relay (watch wake)",
+                    RelayPath::Table,
+                    Mode::Table,
+                    target,
+                ),
+            ]
+        });
+    for (name, relay, mode, target) in cases {
+        let path = format!("{name} -> {}", target.name());
         let db = Arc::new(Db::open(cluster, 8).await?);
         db.reset().await?;
-        let sink = Arc::new(Sink {
-            track: true,
-            ..Default::default()
-        });
+        let (sink, broker) = Sink::new(target, true)?;
         let running = Running::start(&db, relay, sink.clone());
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut committed = Vec::new();
@@ -471,6 +542,8 @@ async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         }
         running.stop().await?;
         let arrivals = sink.arrivals.lock().unwrap().clone();
+        drop(sink);
+        drop(broker);
         let lat: Vec<Duration> = committed
             .iter()
             .filter_map(|(id, at)| arrivals.get(id).map(|a| a.saturating_duration_since(*at)))
@@ -483,12 +556,12 @@ async fn latency(cluster: &Cluster, quick: bool) -> anyhow::Result<Value> {
         );
         let s = summarize(lat, Duration::from_secs(seconds as u64));
         row(&[
-            path.into(),
+            path.clone(),
             format!("{:.2}", s.p50_us / 1000.0),
             format!("{:.2}", s.p99_us / 1000.0),
             format!("{:.2}", s.max_us / 1000.0),
         ]);
-        out.insert(path.into(), json!({"p50_ms": s.p50_us / 1000.0, "p99_ms": s.p99_us / 1000.0, "max_ms": s.max_us / 1000.0}));
+        out.insert(path, json!({"p50_ms": s.p50_us / 1000.0, "p99_ms": s.p99_us / 1000.0, "max_ms": s.max_us / 1000.0}));
         db.reset().await?;
         db.pool.close().await;
     }
