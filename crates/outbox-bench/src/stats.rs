@@ -1,6 +1,7 @@
 //! Percentiles, medians and table printing.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// Latency summary of one run.
 #[derive(Clone, Copy, Debug)]
@@ -68,4 +69,30 @@ pub fn header(title: &str, columns: &[&str]) {
 
 pub fn row(cells: &[String]) {
     println!("| {} |", cells.join(" | "));
+}
+
+/// `txns` transactions spread over `writers` concurrent tasks; `one(writer, i)` runs one and
+/// returns its latency. The summary of all of them over the wall time.
+pub async fn burst<F, Fut>(writers: usize, txns: usize, one: F) -> anyhow::Result<Summary>
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<Duration>> + Send,
+{
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let one = one.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(txns / writers + 1);
+            for i in 0..txns / writers {
+                lat.push(one(w, i).await?);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(summarize(all, start.elapsed()))
 }

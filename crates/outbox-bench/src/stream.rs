@@ -196,23 +196,12 @@ async fn burst(
     txns: usize,
     payload: usize,
 ) -> anyhow::Result<Summary> {
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
+    let db = db.clone();
+    crate::stats::burst(writers, txns, move |w, i| {
         let db = db.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(txns / writers + 1);
-            for i in 0..txns / writers {
-                lat.push(db.write(mode, &[event(w, i, payload)]).await?);
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok(summarize(all, start.elapsed()))
+        async move { db.write(mode, &[event(w, i, payload)]).await }
+    })
+    .await
 }
 
 fn relay_config() -> RelayConfig {

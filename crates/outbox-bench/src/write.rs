@@ -10,7 +10,7 @@ use outbox_sqlite::SqliteOutbox;
 use serde_json::{json, Value};
 
 use crate::db::BenchDb;
-use crate::stats::{header, median_summary, row, summarize, Summary};
+use crate::stats::{header, median_summary, row, Summary};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -156,23 +156,12 @@ async fn burst(
     txns: usize,
     payload: usize,
 ) -> anyhow::Result<Summary> {
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
+    let db = db.clone();
+    crate::stats::burst(writers, txns, move |w, i| {
         let db = db.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(txns / writers + 1);
-            for i in 0..txns / writers {
-                lat.push(one(&db, mode, &event(w, i, payload)).await?);
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok(summarize(all, start.elapsed()))
+        async move { one(&db, mode, &event(w, i, payload)).await }
+    })
+    .await
 }
 
 pub async fn run(quick: bool) -> anyhow::Result<Value> {
