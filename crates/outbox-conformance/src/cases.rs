@@ -577,6 +577,11 @@ pub fn consumer_order_across_restart<'a>(
                 }),
             )
         };
+        // The group's queues exist before the relays publish (a catch-all observer queue
+        // would otherwise take round 0 for a group still connecting: the RabbitMQ limit).
+        transport
+            .prepare_group(&ConsumerConfig::new(group.clone(), &[t.as_str()]))
+            .await;
         let relays = [relay(store, transport), relay(store, transport)];
         let mut first = Some(member("m1"));
         let second = member("m2");

@@ -65,6 +65,10 @@ pub trait Transport: Send + Sync {
     async fn kill_and_restart(&self, _down_for: Duration) -> bool {
         false
     }
+    /// Makes the broker keep messages for `config`'s group from now on, before anything is
+    /// published (RabbitMQ keeps a message only for the queues bound when it arrives: the
+    /// platform does the same at start, `Broker::prepare_consumer`). Nothing to do for logs.
+    async fn prepare_group(&self, _config: &ConsumerConfig) {}
     /// Runs a consumer group member until the returned handle is stopped.
     fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer;
 }

@@ -348,6 +348,20 @@ impl Transport for RabbitTransport {
         true
     }
 
+    async fn prepare_group(&self, config: &ConsumerConfig) {
+        let connection = self.config.connect("conformance").await.expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        outbox_rabbitmq::topology::declare_group(
+            &channel,
+            &self.config,
+            &config.group_id,
+            &config.topics,
+        )
+        .await
+        .expect("declare the group's queues");
+        let _ = connection.close(200, "declared".into()).await;
+    }
+
     fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer {
         let rabbit = self.config.clone();
         let held = self.held.clone();
