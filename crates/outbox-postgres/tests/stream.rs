@@ -4,14 +4,15 @@
 //! an idle outbox not holding WAL, and the guard rails. A scripted test publisher stands in
 //! for the broker (the platform runs the stream on real brokers elsewhere).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::testing::{wait_until, TestPublisher};
 use outbox_core::{
-    AggregateRef, EnqueueOutcome, EventId, NewEvent, OutboxMessage, Relay, RelayConfig,
-    RetryPolicy, Topic,
+    AggregateRef, EnqueueOutcome, EventId, NewEvent, OutboxMessage, Relay, RelayConfig, Topic,
 };
 use outbox_postgres::stream::{
     check_slot, create_slot, slot_status, SlotName, StreamConfig, StreamError, StreamRelay,
@@ -72,20 +73,7 @@ impl StreamDb {
     }
 
     fn relay_config() -> RelayConfig {
-        RelayConfig {
-            batch_size: 64,
-            poll_min: Duration::from_millis(10),
-            poll_max: Duration::from_millis(50),
-            lease: Duration::from_secs(3),
-            retry: RetryPolicy {
-                base: Duration::from_millis(100),
-                cap: Duration::from_millis(400),
-                max_attempts: 5,
-            },
-            outage_backoff_min: Duration::from_millis(20),
-            outage_backoff_max: Duration::from_millis(200),
-            ..RelayConfig::default()
-        }
+        common::fast_config()
     }
 
     fn stream_config(&self) -> StreamConfig {

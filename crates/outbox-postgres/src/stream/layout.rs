@@ -22,7 +22,7 @@
 //! published half-read.
 
 use bytes::Bytes;
-use outbox_core::{AggregateRef, EventId, Headers, NewEvent, Topic};
+use outbox_core::{AggregateRef, EventId, Headers, NewEvent, OutboxMessage, Topic};
 
 use crate::Schema;
 
@@ -37,18 +37,6 @@ pub fn event_prefix(schema: &Schema) -> String {
 /// The prefix of the stream relay's own heartbeats (non-transactional, empty).
 pub fn heartbeat_prefix(schema: &Schema) -> String {
     format!("outbox-heartbeat:{}", schema.name())
-}
-
-/// An event as decoded from the stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StreamedEvent {
-    pub event_id: EventId,
-    pub aggregate: AggregateRef,
-    pub event_type: String,
-    pub topic: Topic,
-    pub key: String,
-    pub headers: Headers,
-    pub payload: Bytes,
 }
 
 /// Appends the content of a message carrying `events` to `out`.
@@ -82,8 +70,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Decodes the events of one message's content.
-pub fn decode(content: &Bytes) -> Result<Vec<StreamedEvent>, String> {
+/// Decodes the events of one message's content, as the relay hands them to a publisher: no
+/// attempt yet, `seq` and `age_at_claim` left for the reader to set from the transaction.
+pub fn decode(content: &Bytes) -> Result<Vec<OutboxMessage>, String> {
     let mut r = Reader {
         buf: content,
         at: 0,
@@ -114,14 +103,18 @@ pub fn decode(content: &Bytes) -> Result<Vec<StreamedEvent>, String> {
         }
         let len = r.u32()? as usize;
         let payload = r.take(len)?;
-        events.push(StreamedEvent {
+        events.push(OutboxMessage {
+            seq: 0,
             event_id,
+            partition: aggregate.partition(),
             aggregate,
             event_type,
             topic,
             key,
             headers,
             payload,
+            attempts: 0,
+            age_at_claim: std::time::Duration::ZERO,
         });
     }
     if r.at != content.len() {

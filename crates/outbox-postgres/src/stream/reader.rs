@@ -23,15 +23,18 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::layout::{self, StreamedEvent};
+use outbox_core::OutboxMessage;
+
+use super::layout;
 use super::lsn::Lsn;
 use super::pgoutput::{self, Decoded};
 use super::wire::{Replicated, ReplicationConnection, WireError};
 
-/// The events of one committed transaction, in the order they were enqueued.
+/// The events of one committed transaction, in the order they were enqueued; each one's
+/// `seq` is the transaction's end.
 #[derive(Debug)]
 pub struct Txn {
-    pub events: Vec<StreamedEvent>,
+    pub events: Vec<OutboxMessage>,
     /// Where the stream resumes after this transaction.
     pub end: Lsn,
     pub committed_at: SystemTime,
@@ -66,7 +69,7 @@ pub struct Prefixes {
 }
 
 struct Open {
-    events: Vec<StreamedEvent>,
+    events: Vec<OutboxMessage>,
     committed_at: SystemTime,
     sent_at: SystemTime,
 }
@@ -225,8 +228,13 @@ fn on_data(
             ..
         } if prefix == prefixes.heartbeat && open.is_none() => Some(Step::Nothing(lsn)),
         Decoded::Commit { end } => match open.take() {
-            Some(o) if !o.events.is_empty() => Some(Step::Txn(Txn {
-                events: o.events,
+            Some(mut o) if !o.events.is_empty() => Some(Step::Txn(Txn {
+                events: {
+                    for e in &mut o.events {
+                        e.seq = end.0 as i64;
+                    }
+                    o.events
+                },
                 end,
                 committed_at: o.committed_at,
                 age_when_sent: o.sent_at.duration_since(o.committed_at).unwrap_or_default(),

@@ -365,7 +365,7 @@ impl<P: Publisher + ?Sized> StreamRelay<P> {
             if broken.load(Ordering::SeqCst) {
                 return SessionEnd::Retry("the replication connection failed".into());
             }
-            if let Err(end) = self.settle(&txns, stop, report).await {
+            if let Err(end) = self.settle(&mut txns, stop, report).await {
                 return end;
             }
             let end = txns.last().expect("one at least").end;
@@ -384,27 +384,17 @@ impl<P: Publisher + ?Sized> StreamRelay<P> {
     /// Publishes a batch of transactions; everything not acknowledged ends in the table.
     async fn settle(
         &self,
-        txns: &[Txn],
+        txns: &mut [Txn],
         stop: &mut watch::Receiver<bool>,
         report: &mut StreamReport,
     ) -> Result<(), SessionEnd> {
         let mut messages = Vec::new();
         let mut origin = Vec::new();
-        for (t, txn) in txns.iter().enumerate() {
-            for e in &txn.events {
-                messages.push(OutboxMessage {
-                    seq: txn.end.0 as i64,
-                    event_id: e.event_id,
-                    aggregate: e.aggregate.clone(),
-                    event_type: e.event_type.clone(),
-                    topic: e.topic.clone(),
-                    key: e.key.clone(),
-                    headers: e.headers.clone(),
-                    payload: e.payload.clone(),
-                    attempts: 0,
-                    partition: e.aggregate.partition(),
-                    age_at_claim: txn.age(),
-                });
+        for (t, txn) in txns.iter_mut().enumerate() {
+            let age = txn.age();
+            for mut m in std::mem::take(&mut txn.events) {
+                m.age_at_claim = age;
+                messages.push(m);
                 origin.push(t);
             }
         }
@@ -430,8 +420,13 @@ impl<P: Publisher + ?Sized> StreamRelay<P> {
         );
         let mut published = 0u64;
         while !todo.is_empty() {
-            let batch: Vec<OutboxMessage> = todo.iter().map(|&i| messages[i].clone()).collect();
-            let outcomes = self.publisher.publish(&batch).await;
+            // The first round usually offers everything: no copy then.
+            let outcomes = if todo.len() == messages.len() {
+                self.publisher.publish(&messages).await
+            } else {
+                let batch: Vec<OutboxMessage> = todo.iter().map(|&i| messages[i].clone()).collect();
+                self.publisher.publish(&batch).await
+            };
             let mut again = Vec::new();
             let mut again_aggs = HashSet::new();
             let mut progress = false;
