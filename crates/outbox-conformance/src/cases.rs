@@ -618,27 +618,62 @@ pub fn consumer_order_across_restart<'a>(
     })
 }
 
-/// The broker process is killed (SIGKILL) while a relay publishes and a consumer applies, and
-/// started again on its data a few seconds later: nothing committed is lost, no attempt is
-/// burnt, every effect commits once and in order per aggregate. Transports without a durable
-/// broker process of their own are skipped (see [`Transport::kill_and_restart`]).
+/// The broker process is killed (SIGKILL) while a relay publishes and two consumer groups
+/// apply, and started again on its data a few seconds later: nothing committed is lost, no
+/// attempt is burnt, each group commits every effect once and in order per aggregate (a
+/// group whose queue came back later than the other's must not miss what arrived between).
+/// Transports without a durable broker process of their own are skipped (see
+/// [`Transport::kill_and_restart`]).
 pub fn broker_killed_and_restarted<'a>(
     store: &'a dyn Store,
     transport: &'a dyn Transport,
 ) -> BoxFuture<'a, ()> {
+    killed_and_restarted(store, transport, &["conformance", "conformance-second"])
+}
+
+/// [`broker_killed_and_restarted`] with one consumer group on the topic.
+pub fn broker_killed_and_restarted_one_group<'a>(
+    store: &'a dyn Store,
+    transport: &'a dyn Transport,
+) -> BoxFuture<'a, ()> {
+    killed_and_restarted(store, transport, &["conformance"])
+}
+
+/// The kill/restart case with one consumer group per inbox name in `inboxes`.
+fn killed_and_restarted<'a>(
+    store: &'a dyn Store,
+    transport: &'a dyn Transport,
+    inboxes: &'static [&'static str],
+) -> BoxFuture<'a, ()> {
     Box::pin(async move {
         let t = topic("restart");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let consumer = transport.consume(
-            ConsumerConfig::new(
-                format!("g-{}", uuid::Uuid::new_v4().simple()),
-                &[t.as_str()],
-            ),
-            Box::new(Recording {
-                inner: store.inbox_handler("conformance"),
-                log: log.clone(),
-            }),
-        );
+        let groups: Vec<_> = inboxes
+            .iter()
+            .map(|inbox| {
+                let config = ConsumerConfig::new(
+                    format!("g-{}", uuid::Uuid::new_v4().simple()),
+                    &[t.as_str()],
+                );
+                let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                (*inbox, config, log)
+            })
+            .collect();
+        let every_group = inboxes.len() as i64;
+        for (_, config, _) in &groups {
+            transport.prepare_group(config).await;
+        }
+        let consumers: Vec<_> = groups
+            .iter()
+            .map(|(inbox, config, log)| {
+                transport.consume(
+                    config.clone(),
+                    Box::new(Recording {
+                        inner: store.inbox_handler(inbox),
+                        log: log.clone(),
+                    }),
+                )
+            })
+            .collect();
         let r = relay(store, transport);
         let mut expected = Vec::new();
         let mut commit_round = |round: usize| {
@@ -652,7 +687,9 @@ pub fn broker_killed_and_restarted<'a>(
             store.commit(&commit_round(round)).await;
         }
         wait_for(LIMIT, "some effects before the kill", || async {
-            !log.lock().unwrap().is_empty()
+            groups
+                .iter()
+                .all(|(_, _, log)| !log.lock().unwrap().is_empty())
         })
         .await;
         let restart = transport.kill_and_restart(Duration::from_secs(3));
@@ -665,7 +702,9 @@ pub fn broker_killed_and_restarted<'a>(
         let (restarted, ()) = tokio::join!(restart, writes);
         if !restarted {
             r.stop().await;
-            consumer.stop().await;
+            for c in consumers {
+                c.stop().await;
+            }
             println!(
                 "{}: no broker process to restart; skipped",
                 transport.name()
@@ -673,21 +712,42 @@ pub fn broker_killed_and_restarted<'a>(
             return;
         }
         let waited = Instant::now();
-        while store.effects().await.len() < expected.len() {
-            let handled = log.lock().unwrap().len();
-            let stats = store.relay_store().stats().await;
-            assert!(
-                waited.elapsed() < LIMIT,
-                "every effect after the restart: {} of {} applied, {} handled; outbox {:?}",
-                store.effects().await.len(),
-                expected.len(),
-                handled,
-                stats
-            );
+        let all_applied = |effects: &[(String, i64)]| {
+            effects.len() == expected.len() && effects.iter().all(|(_, n)| *n >= every_group)
+        };
+        while !all_applied(&store.effects().await) {
+            let handled: Vec<usize> = groups
+                .iter()
+                .map(|(_, _, log)| log.lock().unwrap().len())
+                .collect();
+            if waited.elapsed() > LIMIT {
+                let mut brokers = Vec::new();
+                for (_, config, _) in &groups {
+                    brokers.push(transport.group_state(config).await);
+                }
+                panic!(
+                    "every effect in every group after the restart: {} events of {} applied \
+                     somewhere, {} by every group; handled per group {:?}; broker {:?}; \
+                     outbox {:?}",
+                    store.effects().await.len(),
+                    expected.len(),
+                    store
+                        .effects()
+                        .await
+                        .iter()
+                        .filter(|(_, n)| *n >= every_group)
+                        .count(),
+                    handled,
+                    brokers,
+                    store.relay_store().stats().await
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let report = r.stop().await;
-        consumer.stop().await;
+        for c in consumers {
+            c.stop().await;
+        }
         assert_eq!((report.rejected_attempts, report.dead_lettered), (0, 0));
         // Paused, or deferred if the broker was back by the time the relay probed it.
         assert!(
@@ -695,8 +755,14 @@ pub fn broker_killed_and_restarted<'a>(
             "the relay saw the broker gone: {report:?}"
         );
         let effects = store.effects().await;
-        assert!(effects.iter().all(|(_, n)| *n == 1), "{effects:?}");
-        let applied = log.lock().unwrap().clone();
-        assert_delivered_in_order(&applied, &expected);
+        assert!(
+            effects.iter().all(|(_, n)| *n == every_group),
+            "once per group: {effects:?}"
+        );
+        for (_, _, log) in &groups {
+            let applied = log.lock().unwrap().clone();
+            assert_eq!(applied.len(), expected.len(), "each effect committed once");
+            assert_delivered_in_order(&applied, &expected);
+        }
     })
 }

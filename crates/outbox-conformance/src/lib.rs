@@ -69,6 +69,11 @@ pub trait Transport: Send + Sync {
     /// published (RabbitMQ keeps a message only for the queues bound when it arrives: the
     /// platform does the same at start, `Broker::prepare_consumer`). Nothing to do for logs.
     async fn prepare_group(&self, _config: &ConsumerConfig) {}
+    /// What the broker holds for `config`'s group (messages waiting, consumers attached), for
+    /// a failure message; empty where the transport cannot tell.
+    async fn group_state(&self, _config: &ConsumerConfig) -> String {
+        String::new()
+    }
     /// Runs a consumer group member until the returned handle is stopped.
     fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer;
 }

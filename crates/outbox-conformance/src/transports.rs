@@ -362,6 +362,41 @@ impl Transport for RabbitTransport {
         let _ = connection.close(200, "declared".into()).await;
     }
 
+    async fn group_state(&self, config: &ConsumerConfig) -> String {
+        let Ok(connection) = self.config.connect("conformance-state").await else {
+            return "the broker does not answer".into();
+        };
+        let mut state = Vec::new();
+        for topic in &config.topics {
+            let queue = outbox_rabbitmq::topology::group_queue(&config.group_id, topic);
+            // Passive: reads the queue without creating it (a missing one closes the channel).
+            let answer = match connection.create_channel().await {
+                Ok(channel) => channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await
+                    .map(|q| {
+                        format!(
+                            "{} ready, {} consumers",
+                            q.message_count(),
+                            q.consumer_count()
+                        )
+                    })
+                    .unwrap_or_else(|e| e.to_string()),
+                Err(e) => e.to_string(),
+            };
+            state.push(format!("{queue}: {answer}"));
+        }
+        let _ = connection.close(200, "read".into()).await;
+        state.join("; ")
+    }
+
     fn consume(&self, config: ConsumerConfig, handler: Box<dyn MessageHandler>) -> RunningConsumer {
         let rabbit = self.config.clone();
         let held = self.held.clone();

@@ -217,6 +217,16 @@ pub fn signal(pid: &str, sig: &str) {
         .status();
 }
 
+/// Sends `sig` to every process of the process group `pgid` (a server started with
+/// `process_group(0)` and whatever it forked), so that a start script's child is not left
+/// running when the script is killed.
+pub fn signal_group(pgid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args(["-s", sig, "--", &format!("-{pgid}")])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 /// Waits until something listens on the loopback `port`, or panics naming `what` after
 /// `limit`.
 pub fn wait_listening(port: u16, limit: Duration, what: &str) {

@@ -8,6 +8,7 @@
 //! that need no outage use [`shared_url`]. Both fail loudly when missing: these tests need
 //! the real thing.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,7 +88,11 @@ impl PrivateRabbit {
     /// Starts the node; `false` when it stopped before listening (its ports were taken).
     fn launch(&mut self) -> bool {
         let d = |p: &str| self.dir.join(p);
+        // Its own process group (see `group`); its working directory is the data directory,
+        // where Mnesia writes a core file if it ever fails.
         let mut child = Command::new(Self::binary())
+            .process_group(0)
+            .current_dir(&self.dir)
             .env("HOME", &self.dir)
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -97,7 +102,6 @@ impl PrivateRabbit {
             .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
             .env("RABBITMQ_LOG_BASE", d("log"))
             .env("RABBITMQ_FEATURE_FLAGS_FILE", d("mnesia/feature_flags"))
-            .env("RABBITMQ_PID_FILE", d("pid"))
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -119,6 +123,7 @@ impl PrivateRabbit {
         if listening {
             self.child = Some(child);
         } else {
+            signal_group(child.id(), "KILL");
             let _ = child.wait();
         }
         listening
@@ -134,39 +139,34 @@ impl PrivateRabbit {
         config
     }
 
-    /// The Erlang VM's pid (the start script's child), once it wrote it.
-    fn vm_pid(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.join("pid"))
-            .ok()
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty())
+    /// The node's process group: the start script, the Erlang VM it forks and the VM's own
+    /// helpers (`launch` starts the script as a group leader). Signalling the group, not a pid
+    /// file, reaches the VM even before it wrote one, so no VM outlives its data directory.
+    fn group(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Freezes the node (SIGSTOP): connections stay open, nothing is answered.
     pub fn freeze(&self) {
-        if let Some(pid) = self.vm_pid() {
-            signal(&pid, "STOP");
+        if let Some(group) = self.group() {
+            signal_group(group, "STOP");
         }
     }
 
     /// Thaws a frozen node (SIGCONT).
     pub fn thaw(&self) {
-        if let Some(pid) = self.vm_pid() {
-            signal(&pid, "CONT");
+        if let Some(group) = self.group() {
+            signal_group(group, "CONT");
         }
     }
 
     /// Kills the node (SIGKILL); its durable queues and persistent messages stay on disk.
     pub fn kill(&mut self) {
-        if let Some(pid) = self.vm_pid() {
-            signal(&pid, "CONT");
-            signal(&pid, "KILL");
-        }
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            signal_group(child.id(), "CONT");
+            signal_group(child.id(), "KILL");
             let _ = child.wait();
         }
-        let _ = std::fs::remove_file(self.dir.join("pid"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             && Instant::now() < deadline
@@ -189,11 +189,19 @@ impl PrivateRabbit {
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // The node's log says what it recovered, crashed or deleted.
+            eprintln!(
+                "the failed test's RabbitMQ node is kept for inspection: {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
-use outbox_core::testing::{free_port, signal};
+use outbox_core::testing::{free_port, signal_group};
 
 /// A queue bound to every routing key of the configured exchange: it keeps a copy of every
 /// message published from its declaration on (expires a minute after its last use).
