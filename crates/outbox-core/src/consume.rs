@@ -193,6 +193,10 @@ pub struct ConsumerReport {
     pub parked: u64,
     /// Retries because the consumer's database was unavailable (no attempt counted).
     pub unavailable_retries: u64,
+    /// The group's queue was gone when the runner connected again after it had been attached
+    /// (deleted, expired or lost by the broker) and was declared anew: what it held and what
+    /// was published while it was missing did not reach this group (RabbitMQ).
+    pub queues_recreated: u64,
 }
 
 impl ConsumerReport {
@@ -203,6 +207,7 @@ impl ConsumerReport {
         self.handler_failures += other.handler_failures;
         self.parked += other.parked;
         self.unavailable_retries += other.unavailable_retries;
+        self.queues_recreated += other.queues_recreated;
     }
 }
 

@@ -34,7 +34,7 @@ use outbox_core::{
 };
 use tokio::sync::watch;
 
-use crate::topology::{declare_group, group_queue, KEY_HEADER};
+use crate::topology::{declare_group, group_queue, missing_group_queues, KEY_HEADER};
 use crate::{RabbitConfig, RabbitError};
 
 /// A member of a consumer group driving one handler.
@@ -77,6 +77,7 @@ impl RabbitConsumer {
             runner: &self,
             stop,
             report: ConsumerReport::default(),
+            attached_before: false,
         };
         tokio::select! {
             _ = run.consume(&handler) => {}
@@ -92,6 +93,9 @@ struct Run<'a> {
     runner: &'a RabbitConsumer,
     stop: watch::Receiver<bool>,
     report: ConsumerReport,
+    /// A session of this runner was attached to the group's queues: from then on they exist,
+    /// and one missing when connecting again means lost messages (see `session`).
+    attached_before: bool,
 }
 
 impl Run<'_> {
@@ -128,6 +132,23 @@ impl Run<'_> {
             Ok(c) => c,
             Err(e) => return lost(e),
         };
+        if self.attached_before {
+            match missing_group_queues(&connection, rabbit, &cfg.group_id, &cfg.topics).await {
+                Ok(missing) => {
+                    for queue in missing {
+                        self.report.queues_recreated += 1;
+                        tracing::error!(
+                            group = %cfg.group_id,
+                            %queue,
+                            "the group's queue was gone when the consumer connected again \
+                             (deleted, expired or lost by the broker): declaring it anew; what \
+                             it held and what was published meanwhile did not reach this group"
+                        );
+                    }
+                }
+                Err(e) => return lost(e),
+            }
+        }
         let setup = async {
             let channel = rabbit
                 .within("opening a channel", connection.create_channel())
@@ -176,6 +197,7 @@ impl Run<'_> {
             Err(e) => return lost(e),
         };
         backoff.reset();
+        self.attached_before = true;
         tracing::info!(group = %cfg.group_id, topics = ?cfg.topics, "RabbitMQ consumer attached");
         let mut deliveries = futures::stream::select_all(consumers);
         let mut stop = self.stop.clone();

@@ -16,8 +16,9 @@
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 use outbox_core::consume::dead_letter_topic;
 
 use crate::{RabbitConfig, RabbitError};
@@ -111,6 +112,55 @@ pub async fn declare_group(
         declare_bound(channel, config, &dlq, &dlq, args).await?;
     }
     Ok(())
+}
+
+/// The queues of `group` for `topics` that do not exist, read passively (nothing is created).
+/// A consumer that was attached before checks this when it connects again: a queue missing
+/// then was deleted, expired or lost by the broker, and what it held, and what was published
+/// while it was missing, never reaches the group.
+pub async fn missing_group_queues(
+    connection: &Connection,
+    config: &RabbitConfig,
+    group: &str,
+    topics: &[String],
+) -> Result<Vec<String>, RabbitError> {
+    let mut missing = Vec::new();
+    for topic in topics {
+        let queue = group_queue(group, topic);
+        // A passive declare of a missing queue closes its channel: a channel per queue.
+        let channel = config
+            .within("opening a channel", connection.create_channel())
+            .await?;
+        let exists = config
+            .within(&format!("checking queue {queue}"), async {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_not_found(&e) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if exists {
+            let _ = config
+                .within("closing a channel", channel.close(200, "checked".into()))
+                .await;
+        } else {
+            missing.push(queue);
+        }
+    }
+    Ok(missing)
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 #[cfg(test)]

@@ -131,3 +131,61 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     );
     delete_exchange(&config).await;
 }
+
+#[tokio::test]
+async fn a_group_queue_gone_under_its_consumer_is_declared_anew_and_reported() {
+    let config = config();
+    let group_id = format!("svc-{}", uuid::Uuid::new_v4().simple());
+    let queue = outbox_rabbitmq::topology::group_queue(&group_id, "gone.v1");
+    let publisher = RabbitPublisher::new(config.clone()).unwrap();
+    let handler = Arc::new(ApplyUnlessFail::default());
+    let mut group = ConsumerConfig::new(group_id.clone(), &["gone.v1"]);
+    group.retry_base = Duration::from_millis(50);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(RabbitConsumer::new(config.clone(), group).run(
+        handler.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Delivered once the consumer's first session declared the queue.
+    let deliver = |m: outbox_core::OutboxMessage| {
+        let publisher = &publisher;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while publisher.publish(std::slice::from_ref(&m)).await != [PublishOutcome::Delivered] {
+                assert!(std::time::Instant::now() < deadline, "no queue took it");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    deliver(outbox_message("gone.v1", "a", b"{}")).await;
+    let applied = |n: usize| {
+        let handler = handler.clone();
+        async move {
+            outbox_core::testing::wait_until(Duration::from_secs(20), "applied", || async {
+                handler.applied.lock().unwrap().len() == n
+            })
+            .await
+        }
+    };
+    applied(1).await;
+    // An operator (or the broker) removes the queue: the broker cancels the consumer.
+    let connection = config.connect("operator").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    deliver(outbox_message("gone.v1", "a", b"{}")).await;
+    applied(2).await;
+    let _ = stop.send(());
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        (report.processed, report.queues_recreated),
+        (2, 1),
+        "{report:?}"
+    );
+    delete_exchange(&config).await;
+}
