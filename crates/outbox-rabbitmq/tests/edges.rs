@@ -27,6 +27,24 @@ async fn delete_exchange(config: &RabbitConfig) {
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// Runs a consumer of `group` until the returned sender fires (or is dropped).
+fn spawn_consumer(
+    config: &RabbitConfig,
+    group: ConsumerConfig,
+    handler: Arc<ApplyUnlessFail>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<outbox_core::ConsumerReport, outbox_rabbitmq::RabbitError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        RabbitConsumer::new(config.clone(), group).run(handler, async {
+            let _ = stopped.await;
+        }),
+    );
+    (stop, run)
+}
+
 #[tokio::test]
 async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused() {
     let config = config();
@@ -107,13 +125,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     let mut group = ConsumerConfig::new("svc", &["orders.v1"]);
     group.max_attempts = 2;
     group.retry_base = Duration::from_millis(50);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(RabbitConsumer::new(config.clone(), group).run(
-        handler.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, run) = spawn_consumer(&config, group, handler.clone());
     let parked = observer
         .topic("orders.v1.DLQ", 2, Duration::from_secs(20))
         .await;
@@ -141,13 +153,7 @@ async fn a_group_queue_gone_under_its_consumer_is_declared_anew_and_reported() {
     let handler = Arc::new(ApplyUnlessFail::default());
     let mut group = ConsumerConfig::new(group_id.clone(), &["gone.v1"]);
     group.retry_base = Duration::from_millis(50);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(RabbitConsumer::new(config.clone(), group).run(
-        handler.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, run) = spawn_consumer(&config, group, handler.clone());
     // Delivered once the consumer's first session declared the queue.
     let deliver = |m: outbox_core::OutboxMessage| {
         let publisher = &publisher;
