@@ -723,7 +723,8 @@ fn killed_and_restarted<'a>(
             if waited.elapsed() > LIMIT {
                 let mut brokers = Vec::new();
                 for (_, config, _) in &groups {
-                    brokers.push(transport.group_state(config).await);
+                    let state = tokio::time::timeout(LIMIT, transport.group_state(config));
+                    brokers.push(state.await.unwrap_or_else(|_| "no answer".into()));
                 }
                 panic!(
                     "every effect in every group after the restart: {} events of {} applied \
