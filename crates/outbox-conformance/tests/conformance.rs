@@ -194,10 +194,9 @@ mod broker_killed_and_restarted {
         RabbitTransport::for_case("broker_killed_and_restarted").await
     }
 
-    // RabbitMQ with one group on the topic; the two-group rows below are ignored: in about
-    // 1 run of 30, one group's durable queue came back from the kill empty (the messages it
-    // held before the kill and those published right after the restart gone, while the
-    // other group received everything). See docs/guarantees.md, Limits.
+    // RabbitMQ with one group on the topic; the two-group row below is ignored: in 2 runs of
+    // about 150, one group missed everything after the kill (what its queue held before it and
+    // what was published right after the restart), while the other group received it all. See docs/guarantees.md, Limits.
     #[tokio::test]
     async fn postgres_rabbitmq() {
         run(
