@@ -196,7 +196,8 @@ mod broker_killed_and_restarted {
 
     // RabbitMQ with one group on the topic; the two-group row below is ignored: in 2 runs of
     // about 150, one group missed everything after the kill (what its queue held before it and
-    // what was published right after the restart), while the other group received it all. See docs/guarantees.md, Limits.
+    // what was published right after the restart), while the other group
+    // received it all. See docs/guarantees.md, Limits.
     #[tokio::test]
     async fn postgres_rabbitmq() {
         run(
