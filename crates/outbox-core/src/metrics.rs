@@ -334,6 +334,7 @@ struct InboxFamilies {
     failures: Family<ConsumerLabels, Counter>,
     parked: Family<ConsumerLabels, Counter>,
     unavailable: Family<ConsumerLabels, Counter>,
+    queues_recreated: Family<ConsumerLabels, Counter>,
 }
 
 /// The inbox metric families of one registry.
@@ -351,6 +352,7 @@ impl InboxMetrics {
             failures: Family::default(),
             parked: Family::default(),
             unavailable: Family::default(),
+            queues_recreated: Family::default(),
         };
         registry.register(
             "inbox_processed",
@@ -376,6 +378,11 @@ impl InboxMetrics {
             "inbox_unavailable",
             "Deliveries retried because the consumer's database or another dependency was unavailable (no attempt counted)",
             f.unavailable.clone(),
+        );
+        registry.register(
+            "inbox_queues_recreated",
+            "A consumer group's broker queue found missing when the consumer connected again (deleted, expired or lost by the broker): messages it held or that arrived meanwhile did not reach the group",
+            f.queues_recreated.clone(),
         );
         Self {
             families: Arc::new(f),
@@ -414,6 +421,12 @@ impl ConsumerMetrics {
     }
     pub fn unavailable(&self) {
         self.families.unavailable.get_or_create(&self.labels).inc();
+    }
+    pub fn queue_recreated(&self) {
+        self.families
+            .queues_recreated
+            .get_or_create(&self.labels)
+            .inc();
     }
 }
 

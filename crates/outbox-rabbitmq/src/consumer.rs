@@ -137,6 +137,9 @@ impl Run<'_> {
                 Ok(missing) => {
                     for queue in missing {
                         self.report.queues_recreated += 1;
+                        if let Some(m) = &self.runner.metrics {
+                            m.queue_recreated();
+                        }
                         tracing::error!(
                             group = %cfg.group_id,
                             %queue,

@@ -32,16 +32,19 @@ fn spawn_consumer(
     config: &RabbitConfig,
     group: ConsumerConfig,
     handler: Arc<ApplyUnlessFail>,
+    metrics: Option<outbox_core::ConsumerMetrics>,
 ) -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<outbox_core::ConsumerReport, outbox_rabbitmq::RabbitError>>,
 ) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(
-        RabbitConsumer::new(config.clone(), group).run(handler, async {
-            let _ = stopped.await;
-        }),
-    );
+    let mut consumer = RabbitConsumer::new(config.clone(), group);
+    if let Some(m) = metrics {
+        consumer = consumer.with_metrics(m);
+    }
+    let run = tokio::spawn(consumer.run(handler, async {
+        let _ = stopped.await;
+    }));
     (stop, run)
 }
 
@@ -125,7 +128,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
     let mut group = ConsumerConfig::new("svc", &["orders.v1"]);
     group.max_attempts = 2;
     group.retry_base = Duration::from_millis(50);
-    let (stop, run) = spawn_consumer(&config, group, handler.clone());
+    let (stop, run) = spawn_consumer(&config, group, handler.clone(), None);
     let parked = observer
         .topic("orders.v1.DLQ", 2, Duration::from_secs(20))
         .await;
@@ -153,7 +156,14 @@ async fn a_group_queue_gone_under_its_consumer_is_declared_anew_and_reported() {
     let handler = Arc::new(ApplyUnlessFail::default());
     let mut group = ConsumerConfig::new(group_id.clone(), &["gone.v1"]);
     group.retry_base = Duration::from_millis(50);
-    let (stop, run) = spawn_consumer(&config, group, handler.clone());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = outbox_core::InboxMetrics::register(&mut registry);
+    let (stop, run) = spawn_consumer(
+        &config,
+        group,
+        handler.clone(),
+        Some(metrics.consumer("gone")),
+    );
     // Delivered once the consumer's first session declared the queue.
     let deliver = |m: outbox_core::OutboxMessage| {
         let publisher = &publisher;
@@ -192,6 +202,11 @@ async fn a_group_queue_gone_under_its_consumer_is_declared_anew_and_reported() {
         (report.processed, report.queues_recreated),
         (2, 1),
         "{report:?}"
+    );
+    let text = outbox_core::metrics::encode_text(&registry);
+    assert!(
+        text.contains("inbox_queues_recreated_total{consumer=\"gone\"} 1"),
+        "{text}"
     );
     delete_exchange(&config).await;
 }
