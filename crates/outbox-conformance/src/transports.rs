@@ -369,28 +369,18 @@ impl Transport for RabbitTransport {
         let mut state = Vec::new();
         for topic in &config.topics {
             let queue = outbox_rabbitmq::topology::group_queue(&config.group_id, topic);
-            // Passive: reads the queue without creating it (a missing one closes the channel).
-            let answer = match connection.create_channel().await {
-                Ok(channel) => channel
-                    .queue_declare(
-                        queue.as_str().into(),
-                        lapin::options::QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        Default::default(),
-                    )
+            let answer =
+                match outbox_rabbitmq::topology::queue_state(&connection, &self.config, &queue)
                     .await
-                    .map(|q| {
-                        format!(
-                            "{} ready, {} consumers",
-                            q.message_count(),
-                            q.consumer_count()
-                        )
-                    })
-                    .unwrap_or_else(|e| e.to_string()),
-                Err(e) => e.to_string(),
-            };
+                {
+                    Ok(Some(q)) => format!(
+                        "{} ready, {} consumers",
+                        q.message_count(),
+                        q.consumer_count()
+                    ),
+                    Ok(None) => "missing".into(),
+                    Err(e) => e.to_string(),
+                };
             state.push(format!("{queue}: {answer}"));
         }
         let _ = connection.close(200, "read".into()).await;

@@ -114,10 +114,45 @@ pub async fn declare_group(
     Ok(())
 }
 
-/// The queues of `group` for `topics` that do not exist, read passively (nothing is created).
-/// A consumer that was attached before checks this when it connects again: a queue missing
-/// then was deleted, expired or lost by the broker, and what it held, and what was published
-/// while it was missing, never reaches the group.
+/// What the broker holds in `queue` (ready messages, consumers), read passively: nothing is
+/// created; `None` when the queue does not exist.
+pub async fn queue_state(
+    connection: &Connection,
+    config: &RabbitConfig,
+    queue: &str,
+) -> Result<Option<lapin::Queue>, RabbitError> {
+    // A passive declare of a missing queue closes its channel: a channel per queue.
+    let channel = config
+        .within("opening a channel", connection.create_channel())
+        .await?;
+    let state = config
+        .within(&format!("checking queue {queue}"), async {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(q) => Ok(Some(q)),
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    if state.is_some() {
+        let _ = config
+            .within("closing a channel", channel.close(200, "checked".into()))
+            .await;
+    }
+    Ok(state)
+}
+
+/// The queues of `group` for `topics` that do not exist ([`queue_state`]). A consumer that
+/// was attached before checks this when it connects again: a queue missing then was deleted,
+/// expired or lost by the broker, and what it held, and what was published while it was
+/// missing, never reaches the group.
 pub async fn missing_group_queues(
     connection: &Connection,
     config: &RabbitConfig,
@@ -127,31 +162,7 @@ pub async fn missing_group_queues(
     let mut missing = Vec::new();
     for topic in topics {
         let queue = group_queue(group, topic);
-        // A passive declare of a missing queue closes its channel: a channel per queue.
-        let channel = config
-            .within("opening a channel", connection.create_channel())
-            .await?;
-        let exists = config
-            .within(&format!("checking queue {queue}"), async {
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                match channel
-                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(e) if is_not_found(&e) => Ok(false),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        if exists {
-            let _ = config
-                .within("closing a channel", channel.close(200, "checked".into()))
-                .await;
-        } else {
+        if queue_state(connection, config, &queue).await?.is_none() {
             missing.push(queue);
         }
     }

@@ -18,6 +18,13 @@ fn config() -> RabbitConfig {
     config
 }
 
+/// A consumer group of the test's own: group queues are named `<group>.<topic>` on the
+/// machine's vhost, whatever the exchange, and a fixed name would meet an earlier run's queue
+/// (with what that run left in it).
+fn unique_group() -> String {
+    format!("svc-{}", uuid::Uuid::new_v4().simple())
+}
+
 async fn delete_exchange(config: &RabbitConfig) {
     let connection = config.connect("cleanup").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -53,9 +60,10 @@ async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused
     let config = config();
     let publisher = RabbitPublisher::new(config.clone()).unwrap();
     // A group's queue for one topic only.
+    let group = unique_group();
     let connection = config.connect("setup").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    outbox_rabbitmq::topology::declare_group(&channel, &config, "svc", &["bound.v1".into()])
+    outbox_rabbitmq::topology::declare_group(&channel, &config, &group, &["bound.v1".into()])
         .await
         .unwrap();
     let batch = vec![
@@ -80,17 +88,11 @@ async fn a_topic_without_a_queue_keeps_its_events_and_oversized_ones_are_refused
         other => panic!("{other:?}"),
     }
     assert_eq!(out[3], PublishOutcome::Delivered);
-    let queued = channel
-        .queue_declare(
-            "svc.bound.v1".into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    let queue = outbox_rabbitmq::topology::group_queue(&group, "bound.v1");
+    let queued = outbox_rabbitmq::topology::queue_state(&connection, &config, &queue)
         .await
         .unwrap()
+        .expect("the group's queue")
         .message_count();
     assert_eq!(queued, 1, "only the deliverable message is queued");
     publisher.probe().await.unwrap();
@@ -150,7 +152,7 @@ async fn poison_and_exhausted_messages_are_parked_with_their_reason_and_the_rest
 #[tokio::test]
 async fn a_group_queue_gone_under_its_consumer_is_declared_anew_and_reported() {
     let config = config();
-    let group_id = format!("svc-{}", uuid::Uuid::new_v4().simple());
+    let group_id = unique_group();
     let queue = outbox_rabbitmq::topology::group_queue(&group_id, "gone.v1");
     let publisher = RabbitPublisher::new(config.clone()).unwrap();
     let handler = Arc::new(ApplyUnlessFail::default());
